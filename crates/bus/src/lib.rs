@@ -1,0 +1,289 @@
+//! Bazaar's message bus: topic publish/subscribe with RabbitMQ-style `*`/`#`
+//! bindings, durable queues, manual ack/nack and request/reply.
+//!
+//! [`Transport`] is the backend trait; [`memory::MemoryTransport`] serves the
+//! embedded mode and tests, [`amqp::AmqpTransport`] talks to RabbitMQ through
+//! lapin. [`Bus`] adds the envelope and request/reply (one reply consumer per
+//! bus, requests matched to replies by correlation id) on top of either.
+
+pub mod amqp;
+mod envelope;
+pub mod memory;
+mod topic;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::{OnceCell, oneshot};
+
+pub use envelope::Envelope;
+pub use topic::topic_matches;
+
+/// What can go wrong on the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The broker could not be reached or refused an operation; a retry may succeed.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker did not confirm a publish.
+    #[error("publish was not confirmed by the broker")]
+    NotConfirmed,
+    /// No reply arrived in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// A message body could not be encoded or decoded.
+    #[error("bad message: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// The delivery has no `reply_to`, so it cannot be answered.
+    #[error("the delivery has no reply address")]
+    NoReplyTo,
+    /// A URL that names no known backend.
+    #[error("unknown bus url {0:?}: expected `memory` or `amqp://…`")]
+    UnknownUrl(String),
+}
+
+/// A queue, with the bindings that feed it: `(exchange, pattern)` pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub bindings: Vec<(String, String)>,
+}
+
+impl QueueSpec {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            bindings: Vec::new(),
+        }
+    }
+
+    /// Route messages published on `exchange` whose key matches `pattern` here.
+    pub fn bind(mut self, exchange: impl Into<String>, pattern: impl Into<String>) -> Self {
+        self.bindings.push((exchange.into(), pattern.into()));
+        self
+    }
+}
+
+/// A message as it leaves a publisher.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+/// Settles a delivery with the broker. Backends implement it.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(&mut self) -> Result<(), BusError>;
+    async fn nack(&mut self, requeue: bool) -> Result<(), BusError>;
+}
+
+/// A message as a consumer receives it. Settle it with [`Delivery::ack`] or
+/// [`Delivery::nack`]; one dropped unsettled is redelivered.
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub redelivered: bool,
+    acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("routing_key", &self.routing_key)
+            .field("message_id", &self.message_id)
+            .field("correlation_id", &self.correlation_id)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Decodes the body as an [`Envelope`].
+    pub fn envelope(&self) -> Result<Envelope, BusError> {
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+
+    /// Done with it: the broker forgets the message.
+    pub async fn ack(mut self) -> Result<(), BusError> {
+        self.acker.ack().await
+    }
+
+    /// Failed: back to the queue (`requeue`) or dropped (dead-lettered where the queue has one).
+    pub async fn nack(mut self, requeue: bool) -> Result<(), BusError> {
+        self.acker.nack(requeue).await
+    }
+}
+
+/// A stream of deliveries from one queue.
+pub type Deliveries = BoxStream<'static, Delivery>;
+
+/// The backend trait: what a broker must do for Bazaar.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Declares a durable queue, its topic exchanges and its bindings. Idempotent.
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), BusError>;
+    /// Publishes a persistent message; returns once the broker holds it.
+    /// Exchange `""` delivers straight to the queue named by `routing_key`.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        msg: Outgoing,
+    ) -> Result<(), BusError>;
+    /// Consumes a declared queue with manual acknowledgement, at most
+    /// `prefetch` unacknowledged deliveries at a time.
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Deliveries, BusError>;
+    /// Declares this process's private reply queue and consumes it (auto-ack).
+    async fn reply_queue(&self) -> Result<(String, Deliveries), BusError>;
+    /// Whether the broker is usable right now (for `/ready`).
+    fn is_connected(&self) -> bool;
+}
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>;
+
+/// The bus a service holds: envelopes, publish, subscribe, request/reply.
+#[derive(Clone)]
+pub struct Bus {
+    transport: Arc<dyn Transport>,
+    pending: Pending,
+    reply_to: Arc<OnceCell<String>>,
+}
+
+impl Bus {
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        Self {
+            transport,
+            pending: Arc::default(),
+            reply_to: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// An in-memory bus (embedded mode, tests).
+    pub fn memory() -> Self {
+        Self::new(Arc::new(memory::MemoryTransport::default()))
+    }
+
+    /// Connects to the backend a URL names: `memory` or `amqp://…`.
+    pub async fn connect(url: &str) -> Result<Self, BusError> {
+        if url == "memory" {
+            Ok(Self::memory())
+        } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            Ok(Self::new(Arc::new(
+                amqp::AmqpTransport::connect(url).await?,
+            )))
+        } else {
+            Err(BusError::UnknownUrl(url.to_owned()))
+        }
+    }
+
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.transport.is_connected()
+    }
+
+    /// Publishes an envelope on a topic exchange.
+    pub async fn publish(&self, exchange: &str, key: &str, env: &Envelope) -> Result<(), BusError> {
+        let msg = Outgoing {
+            body: serde_json::to_vec(env)?,
+            message_id: Some(env.id.clone()),
+            ..Outgoing::default()
+        };
+        self.transport.publish(exchange, key, msg).await
+    }
+
+    /// Declares a queue with its bindings and consumes it.
+    pub async fn subscribe(&self, spec: &QueueSpec, prefetch: u16) -> Result<Deliveries, BusError> {
+        self.transport.declare_queue(spec).await?;
+        self.transport.consume(&spec.name, prefetch).await
+    }
+
+    /// Sends a request and waits for its reply. All requests of this bus
+    /// share one reply queue; each waits on its own correlation id.
+    pub async fn request(
+        &self,
+        exchange: &str,
+        key: &str,
+        env: &Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope, BusError> {
+        let reply_to = self
+            .reply_to
+            .get_or_try_init(|| self.start_reply_consumer())
+            .await?;
+        let correlation_id = uuid::Uuid::now_v7().to_string();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(correlation_id.clone(), tx);
+        let msg = Outgoing {
+            body: serde_json::to_vec(env)?,
+            message_id: Some(env.id.clone()),
+            correlation_id: Some(correlation_id.clone()),
+            reply_to: Some(reply_to.clone()),
+        };
+        let outcome = async {
+            self.transport.publish(exchange, key, msg).await?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(reply)) => Ok(reply),
+                // The sender went away: the reply consumer stopped.
+                Ok(Err(_)) => Err(BusError::Unavailable("reply consumer stopped".into())),
+                Err(_) => Err(BusError::Timeout(timeout)),
+            }
+        }
+        .await;
+        lock(&self.pending).remove(&correlation_id);
+        outcome
+    }
+
+    /// Answers a request delivery on its `reply_to` queue.
+    pub async fn reply(&self, to: &Delivery, env: &Envelope) -> Result<(), BusError> {
+        let reply_to = to.reply_to.as_deref().ok_or(BusError::NoReplyTo)?;
+        let msg = Outgoing {
+            body: serde_json::to_vec(env)?,
+            message_id: Some(env.id.clone()),
+            correlation_id: to.correlation_id.clone(),
+            reply_to: None,
+        };
+        self.transport.publish("", reply_to, msg).await
+    }
+
+    async fn start_reply_consumer(&self) -> Result<String, BusError> {
+        let (name, mut replies) = self.transport.reply_queue().await?;
+        let pending = Arc::clone(&self.pending);
+        tokio::spawn(async move {
+            while let Some(delivery) = replies.next().await {
+                let Some(id) = delivery.correlation_id.as_deref() else {
+                    tracing::warn!("reply without correlation id dropped");
+                    continue;
+                };
+                let waiter = lock(&pending).remove(id);
+                match (waiter, delivery.envelope()) {
+                    (Some(tx), Ok(env)) => {
+                        let _ = tx.send(env);
+                    }
+                    (None, _) => tracing::debug!(correlation_id = id, "late reply dropped"),
+                    (Some(_), Err(e)) => tracing::warn!(error = %e, "unparseable reply dropped"),
+                }
+            }
+            tracing::warn!("reply consumer ended");
+        });
+        Ok(name)
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning: the maps it guards stay
+/// consistent because no code panics while holding them.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

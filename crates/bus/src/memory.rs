@@ -1,0 +1,196 @@
+//! The in-memory backend: the same semantics as RabbitMQ within one process.
+//! Queues outlive their consumers, a nacked or dropped delivery goes back to
+//! its queue, and competing consumers share a queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::{Acker, BusError, Deliveries, Delivery, Outgoing, QueueSpec, Transport, topic_matches};
+
+#[derive(Clone)]
+struct Stored {
+    routing_key: String,
+    msg: Outgoing,
+    redelivered: bool,
+}
+
+struct MemQueue {
+    tx: mpsc::UnboundedSender<Stored>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Stored>>,
+}
+
+impl MemQueue {
+    fn new() -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        })
+    }
+}
+
+/// The in-memory transport. Cheap to clone; clones share the broker.
+#[derive(Clone, Default)]
+pub struct MemoryTransport {
+    queues: Arc<RwLock<HashMap<String, Arc<MemQueue>>>>,
+    /// `(exchange, pattern, queue)`.
+    bindings: Arc<RwLock<Vec<(String, String, String)>>>,
+}
+
+impl MemoryTransport {
+    fn queue(&self, name: &str) -> Arc<MemQueue> {
+        if let Some(q) = read(&self.queues).get(name) {
+            return Arc::clone(q);
+        }
+        let mut queues = write(&self.queues);
+        Arc::clone(queues.entry(name.to_owned()).or_insert_with(MemQueue::new))
+    }
+
+    /// Messages waiting in a queue (not counting unacknowledged ones).
+    pub fn depth(&self, queue: &str) -> usize {
+        read(&self.queues)
+            .get(queue)
+            .map_or(0, |q| q.rx.try_lock().map_or(0, |rx| rx.len()))
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), BusError> {
+        self.queue(&spec.name);
+        let mut bindings = write(&self.bindings);
+        for (exchange, pattern) in &spec.bindings {
+            let b = (exchange.clone(), pattern.clone(), spec.name.clone());
+            if !bindings.contains(&b) {
+                bindings.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        msg: Outgoing,
+    ) -> Result<(), BusError> {
+        let targets: Vec<String> = if exchange.is_empty() {
+            vec![routing_key.to_owned()]
+        } else {
+            let bindings = read(&self.bindings);
+            let mut t: Vec<String> = bindings
+                .iter()
+                .filter(|(ex, pattern, _)| ex == exchange && topic_matches(pattern, routing_key))
+                .map(|(_, _, q)| q.clone())
+                .collect();
+            t.dedup();
+            t
+        };
+        let queues = read(&self.queues);
+        for name in targets {
+            // Like RabbitMQ: a message routed to no existing queue is dropped.
+            if let Some(q) = queues.get(&name) {
+                let stored = Stored {
+                    routing_key: routing_key.to_owned(),
+                    msg: msg.clone(),
+                    redelivered: false,
+                };
+                let _ = q.tx.send(stored);
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, queue: &str, _prefetch: u16) -> Result<Deliveries, BusError> {
+        let q = self.queue(queue);
+        Ok(futures::stream::unfold(q, |q| async move {
+            let next = q.rx.lock().await.recv().await;
+            // The sender lives in `q` itself, so `recv` never ends.
+            let stored = next?;
+            let acker = MemAcker {
+                queue: Arc::clone(&q),
+                stored: Some(stored.clone()),
+            };
+            Some((to_delivery(stored, Box::new(acker)), q))
+        })
+        .boxed())
+    }
+
+    async fn reply_queue(&self) -> Result<(String, Deliveries), BusError> {
+        let name = format!("reply.{}", uuid::Uuid::now_v7());
+        self.queue(&name);
+        let deliveries = self.consume(&name, u16::MAX).await?;
+        // Replies are auto-acknowledged, as on RabbitMQ's reply queues.
+        let auto = deliveries.then(|mut d| async move {
+            let _ = d.acker.ack().await;
+            d
+        });
+        Ok((name, auto.boxed()))
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+}
+
+fn to_delivery(stored: Stored, acker: Box<dyn Acker>) -> Delivery {
+    Delivery {
+        body: stored.msg.body,
+        routing_key: stored.routing_key,
+        message_id: stored.msg.message_id,
+        correlation_id: stored.msg.correlation_id,
+        reply_to: stored.msg.reply_to,
+        redelivered: stored.redelivered,
+        acker,
+    }
+}
+
+/// Settles a memory delivery; one dropped unsettled goes back to its queue.
+struct MemAcker {
+    queue: Arc<MemQueue>,
+    stored: Option<Stored>,
+}
+
+impl MemAcker {
+    fn requeue(&mut self) {
+        if let Some(mut stored) = self.stored.take() {
+            stored.redelivered = true;
+            let _ = self.queue.tx.send(stored);
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for MemAcker {
+    async fn ack(&mut self) -> Result<(), BusError> {
+        self.stored = None;
+        Ok(())
+    }
+
+    async fn nack(&mut self, requeue: bool) -> Result<(), BusError> {
+        if requeue {
+            self.requeue();
+        } else {
+            self.stored = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemAcker {
+    fn drop(&mut self) {
+        self.requeue();
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,210 @@
+//! Verifying access tokens: EdDSA JWTs checked against the auth service's
+//! JWKS (fetched through discovery and cached; refetched when an unknown key
+//! id appears), and the [`AuthUser`] extractor every service uses.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::header;
+use axum::http::request::Parts;
+use bazaar_mesh::Discovery;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::Problem;
+
+/// What an access token says.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    pub email: String,
+    /// `customer` or `admin`.
+    pub role: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Checks access tokens.
+pub struct Verifier {
+    discovery: Option<Discovery>,
+    keys: RwLock<HashMap<String, DecodingKey>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    http: reqwest::Client,
+}
+
+/// Unknown key ids trigger at most one JWKS fetch per this interval.
+const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Verifier {
+    /// Keys come from the `auth` service found through `discovery`.
+    pub fn remote(discovery: Discovery) -> Self {
+        Self {
+            discovery: Some(discovery),
+            keys: RwLock::default(),
+            last_fetch: tokio::sync::Mutex::new(None),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Keys are given (the auth service verifies its own tokens).
+    pub fn local(jwks: &JwkSet) -> Self {
+        let v = Self {
+            discovery: None,
+            keys: RwLock::default(),
+            last_fetch: tokio::sync::Mutex::new(None),
+            http: reqwest::Client::new(),
+        };
+        v.set_keys(jwks);
+        v
+    }
+
+    /// Replaces the cached keys.
+    pub fn set_keys(&self, jwks: &JwkSet) {
+        let keys: HashMap<String, DecodingKey> = jwks
+            .keys
+            .iter()
+            .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
+            .collect();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    fn key(&self, kid: &str) -> Option<DecodingKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kid)
+            .cloned()
+    }
+
+    /// The claims of a valid token; 401 for anything else, 503 when the
+    /// keys cannot be fetched.
+    pub async fn verify(&self, token: &str) -> Result<Claims, Problem> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Problem::unauthorized("malformed token"))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(Problem::unauthorized("unsupported token algorithm"));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| Problem::unauthorized("token has no key id"))?;
+        let key = match self.key(&kid) {
+            Some(k) => k,
+            None => {
+                self.refetch().await?;
+                self.key(&kid)
+                    .ok_or_else(|| Problem::unauthorized("token signed by an unknown key"))?
+            }
+        };
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map(|d| d.claims)
+            .map_err(|e| Problem::unauthorized(format!("invalid token: {e}")))
+    }
+
+    async fn refetch(&self) -> Result<(), Problem> {
+        let Some(discovery) = &self.discovery else {
+            return Ok(());
+        };
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let auth = discovery
+            .pick("auth")
+            .await
+            .map_err(|e| Problem::unavailable(format!("cannot verify tokens: {e}")))?;
+        let url = format!("{}/.well-known/jwks.json", auth.address);
+        let fetched = async {
+            self.http
+                .get(&url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json::<JwkSet>()
+                .await
+        }
+        .await;
+        match fetched {
+            Ok(jwks) => {
+                self.set_keys(&jwks);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %url, "JWKS fetch failed");
+                Err(Problem::unavailable("cannot fetch token signing keys"))
+            }
+        }
+    }
+}
+
+/// The caller, from a verified `Authorization: Bearer` token. Rejects with 401.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthUser {
+    pub id: String,
+    pub email: String,
+    pub role: String,
+}
+
+impl AuthUser {
+    pub fn is_admin(&self) -> bool {
+        self.role == "admin"
+    }
+
+    /// 403 unless the caller is an admin.
+    pub fn require_admin(&self) -> Result<(), Problem> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(Problem::forbidden("admin role required"))
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Problem> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Problem::unauthorized("malformed Authorization header"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(Problem::unauthorized(
+            "expected Authorization: Bearer <token>",
+        )),
+    }
+}
+
+impl<S> FromRequestParts<S> for AuthUser
+where
+    Arc<Verifier>: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let token =
+            bearer(&parts.headers)?.ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
+        let verifier = Arc::<Verifier>::from_ref(state);
+        let claims = verifier.verify(token).await?;
+        Ok(AuthUser {
+            id: claims.sub,
+            email: claims.email,
+            role: claims.role,
+        })
+    }
+}

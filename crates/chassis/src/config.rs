@@ -1,0 +1,157 @@
+//! Layered, typed configuration: defaults < `bazaar.toml` < `BAZAAR_*`
+//! environment (nested keys with `__`, e.g. `BAZAAR_SERVICES__AUTH`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything a Bazaar process can be told. Each field's unit and default is
+/// documented; `bazaar.toml` at the repository root shows them all.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Address services bind. Default `127.0.0.1`.
+    pub host: String,
+    /// Port of the service `bazaar serve` runs; 0 picks a free one. Default 0.
+    pub port: u16,
+    /// Port of the gateway. Default 8080.
+    pub gateway_port: u16,
+    /// Folder for SQLite files in embedded mode. Default `./data`.
+    pub data_dir: PathBuf,
+    /// `postgres://…` (a schema per service) or `sqlite://…` (a file per
+    /// service); unset: SQLite files under `data_dir`.
+    pub database_url: Option<String>,
+    /// Prefix of each service's PostgreSQL schema (tests isolate runs with it). Default empty.
+    pub database_schema_prefix: String,
+    /// `amqp://…` for RabbitMQ; unset: the in-memory bus.
+    pub amqp_url: Option<String>,
+    /// `memory` (embedded) or `static` (addresses from `services`). Default `memory`.
+    pub registry: String,
+    /// Static addresses: service name → comma-separated base URLs.
+    pub services: HashMap<String, String>,
+    /// `json` or `pretty`; unset: pretty on a terminal, JSON otherwise.
+    pub log_format: Option<String>,
+    /// Largest request body accepted, in bytes. Default 1 MiB.
+    pub body_limit: usize,
+    /// Admin account created at first start.
+    pub admin_email: Option<String>,
+    pub admin_password: Option<String>,
+    /// Access token lifetime in seconds. Default 900.
+    pub access_token_ttl_secs: i64,
+    /// Refresh token lifetime in seconds. Default 30 days.
+    pub refresh_token_ttl_secs: i64,
+    /// Argon2id memory cost in KiB. Default 19456 (OWASP); tests use less.
+    pub argon2_memory_kib: u32,
+    /// Argon2id iterations. Default 2.
+    pub argon2_iterations: u32,
+    /// Timeout of a proxied or service-to-service HTTP call, in ms. Default 10000.
+    pub upstream_timeout_ms: u64,
+    /// Timeout of a bus request/reply, in ms. Default 5000.
+    pub bus_request_timeout_ms: u64,
+    /// Concurrent deliveries a consumer works on. Default 64.
+    pub consumer_concurrency: u16,
+    /// Time to finish in-flight requests after a shutdown signal, in ms. Default 10000.
+    pub shutdown_grace_ms: u64,
+    /// Seed the demo catalog on first start. Default true.
+    pub seed_demo: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            gateway_port: 8080,
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            database_schema_prefix: String::new(),
+            amqp_url: None,
+            registry: "memory".into(),
+            services: HashMap::new(),
+            log_format: None,
+            body_limit: 1024 * 1024,
+            admin_email: None,
+            admin_password: None,
+            access_token_ttl_secs: 900,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+            upstream_timeout_ms: 10_000,
+            bus_request_timeout_ms: 5_000,
+            consumer_concurrency: 64,
+            shutdown_grace_ms: 10_000,
+            seed_demo: true,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults < the TOML file (if it exists) < `BAZAAR_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let path = file.map_or_else(|| PathBuf::from("bazaar.toml"), Path::to_path_buf);
+        if path.exists() {
+            fig = fig.merge(Toml::file(path));
+        } else if file.is_some() {
+            return Err(Box::new(figment::Error::from(format!(
+                "config file {} does not exist",
+                path.display()
+            ))));
+        }
+        fig = fig.merge(Env::prefixed("BAZAAR_").split("__").ignore(&[
+            "test_amqp_url",
+            "test_database_url",
+            "test_etcd_url",
+        ]));
+        fig.extract().map_err(Box::new)
+    }
+
+    /// Static addresses of one service, from `services`.
+    pub fn static_addresses(&self) -> HashMap<String, Vec<String>> {
+        self.services
+            .iter()
+            .map(|(k, v)| {
+                let urls = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                (k.clone(), urls)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bazaar.toml", "gateway_port = 9000\nbody_limit = 10\n")?;
+            jail.set_env("BAZAAR_BODY_LIMIT", "20");
+            jail.set_env("BAZAAR_ADMIN_PASSWORD", "12345678");
+            jail.set_env("BAZAAR_SERVICES__AUTH", "http://a:1, http://b:2");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.gateway_port, 9000);
+            assert_eq!(c.body_limit, 20);
+            assert_eq!(c.port, 0);
+            assert_eq!(c.admin_password.as_deref(), Some("12345678"));
+            assert_eq!(
+                c.static_addresses()["auth"],
+                vec!["http://a:1", "http://b:2"]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_file_must_exist() {
+        assert!(Config::load(Some(Path::new("/nonexistent/bazaar.toml"))).is_err());
+    }
+}

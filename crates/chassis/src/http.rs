@@ -1,0 +1,156 @@
+//! The HTTP bootstrap: the platform routes and layers every service shares,
+//! registration in discovery, and graceful shutdown.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bazaar_bus::Bus;
+use bazaar_mesh::Instance;
+use sqlx::AnyPool;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::{Problem, ServiceContext, Shutdown, metrics};
+
+/// What `/ready` checks: each dependency given must be usable.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    pub db: Option<AnyPool>,
+    pub bus: Option<Bus>,
+}
+
+impl Readiness {
+    async fn check(&self) -> Result<(), String> {
+        if let Some(db) = &self.db {
+            sqlx::query("SELECT 1")
+                .execute(db)
+                .await
+                .map_err(|e| format!("database: {e}"))?;
+        }
+        if let Some(bus) = &self.bus
+            && !bus.is_connected()
+        {
+            return Err("bus: not connected".into());
+        }
+        Ok(())
+    }
+}
+
+const X_INSTANCE_ID: HeaderName = HeaderName::from_static("x-instance-id");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Adds `/health`, `/ready`, `/metrics` and the shared layers to a service's routes.
+pub fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Router {
+    let instance =
+        HeaderValue::from_str(&ctx.instance_id).unwrap_or(HeaderValue::from_static("unknown"));
+    let service = ctx.name;
+    let platform = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler).with_state(ready))
+        .route(
+            "/metrics",
+            get(metrics_handler).with_state(ctx.metrics.clone()),
+        );
+    app.merge(platform)
+        .fallback(|| async { Problem::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
+        })
+        .layer(axum::middleware::from_fn_with_state(ctx.metrics.clone(), metrics::track))
+        .layer(DefaultBodyLimit::max(ctx.config.body_limit))
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("handler panicked");
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred").into_response()
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(move |req: &axum::http::Request<_>| {
+            let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::debug_span!("http", service, method = %req.method(), path = %req.uri().path(), request_id)
+        }))
+        .layer(SetResponseHeaderLayer::if_not_present(X_INSTANCE_ID, instance))
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+        .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+}
+
+async fn ready_handler(State(ready): State<Readiness>) -> Response {
+    match ready.check().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => Problem::unavailable(e).into_response(),
+    }
+}
+
+async fn metrics_handler(State(m): State<crate::Metrics>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
+}
+
+/// Binds `host:port` (0 = a free port).
+pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot bind {host}:{port}"))
+}
+
+/// Serves `app` on `listener`: registers the instance, serves until
+/// `shutdown`, then deregisters, stops accepting and drains in-flight
+/// requests for at most the grace period.
+pub async fn serve(
+    ctx: &ServiceContext,
+    app: Router,
+    listener: TcpListener,
+    ready: Readiness,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let app = platform(ctx, app, ready);
+    let instance = Instance {
+        name: ctx.name.to_owned(),
+        id: ctx.instance_id.clone(),
+        address: format!("http://{addr}"),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        tags: Vec::new(),
+    };
+    let registry = ctx.discovery.registry().clone();
+    registry
+        .register(instance)
+        .await
+        .context("cannot register")?;
+    tracing::info!(service = ctx.name, %addr, instance = %ctx.instance_id, "listening");
+
+    let (name, id) = (ctx.name, ctx.instance_id.clone());
+    let signal = shutdown.clone();
+    let stopping = async move {
+        signal.wait().await;
+        // Leave the rotation first, so no new calls are routed here.
+        if let Err(e) = registry.deregister(name, &id).await {
+            tracing::warn!(error = %e, "deregister failed");
+        }
+    };
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopping);
+    let grace = Duration::from_millis(ctx.config.shutdown_grace_ms);
+    tokio::select! {
+        r = server => r.context("server failed")?,
+        () = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(service = ctx.name, "grace period over; dropping in-flight requests");
+        }
+    }
+    tracing::info!(service = ctx.name, "stopped");
+    Ok(())
+}

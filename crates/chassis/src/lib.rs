@@ -1,0 +1,70 @@
+//! The service runtime every Bazaar service stands on: layered config,
+//! logs, the HTTP bootstrap (`/health`, `/ready`, `/metrics`, request and
+//! instance ids, body limit, problem+json errors), graceful shutdown, the
+//! token-verifying auth extractor and the per-service database.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod json;
+pub mod metrics;
+pub mod paging;
+pub mod problem;
+pub mod shutdown;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use bazaar_bus::Bus;
+use bazaar_mesh::Discovery;
+
+pub use auth::{AuthUser, Verifier};
+pub use config::Config;
+pub use json::Json;
+pub use metrics::Metrics;
+pub use problem::Problem;
+pub use shutdown::Shutdown;
+
+/// What one service instance is handed at start: its own config view,
+/// metrics registry, bus and discovery handles. No globals, so any set of
+/// services can share a process and still each report their own metrics.
+#[derive(Clone)]
+pub struct ServiceContext {
+    /// The service name, e.g. `catalog`.
+    pub name: &'static str,
+    /// Unique per instance; sent back as `X-Instance-Id`.
+    pub instance_id: String,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub bus: Bus,
+    pub discovery: Discovery,
+    pub verifier: Arc<Verifier>,
+}
+
+impl ServiceContext {
+    /// A context for service `name` with a fresh instance id and metrics registry.
+    pub fn new(name: &'static str, config: Arc<Config>, bus: Bus, discovery: Discovery) -> Self {
+        let verifier = Arc::new(Verifier::remote(discovery.clone()));
+        Self {
+            name,
+            instance_id: format!("{name}-{}", uuid::Uuid::now_v7()),
+            config,
+            metrics: Metrics::new(name),
+            bus,
+            discovery,
+            verifier,
+        }
+    }
+}
+
+/// Now, UTC, as fixed-width RFC 3339 with microseconds, so that text order
+/// is time order in every database.
+pub fn now() -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_default()
+}

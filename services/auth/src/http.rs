@@ -1,0 +1,197 @@
+//! The auth HTTP API: register, login, refresh, me, JWKS.
+
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use axum::Router;
+use axum::extract::{FromRef, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bazaar_chassis::auth::Claims;
+use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
+use bazaar_contracts::{TokenPair, User};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use sqlx::AnyPool;
+
+use crate::domain::{NewUser, RegisterBody};
+use crate::keys::SigningKeys;
+use crate::{AuthError, store};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: AnyPool,
+    pub keys: Arc<SigningKeys>,
+    pub verifier: Arc<Verifier>,
+    pub config: Arc<Config>,
+    /// A hash of a random password, checked for unknown emails so that
+    /// timing does not reveal which emails are registered.
+    pub dummy_hash: Arc<str>,
+}
+
+impl FromRef<AppState> for Arc<Verifier> {
+    fn from_ref(s: &AppState) -> Self {
+        s.verifier.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/refresh", post(refresh))
+        .route("/auth/me", get(me))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/auth/.well-known/jwks.json", get(jwks))
+        .with_state(state)
+}
+
+async fn register(
+    State(s): State<AppState>,
+    Json(body): Json<RegisterBody>,
+) -> Result<(StatusCode, Json<User>), Problem> {
+    let new = NewUser::try_from(body)?;
+    let hash = hash_password(&s.config, new.password).await?;
+    let user = User {
+        id: uuid::Uuid::now_v7().to_string(),
+        email: new.email.as_str().to_owned(),
+        name: new.name,
+        role: "customer".into(),
+        created_at: bazaar_chassis::now(),
+    };
+    store::insert_user(&s.db, &user, &hash).await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+async fn login(
+    State(s): State<AppState>,
+    Json(body): Json<LoginBody>,
+) -> Result<Json<TokenPair>, Problem> {
+    let creds = store::by_email(&s.db, body.email.trim().to_lowercase().as_str()).await?;
+    let (hash, user) = match creds {
+        Some(c) => (c.password_hash, Some(c.user)),
+        None => (s.dummy_hash.to_string(), None),
+    };
+    let ok = verify_password(body.password, hash).await?;
+    match user {
+        Some(user) if ok => Ok(Json(issue(&s, &user).await?)),
+        _ => Err(AuthError::InvalidCredentials.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+async fn refresh(
+    State(s): State<AppState>,
+    Json(body): Json<RefreshBody>,
+) -> Result<Json<TokenPair>, Problem> {
+    let hash = sha256(&body.refresh_token);
+    let user_id = store::consume_refresh(&s.db, &hash, unix_now())
+        .await?
+        .ok_or(AuthError::InvalidRefreshToken)?;
+    let user = store::by_id(&s.db, &user_id)
+        .await?
+        .ok_or(AuthError::InvalidRefreshToken)?;
+    Ok(Json(issue(&s, &user).await?))
+}
+
+async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<User>, Problem> {
+    let user = store::by_id(&s.db, &caller.id)
+        .await?
+        .ok_or(AuthError::UserNotFound)?;
+    Ok(Json(user))
+}
+
+async fn jwks(State(s): State<AppState>) -> Result<Json<jsonwebtoken::jwk::JwkSet>, Problem> {
+    crate::keys::jwks(&s.db)
+        .await
+        .map(Json)
+        .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
+}
+
+async fn issue(s: &AppState, user: &User) -> Result<TokenPair, AuthError> {
+    let now = unix_now();
+    let claims = Claims {
+        sub: user.id.clone(),
+        email: user.email.clone(),
+        role: user.role.clone(),
+        iat: now,
+        exp: now + s.config.access_token_ttl_secs,
+    };
+    let access_token = s
+        .keys
+        .sign(&claims)
+        .map_err(|e| AuthError::Internal(e.to_string()))?;
+    let refresh_token = random_token(32);
+    store::insert_refresh(
+        &s.db,
+        &sha256(&refresh_token),
+        &user.id,
+        now + s.config.refresh_token_ttl_secs,
+    )
+    .await?;
+    Ok(TokenPair {
+        access_token,
+        refresh_token,
+        token_type: "Bearer".into(),
+        expires_in: s.config.access_token_ttl_secs,
+    })
+}
+
+/// `n` random bytes, base64url.
+pub fn random_token(n: usize) -> String {
+    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn sha256(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(s.as_bytes()))
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn argon2(config: &Config) -> Result<Argon2<'static>, AuthError> {
+    let params = Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
+        .map_err(|e| AuthError::Internal(format!("argon2 parameters: {e}")))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// Hashes off the async threads: argon2 is deliberately slow.
+pub async fn hash_password(config: &Config, password: String) -> Result<String, AuthError> {
+    let argon = argon2(config)?;
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+        argon
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| AuthError::Internal(e.to_string()))?
+    .map_err(|e| AuthError::Internal(e.to_string()))
+}
+
+/// Checks a password with the parameters stored in its hash.
+async fn verify_password(password: String, hash: String) -> Result<bool, AuthError> {
+    tokio::task::spawn_blocking(move || {
+        let parsed = PasswordHash::new(&hash).map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok(Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
+    })
+    .await
+    .map_err(|e| AuthError::Internal(e.to_string()))?
+}

@@ -1,0 +1,142 @@
+//! Users and refresh tokens in the auth database.
+
+use bazaar_chassis::Config;
+use bazaar_contracts::User;
+use sqlx::{AnyPool, Row};
+
+use crate::AuthError;
+
+/// A stored user with its password hash.
+pub struct Credentials {
+    pub user: User,
+    pub password_hash: String,
+}
+
+fn user_from(row: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        role: row.try_get("role")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// Inserts a user; 409 if the email is taken. Returns whether it was created.
+pub async fn insert_user(db: &AnyPool, user: &User, password_hash: &str) -> Result<(), AuthError> {
+    let r = sqlx::query(
+        "INSERT INTO users (id, email, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&user.id)
+    .bind(&user.email)
+    .bind(&user.name)
+    .bind(&user.role)
+    .bind(password_hash)
+    .bind(&user.created_at)
+    .execute(db)
+    .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(AuthError::EmailTaken),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn by_email(db: &AnyPool, email: &str) -> Result<Option<Credentials>, AuthError> {
+    let row = sqlx::query(
+        "SELECT id, email, name, role, created_at, password_hash FROM users WHERE email = $1",
+    )
+    .bind(email)
+    .fetch_optional(db)
+    .await?;
+    row.map(|r| {
+        Ok(Credentials {
+            user: user_from(&r)?,
+            password_hash: r.try_get("password_hash")?,
+        })
+    })
+    .transpose()
+}
+
+pub async fn by_id(db: &AnyPool, id: &str) -> Result<Option<User>, AuthError> {
+    let row = sqlx::query("SELECT id, email, name, role, created_at FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+    Ok(row.map(|r| user_from(&r)).transpose()?)
+}
+
+pub async fn insert_refresh(
+    db: &AnyPool,
+    hash: &str,
+    user_id: &str,
+    expires_at: i64,
+) -> Result<(), AuthError> {
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, expires_at, revoked) VALUES ($1, $2, $3, 0)")
+        .bind(hash)
+        .bind(user_id)
+        .bind(expires_at)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Revokes a live refresh token and returns its user: each token works once.
+pub async fn consume_refresh(
+    db: &AnyPool,
+    hash: &str,
+    now: i64,
+) -> Result<Option<String>, AuthError> {
+    let row = sqlx::query(
+        "UPDATE refresh_tokens SET revoked = 1 WHERE token_hash = $1 AND revoked = 0 AND expires_at > $2 RETURNING user_id",
+    )
+    .bind(hash)
+    .bind(now)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|r| r.try_get("user_id")).transpose()?)
+}
+
+/// Creates the admin account on first start. Without a configured password
+/// one is generated and printed once, when the account is created.
+pub async fn ensure_admin(db: &AnyPool, config: &Config) -> anyhow::Result<()> {
+    let email = config
+        .admin_email
+        .clone()
+        .unwrap_or_else(|| "admin@bazaar.local".into())
+        .trim()
+        .to_lowercase();
+    if by_email(db, &email).await?.is_some() {
+        return Ok(());
+    }
+    let (password, generated) = match &config.admin_password {
+        Some(p) => (p.clone(), false),
+        None => (crate::http::random_token(18), true),
+    };
+    anyhow::ensure!(
+        password.chars().count() >= crate::domain::MIN_PASSWORD,
+        "the admin password must be at least 8 characters"
+    );
+    let hash = crate::http::hash_password(config, password.clone()).await?;
+    let user = User {
+        id: uuid::Uuid::now_v7().to_string(),
+        email: email.clone(),
+        name: "Administrator".into(),
+        role: "admin".into(),
+        created_at: bazaar_chassis::now(),
+    };
+    match insert_user(db, &user, &hash).await {
+        Ok(()) => {
+            if generated {
+                println!(
+                    "admin account: {email} / password: {password}  (shown once; set BAZAAR_ADMIN_PASSWORD to choose it)"
+                );
+            }
+            tracing::info!(%email, "admin account created");
+            Ok(())
+        }
+        // Another replica created it first.
+        Err(AuthError::EmailTaken) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

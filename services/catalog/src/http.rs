@@ -1,0 +1,216 @@
+//! The catalog HTTP API.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRef, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use bazaar_bus::{Bus, BusError, Envelope};
+use bazaar_chassis::paging::Paging;
+use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
+use bazaar_contracts::topics::{COMMAND_EXCHANGE, ORDERS_CREATE};
+use bazaar_contracts::{CreateOrder, Order, OrderItem, Page, Product, Reply};
+use serde::Deserialize;
+use sqlx::AnyPool;
+
+use crate::domain::{ProductBody, ProductInput};
+use crate::store;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: AnyPool,
+    pub bus: Bus,
+    pub verifier: Arc<Verifier>,
+    pub config: Arc<Config>,
+}
+
+impl FromRef<AppState> for Arc<Verifier> {
+    fn from_ref(s: &AppState) -> Self {
+        s.verifier.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/products", get(list).post(create))
+        .route("/products/buy", post(buy))
+        .route("/products/{id}", get(fetch).put(replace).delete(remove))
+        .with_state(state)
+}
+
+fn db_error(e: sqlx::Error) -> Problem {
+    Problem::internal(&e)
+}
+
+async fn list(State(s): State<AppState>, paging: Paging) -> Result<Json<Page<Product>>, Problem> {
+    let (items, total) = store::list(&s.db, paging.q.as_deref(), paging.limit, paging.offset)
+        .await
+        .map_err(db_error)?;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: paging.limit,
+        offset: paging.offset,
+    }))
+}
+
+async fn fetch(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Product>, Problem> {
+    store::get(&s.db, &id)
+        .await
+        .map_err(db_error)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("no such product"))
+}
+
+async fn create(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    Json(body): Json<ProductBody>,
+) -> Result<(StatusCode, Json<Product>), Problem> {
+    caller.require_admin()?;
+    let input = ProductInput::try_from(body)?;
+    let product = Product {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: input.name,
+        description: input.description,
+        price: input.price,
+        currency: input.currency,
+        image_url: input.image_url,
+        creator: caller.id,
+        created_at: bazaar_chassis::now(),
+    };
+    store::insert(&s.db, &product).await.map_err(db_error)?;
+    Ok((StatusCode::CREATED, Json(product)))
+}
+
+async fn replace(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+    Json(body): Json<ProductBody>,
+) -> Result<Json<Product>, Problem> {
+    caller.require_admin()?;
+    let input = ProductInput::try_from(body)?;
+    store::update(&s.db, &id, &input)
+        .await
+        .map_err(db_error)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("no such product"))
+}
+
+async fn remove(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    caller.require_admin()?;
+    if store::delete(&s.db, &id).await.map_err(db_error)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem::not_found("no such product"))
+    }
+}
+
+#[derive(Deserialize)]
+struct BuyBody {
+    ids: Vec<String>,
+}
+
+/// Most lines a single buy may carry.
+const MAX_BUY_IDS: usize = 100;
+
+/// Prices the products and asks orders, over the bus, to create the order.
+async fn buy(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    Json(body): Json<BuyBody>,
+) -> Result<(StatusCode, Json<Order>), Problem> {
+    if body.ids.is_empty() {
+        return Err(Problem::invalid("ids", "must name at least one product"));
+    }
+    if body.ids.len() > MAX_BUY_IDS {
+        return Err(Problem::invalid(
+            "ids",
+            format!("at most {MAX_BUY_IDS} ids per purchase"),
+        ));
+    }
+    // Quantity per id, in first-seen order.
+    let mut order: Vec<&str> = Vec::new();
+    let mut quantity: HashMap<&str, i64> = HashMap::new();
+    for id in &body.ids {
+        *quantity.entry(id.as_str()).or_insert_with(|| {
+            order.push(id.as_str());
+            0
+        }) += 1;
+    }
+    let products = store::get_many(&s.db, &order).await.map_err(db_error)?;
+    let by_id: HashMap<&str, &Product> = products.iter().map(|p| (p.id.as_str(), p)).collect();
+    let unknown: Vec<&str> = order
+        .iter()
+        .copied()
+        .filter(|id| !by_id.contains_key(id))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Problem::invalid(
+            "ids",
+            format!("unknown product ids: {}", unknown.join(", ")),
+        ));
+    }
+    let currency = by_id[order[0]].currency.clone();
+    if products.iter().any(|p| p.currency != currency) {
+        return Err(Problem::invalid(
+            "ids",
+            "all products of one purchase must share a currency",
+        ));
+    }
+    let items = order
+        .iter()
+        .map(|id| {
+            let p = by_id[id];
+            OrderItem {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                unit_price: p.price,
+                quantity: quantity[id],
+            }
+        })
+        .collect();
+    let command = CreateOrder {
+        user_id: caller.id,
+        user_email: caller.email,
+        currency,
+        items,
+    };
+    let env = Envelope::new(ORDERS_CREATE, &command).map_err(|e| Problem::internal(&e))?;
+    let timeout = Duration::from_millis(s.config.bus_request_timeout_ms);
+    let reply = s
+        .bus
+        .request(COMMAND_EXCHANGE, ORDERS_CREATE, &env, timeout)
+        .await
+        .map_err(|e| match e {
+            BusError::Timeout(_) => Problem::timeout("the orders service did not answer in time"),
+            BusError::Unavailable(_) | BusError::NotConfirmed => {
+                Problem::unavailable("the message bus is unavailable")
+            }
+            other => Problem::internal(&other),
+        })?;
+    match reply.payload::<Reply<Order>>() {
+        Ok(Reply::Ok { value }) => Ok((StatusCode::CREATED, Json(value))),
+        Ok(Reply::Err { status, detail }) => Err(Problem::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            "order-rejected",
+            detail,
+        )),
+        Err(e) => Err(Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "bad-reply",
+            format!("unreadable reply from orders: {e}"),
+        )),
+    }
+}

@@ -1,0 +1,50 @@
+//! The catalog service: owns products. Public reads, admin-only writes, a
+//! demo catalog seeded on first start, and `POST /products/buy`, which asks
+//! orders (bus request `orders.create`) to create the buyer's order.
+
+mod domain;
+mod http;
+mod store;
+
+use bazaar_chassis::http::Readiness;
+use bazaar_chassis::{ServiceContext, Shutdown};
+use tokio::net::TcpListener;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A built catalog service, ready to serve.
+pub struct Application {
+    ctx: ServiceContext,
+    state: http::AppState,
+}
+
+impl Application {
+    /// Opens the database and seeds the demo catalog on first start.
+    pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
+        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        if ctx.config.seed_demo {
+            store::seed_demo(&db).await?;
+        }
+        let state = http::AppState {
+            db,
+            bus: ctx.bus.clone(),
+            verifier: ctx.verifier.clone(),
+            config: ctx.config.clone(),
+        };
+        Ok(Self { ctx, state })
+    }
+
+    /// Serves on `listener` until `shutdown`.
+    pub async fn run_until_stopped(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let ready = Readiness {
+            db: Some(self.state.db.clone()),
+            bus: Some(self.state.bus.clone()),
+        };
+        let router = http::router(self.state);
+        bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await
+    }
+}
