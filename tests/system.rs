@@ -20,7 +20,10 @@ const ADMIN_EMAIL: &str = "admin@test.local";
 const ADMIN_PASSWORD: &str = "admin-password";
 
 fn unique() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{nanos:x}{:x}", std::process::id())
 }
 
@@ -47,13 +50,24 @@ impl Api {
     fn new(gateway: &str) -> Self {
         Self {
             base: format!("{gateway}/api/v1"),
-            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
             statuses: Default::default(),
         }
     }
 
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -67,25 +81,53 @@ impl Api {
         let res = req.send().await.unwrap();
         let status = res.status();
         let text = res.text().await.unwrap();
-        self.statuses.lock().unwrap().push((what.to_owned(), status.as_u16()));
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.statuses
+            .lock()
+            .unwrap()
+            .push((what.to_owned(), status.as_u16()));
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     fn assert_no_5xx(&self) {
-        let bad: Vec<_> = self.statuses.lock().unwrap().iter().filter(|(_, s)| *s >= 500).cloned().collect();
+        let bad: Vec<_> = self
+            .statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| *s >= 500)
+            .cloned()
+            .collect();
         assert!(bad.is_empty(), "server errors: {bad:?}");
     }
 
     async fn register_and_login(&self, email: &str) -> (String, String) {
         let (s, user) = self
-            .call("POST", "/auth/register", None, Some(json!({"email": email, "password": "password1", "name": "Shopper"})))
+            .call(
+                "POST",
+                "/auth/register",
+                None,
+                Some(json!({"email": email, "password": "password1", "name": "Shopper"})),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{user}");
-        (self.login(email, "password1").await, user["id"].as_str().unwrap().to_owned())
+        (
+            self.login(email, "password1").await,
+            user["id"].as_str().unwrap().to_owned(),
+        )
     }
 
     async fn login(&self, email: &str, password: &str) -> String {
-        let (s, t) = self.call("POST", "/auth/login", None, Some(json!({"email": email, "password": password}))).await;
+        let (s, t) = self
+            .call(
+                "POST",
+                "/auth/login",
+                None,
+                Some(json!({"email": email, "password": password})),
+            )
+            .await;
         assert_eq!(s, StatusCode::OK, "{t}");
         assert_eq!(t["token_type"], "Bearer");
         t["access_token"].as_str().unwrap().to_owned()
@@ -97,11 +139,18 @@ async fn wait_ready(gateway: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let http = reqwest::Client::new();
     loop {
-        let ok = http.get(format!("{gateway}/api/v1/products?limit=1")).send().await.map(|r| r.status().is_success());
+        let ok = http
+            .get(format!("{gateway}/api/v1/products?limit=1"))
+            .send()
+            .await
+            .map(|r| r.status().is_success());
         if ok.unwrap_or(false) {
             return;
         }
-        assert!(Instant::now() < deadline, "the system did not come up at {gateway}");
+        assert!(
+            Instant::now() < deadline,
+            "the system did not come up at {gateway}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -111,26 +160,48 @@ async fn wait_ready(gateway: &str) {
 async fn walkthrough(gateway: &str) {
     let api = Api::new(gateway);
     let tag = unique();
-    let (ann, ann_id) = api.register_and_login(&format!("ann.{tag}@example.com")).await;
+    let (ann, ann_id) = api
+        .register_and_login(&format!("ann.{tag}@example.com"))
+        .await;
 
     let (s, page) = api.call("GET", "/products?limit=5", None, None).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(page["total"].as_i64().unwrap() >= 20, "demo catalog seeded: {page}");
+    assert!(
+        page["total"].as_i64().unwrap() >= 20,
+        "demo catalog seeded: {page}"
+    );
     assert_eq!(page["items"].as_array().unwrap().len(), 5);
 
     let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let (s, product) = api
-        .call("POST", "/products", Some(&admin), Some(json!({"name": "Test Lamp", "description": "bright", "price": 2500})))
+        .call(
+            "POST",
+            "/products",
+            Some(&admin),
+            Some(json!({"name": "Test Lamp", "description": "bright", "price": 2500})),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{product}");
     assert_eq!(product["currency"], "USD");
     let lamp = product["id"].as_str().unwrap().to_owned();
-    let (s, got) = api.call("GET", &format!("/products/{lamp}"), None, None).await;
-    assert_eq!((s, got["name"].as_str()), (StatusCode::OK, Some("Test Lamp")));
+    let (s, got) = api
+        .call("GET", &format!("/products/{lamp}"), None, None)
+        .await;
+    assert_eq!(
+        (s, got["name"].as_str()),
+        (StatusCode::OK, Some("Test Lamp"))
+    );
 
     let mug = page["items"][0]["id"].as_str().unwrap().to_owned();
     let mug_price = page["items"][0]["price"].as_i64().unwrap();
-    let (s, order) = api.call("POST", "/products/buy", Some(&ann), Some(json!({"ids": [lamp, mug, lamp]}))).await;
+    let (s, order) = api
+        .call(
+            "POST",
+            "/products/buy",
+            Some(&ann),
+            Some(json!({"ids": [lamp, mug, lamp]})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{order}");
     assert_eq!(order["user_id"], ann_id.as_str());
     assert_eq!(order["status"], "PENDING");
@@ -144,7 +215,10 @@ async fn walkthrough(gateway: &str) {
     assert_eq!(orders["total"], 1);
     assert_eq!(orders["items"][0]["id"], order_id.as_str());
     let (s, me) = api.call("GET", "/auth/me", Some(&ann), None).await;
-    assert_eq!((s, me["id"].as_str()), (StatusCode::OK, Some(ann_id.as_str())));
+    assert_eq!(
+        (s, me["id"].as_str()),
+        (StatusCode::OK, Some(ann_id.as_str()))
+    );
 
     // --- bad input ---
     let malformed = api
@@ -152,24 +226,69 @@ async fn walkthrough(gateway: &str) {
         .post(format!("{}/auth/register", api.base))
         .header("content-type", "application/json")
         .body("{\"email\": ");
-    assert_eq!(api.send("malformed", malformed).await.0, StatusCode::BAD_REQUEST);
-    let (s, p) = api.call("POST", "/auth/register", None, Some(json!({"email": "nope", "password": "x", "name": "A"}))).await;
+    assert_eq!(
+        api.send("malformed", malformed).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (s, p) = api
+        .call(
+            "POST",
+            "/auth/register",
+            None,
+            Some(json!({"email": "nope", "password": "x", "name": "A"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(p["errors"].as_array().unwrap().len(), 2, "{p}");
     let (s, _) = api
         .call("POST", "/auth/register", None, Some(json!({"email": format!("ann.{tag}@example.com"), "password": "password1", "name": "A"})))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
-    let (s, _) = api.call("POST", "/auth/login", None, Some(json!({"email": format!("ann.{tag}@example.com"), "password": "wrong-pass"}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({"email": format!("ann.{tag}@example.com"), "password": "wrong-pass"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = api.call("POST", "/products", Some(&admin), Some(json!({"name": "Free", "price": 0}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&admin),
+            Some(json!({"name": "Free", "price": 0})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    let (s, _) = api.call("POST", "/products", Some(&admin), Some(json!({"name": "", "price": 100}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&admin),
+            Some(json!({"name": "", "price": 100})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    let (s, p) = api.call("POST", "/products/buy", Some(&ann), Some(json!({"ids": ["no-such-id"]}))).await;
+    let (s, p) = api
+        .call(
+            "POST",
+            "/products/buy",
+            Some(&ann),
+            Some(json!({"ids": ["no-such-id"]})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(p["detail"].as_str().unwrap().contains("no-such-id"), "{p}");
-    let (s, _) = api.call("POST", "/products/buy", Some(&ann), Some(json!({"ids": []}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/products/buy",
+            Some(&ann),
+            Some(json!({"ids": []})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     let (s, _) = api.call("GET", "/products?limit=1000", None, None).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
@@ -177,20 +296,37 @@ async fn walkthrough(gateway: &str) {
     // Tokens: none, garbage, tampered, `alg: none`.
     let (s, _) = api.call("GET", "/orders", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = api.call("POST", "/products/buy", None, Some(json!({"ids": [mug]}))).await;
+    let (s, _) = api
+        .call("POST", "/products/buy", None, Some(json!({"ids": [mug]})))
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _) = api.call("GET", "/orders", Some("not-a-token"), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let parts: Vec<&str> = ann.split('.').collect();
-    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
     claims["role"] = json!("admin");
     let forged = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
     let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
-    let (s, _) = api.call("POST", "/products", Some(&tampered), Some(json!({"name": "Hack", "price": 1}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&tampered),
+            Some(json!({"name": "Hack", "price": 1})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let alg_none = format!("{none_header}.{forged}.");
-    let (s, _) = api.call("POST", "/products", Some(&alg_none), Some(json!({"name": "Hack", "price": 1}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&alg_none),
+            Some(json!({"name": "Hack", "price": 1})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let spoofed = api
         .http
@@ -198,41 +334,77 @@ async fn walkthrough(gateway: &str) {
         .header("x-user-role", "admin")
         .header("x-user-id", "someone")
         .json(&json!({"name": "Hack", "price": 1}));
-    assert_eq!(api.send("spoofed identity headers", spoofed).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.send("spoofed identity headers", spoofed).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
     // Roles and ownership.
-    let (s, _) = api.call("POST", "/products", Some(&ann), Some(json!({"name": "Mine", "price": 100}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&ann),
+            Some(json!({"name": "Mine", "price": 100})),
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _) = api.call("DELETE", &format!("/products/{lamp}"), Some(&ann), None).await;
+    let (s, _) = api
+        .call("DELETE", &format!("/products/{lamp}"), Some(&ann), None)
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (bob, _) = api.register_and_login(&format!("bob.{tag}@example.com")).await;
-    let (s, _) = api.call("GET", &format!("/orders/{order_id}"), Some(&bob), None).await;
+    let (bob, _) = api
+        .register_and_login(&format!("bob.{tag}@example.com"))
+        .await;
+    let (s, _) = api
+        .call("GET", &format!("/orders/{order_id}"), Some(&bob), None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, bobs) = api.call("GET", "/orders", Some(&bob), None).await;
     assert_eq!((s, bobs["total"].as_i64()), (StatusCode::OK, Some(0)));
-    let (s, _) = api.call("GET", &format!("/orders/{order_id}"), Some(&admin), None).await;
+    let (s, _) = api
+        .call("GET", &format!("/orders/{order_id}"), Some(&admin), None)
+        .await;
     assert_eq!(s, StatusCode::OK);
 
     // Too large.
     let big = "x".repeat(2 * 1024 * 1024);
     let (s, _) = api
-        .call("POST", "/auth/register", None, Some(json!({"email": "big@example.com", "password": big, "name": "B"})))
+        .call(
+            "POST",
+            "/auth/register",
+            None,
+            Some(json!({"email": "big@example.com", "password": big, "name": "B"})),
+        )
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
 
     // Unknown routes and products are 404 problems.
     let (s, _) = api.call("GET", "/nowhere", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, p) = api.call("GET", "/products/does-not-exist", None, None).await;
+    let (s, p) = api
+        .call("GET", "/products/does-not-exist", None, None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(p["status"], 404);
 
     // Admin writes still work, then the product is gone.
-    let (s, _) = api.call("PUT", &format!("/products/{lamp}"), Some(&admin), Some(json!({"name": "Lamp 2", "price": 2600}))).await;
+    let (s, _) = api
+        .call(
+            "PUT",
+            &format!("/products/{lamp}"),
+            Some(&admin),
+            Some(json!({"name": "Lamp 2", "price": 2600})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = api.call("DELETE", &format!("/products/{lamp}"), Some(&admin), None).await;
+    let (s, _) = api
+        .call("DELETE", &format!("/products/{lamp}"), Some(&admin), None)
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = api.call("GET", &format!("/products/{lamp}"), None, None).await;
+    let (s, _) = api
+        .call("GET", &format!("/products/{lamp}"), None, None)
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     api.assert_no_5xx();
@@ -243,13 +415,21 @@ async fn walkthrough(gateway: &str) {
 async fn concurrent_buyers(gateway: &str) {
     let api = std::sync::Arc::new(Api::new(gateway));
     let (_, page) = api.call("GET", "/products?limit=24", None, None).await;
-    let ids: Vec<String> = page["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect();
+    let ids: Vec<String> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
     assert!(ids.len() >= 20);
     let tag = unique();
     let users = futures::future::join_all((0..20).map(|u| {
         let api = api.clone();
         let tag = tag.clone();
-        async move { api.register_and_login(&format!("buyer{u}.{tag}@example.com")).await }
+        async move {
+            api.register_and_login(&format!("buyer{u}.{tag}@example.com"))
+                .await
+        }
     }))
     .await;
 
@@ -258,17 +438,36 @@ async fn concurrent_buyers(gateway: &str) {
         let ids = ids.clone();
         (0..10).map(move |b| {
             let api = api.clone();
-            let wanted: Vec<String> = vec![ids[(u + b) % ids.len()].clone(), ids[(u * 3 + b * 7 + 1) % ids.len()].clone()];
+            let wanted: Vec<String> = vec![
+                ids[(u + b) % ids.len()].clone(),
+                ids[(u * 3 + b * 7 + 1) % ids.len()].clone(),
+            ];
             let (token, user_id) = (token.clone(), user_id.clone());
             async move {
-                let (s, order) = api.call("POST", "/products/buy", Some(&token), Some(json!({"ids": wanted}))).await;
+                let (s, order) = api
+                    .call(
+                        "POST",
+                        "/products/buy",
+                        Some(&token),
+                        Some(json!({"ids": wanted})),
+                    )
+                    .await;
                 assert_eq!(s, StatusCode::CREATED, "{order}");
-                assert_eq!(order["user_id"], user_id.as_str(), "a buyer got someone else's order");
+                assert_eq!(
+                    order["user_id"],
+                    user_id.as_str(),
+                    "a buyer got someone else's order"
+                );
                 let mut got: Vec<String> = order["items"]
                     .as_array()
                     .unwrap()
                     .iter()
-                    .flat_map(|i| std::iter::repeat_n(i["product_id"].as_str().unwrap().to_owned(), i["quantity"].as_u64().unwrap() as usize))
+                    .flat_map(|i| {
+                        std::iter::repeat_n(
+                            i["product_id"].as_str().unwrap().to_owned(),
+                            i["quantity"].as_u64().unwrap() as usize,
+                        )
+                    })
                     .collect();
                 let mut want = wanted.clone();
                 got.sort();
@@ -283,7 +482,13 @@ async fn concurrent_buyers(gateway: &str) {
         let (s, orders) = api.call("GET", "/orders?limit=50", Some(token), None).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(orders["total"], 10);
-        assert!(orders["items"].as_array().unwrap().iter().all(|o| o["user_id"] == user_id.as_str()));
+        assert!(
+            orders["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|o| o["user_id"] == user_id.as_str())
+        );
     }
     api.assert_no_5xx();
 }
@@ -291,7 +496,9 @@ async fn concurrent_buyers(gateway: &str) {
 async fn embedded() -> (bazaar::System, PathBuf) {
     let dir = std::env::temp_dir().join(format!("bazaar-test-{}", unique()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let system = bazaar::up(test_config(dir.clone()), &HashMap::new(), listener).await.unwrap();
+    let system = bazaar::up(test_config(dir.clone()), &HashMap::new(), listener)
+        .await
+        .unwrap();
     (system, dir)
 }
 
@@ -318,18 +525,35 @@ async fn embedded_with_replicas_spreads_requests() {
     let dir = std::env::temp_dir().join(format!("bazaar-test-{}", unique()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let replicas = bazaar::parse_replicas("catalog=3").unwrap();
-    let system = bazaar::up(test_config(dir.clone()), &replicas, listener).await.unwrap();
+    let system = bazaar::up(test_config(dir.clone()), &replicas, listener)
+        .await
+        .unwrap();
     wait_ready(&system.gateway_url).await;
     let http = reqwest::Client::new();
     let mut instances = std::collections::HashSet::new();
     for _ in 0..6 {
-        let res = http.get(format!("{}/api/v1/products?limit=1", system.gateway_url)).send().await.unwrap();
+        let res = http
+            .get(format!("{}/api/v1/products?limit=1", system.gateway_url))
+            .send()
+            .await
+            .unwrap();
         assert!(res.headers().contains_key("x-request-id"));
         instances.insert(res.headers()["x-instance-id"].to_str().unwrap().to_owned());
     }
-    assert_eq!(instances.len(), 3, "round-robin over three catalog instances: {instances:?}");
+    assert_eq!(
+        instances.len(),
+        3,
+        "round-robin over three catalog instances: {instances:?}"
+    );
     // Three replicas raced to seed: the demo catalog exists once.
-    let page: Value = http.get(format!("{}/api/v1/products?limit=1", system.gateway_url)).send().await.unwrap().json().await.unwrap();
+    let page: Value = http
+        .get(format!("{}/api/v1/products?limit=1", system.gateway_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["total"], 24);
     system.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
@@ -338,21 +562,30 @@ async fn embedded_with_replicas_spreads_requests() {
 // === serve mode: separate processes on RabbitMQ + PostgreSQL ===
 
 fn real_servers() -> Option<(String, String)> {
-    match (std::env::var("BAZAAR_TEST_AMQP_URL"), std::env::var("BAZAAR_TEST_DATABASE_URL")) {
+    match (
+        std::env::var("BAZAAR_TEST_AMQP_URL"),
+        std::env::var("BAZAAR_TEST_DATABASE_URL"),
+    ) {
         (Ok(a), Ok(d)) => Some((a, d)),
         _ => {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "CI=true requires BAZAAR_TEST_AMQP_URL and BAZAAR_TEST_DATABASE_URL"
             );
-            eprintln!("skipping serve-mode test: BAZAAR_TEST_AMQP_URL / BAZAAR_TEST_DATABASE_URL not set");
+            eprintln!(
+                "skipping serve-mode test: BAZAAR_TEST_AMQP_URL / BAZAAR_TEST_DATABASE_URL not set"
+            );
             None
         }
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Processes(Vec<Child>);
@@ -368,7 +601,9 @@ impl Drop for Processes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_mode_on_rabbitmq_and_postgres() {
-    let Some((amqp, db)) = real_servers() else { return };
+    let Some((amqp, db)) = real_servers() else {
+        return;
+    };
     let names = ["auth", "orders", "catalog", "gateway"];
     let ports: HashMap<&str, u16> = names.iter().map(|n| (*n, free_port())).collect();
     let prefix = format!("t{}_", unique());
@@ -388,9 +623,14 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
         for other in names {
-            cmd.env(format!("BAZAAR_SERVICES__{}", other.to_uppercase()), format!("http://127.0.0.1:{}", ports[other]));
+            cmd.env(
+                format!("BAZAAR_SERVICES__{}", other.to_uppercase()),
+                format!("http://127.0.0.1:{}", ports[other]),
+            );
         }
-        children.0.push(cmd.spawn().expect("cannot start bazaar serve"));
+        children
+            .0
+            .push(cmd.spawn().expect("cannot start bazaar serve"));
     }
     let gateway = format!("http://127.0.0.1:{}", ports["gateway"]);
     wait_ready(&gateway).await;
@@ -400,7 +640,11 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
     // Every process answers /ready against its real dependencies.
     let http = reqwest::Client::new();
     for name in names {
-        let res = http.get(format!("http://127.0.0.1:{}/ready", ports[name])).send().await.unwrap();
+        let res = http
+            .get(format!("http://127.0.0.1:{}/ready", ports[name]))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{name} not ready");
     }
     drop(children);

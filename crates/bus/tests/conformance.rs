@@ -1,5 +1,6 @@
 //! One conformance suite, run against every backend: the in-memory bus
 //! always, RabbitMQ when `BAZAAR_TEST_AMQP_URL` is set (required with `CI=true`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
@@ -14,15 +15,25 @@ fn unique(prefix: &str) -> String {
 
 fn uuid_like() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{nanos:x}{:x}", std::process::id())
 }
 
 async fn amqp() -> Option<Bus> {
     match std::env::var("BAZAAR_TEST_AMQP_URL") {
-        Ok(url) => Some(Bus::connect(&url).await.expect("BAZAAR_TEST_AMQP_URL is set but RabbitMQ is unreachable")),
+        Ok(url) => Some(
+            Bus::connect(&url)
+                .await
+                .expect("BAZAAR_TEST_AMQP_URL is set but RabbitMQ is unreachable"),
+        ),
         Err(_) => {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true requires BAZAAR_TEST_AMQP_URL");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true requires BAZAAR_TEST_AMQP_URL"
+            );
             eprintln!("skipping the amqp conformance run: BAZAAR_TEST_AMQP_URL is not set");
             None
         }
@@ -30,7 +41,10 @@ async fn amqp() -> Option<Bus> {
 }
 
 async fn next_payload(d: &mut bazaar_bus::Deliveries) -> (String, bazaar_bus::Delivery) {
-    let delivery = tokio::time::timeout(WAIT, d.next()).await.expect("no delivery in time").expect("stream ended");
+    let delivery = tokio::time::timeout(WAIT, d.next())
+        .await
+        .expect("no delivery in time")
+        .expect("stream ended");
     let text: String = delivery.envelope().unwrap().payload().unwrap();
     (text, delivery)
 }
@@ -46,9 +60,19 @@ async fn topic_bindings(bus: &Bus) {
     let all = QueueSpec::new(unique("q.all")).bind(&ex, "user.#");
     let mut one_d = bus.subscribe(&one, 10).await.unwrap();
     let mut all_d = bus.subscribe(&all, 10).await.unwrap();
-    bus.publish(&ex, "user.registered", &Envelope::new("t", &"a").unwrap()).await.unwrap();
-    bus.publish(&ex, "user.profile.updated", &Envelope::new("t", &"b").unwrap()).await.unwrap();
-    bus.publish(&ex, "order.created", &Envelope::new("t", &"c").unwrap()).await.unwrap();
+    bus.publish(&ex, "user.registered", &Envelope::new("t", &"a").unwrap())
+        .await
+        .unwrap();
+    bus.publish(
+        &ex,
+        "user.profile.updated",
+        &Envelope::new("t", &"b").unwrap(),
+    )
+    .await
+    .unwrap();
+    bus.publish(&ex, "order.created", &Envelope::new("t", &"c").unwrap())
+        .await
+        .unwrap();
 
     let (p, d) = next_payload(&mut one_d).await;
     assert_eq!(p, "a");
@@ -71,7 +95,9 @@ async fn durable_queue_keeps_messages_until_consumed(bus: &Bus) {
     let spec = QueueSpec::new(unique("q.durable")).bind(&ex, "k");
     bus.transport().declare_queue(&spec).await.unwrap();
     for i in 0..3 {
-        bus.publish(&ex, "k", &Envelope::new("t", &format!("m{i}")).unwrap()).await.unwrap();
+        bus.publish(&ex, "k", &Envelope::new("t", &format!("m{i}")).unwrap())
+            .await
+            .unwrap();
     }
     let mut d = bus.subscribe(&spec, 10).await.unwrap();
     for i in 0..3 {
@@ -86,7 +112,9 @@ async fn nack_requeues_or_drops(bus: &Bus) {
     let ex = unique("ex");
     let spec = QueueSpec::new(unique("q.nack")).bind(&ex, "k");
     let mut d = bus.subscribe(&spec, 10).await.unwrap();
-    bus.publish(&ex, "k", &Envelope::new("t", &"x").unwrap()).await.unwrap();
+    bus.publish(&ex, "k", &Envelope::new("t", &"x").unwrap())
+        .await
+        .unwrap();
 
     let (p, first) = next_payload(&mut d).await;
     assert_eq!(p, "x");
@@ -95,7 +123,10 @@ async fn nack_requeues_or_drops(bus: &Bus) {
 
     let (p, again) = next_payload(&mut d).await;
     assert_eq!(p, "x");
-    assert!(again.redelivered, "a requeued message is marked redelivered");
+    assert!(
+        again.redelivered,
+        "a requeued message is marked redelivered"
+    );
     again.nack(false).await.unwrap();
     nothing_more(&mut d).await;
 }
@@ -104,7 +135,9 @@ async fn dropped_delivery_is_redelivered(bus: &Bus) {
     let ex = unique("ex");
     let spec = QueueSpec::new(unique("q.drop")).bind(&ex, "k");
     let mut d = bus.subscribe(&spec, 10).await.unwrap();
-    bus.publish(&ex, "k", &Envelope::new("t", &"y").unwrap()).await.unwrap();
+    bus.publish(&ex, "k", &Envelope::new("t", &"y").unwrap())
+        .await
+        .unwrap();
     let (_, first) = next_payload(&mut d).await;
     drop(first); // a consumer that died before acking
     let (p, again) = next_payload(&mut d).await;
@@ -131,7 +164,10 @@ async fn request_reply_matches_every_caller(bus: &Bus) {
         let bus = bus.clone();
         let ex = ex.clone();
         async move {
-            let reply = bus.request(&ex, "echo", &Envelope::new("echo", &n).unwrap(), WAIT).await.unwrap();
+            let reply = bus
+                .request(&ex, "echo", &Envelope::new("echo", &n).unwrap(), WAIT)
+                .await
+                .unwrap();
             (n, reply.payload::<u32>().unwrap())
         }
     });
@@ -144,7 +180,14 @@ async fn request_without_responder_times_out(bus: &Bus) {
     let ex = unique("cmd");
     let spec = QueueSpec::new(unique("q.silent")).bind(&ex, "silent");
     bus.transport().declare_queue(&spec).await.unwrap();
-    let r = bus.request(&ex, "silent", &Envelope::new("x", &1).unwrap(), Duration::from_millis(200)).await;
+    let r = bus
+        .request(
+            &ex,
+            "silent",
+            &Envelope::new("x", &1).unwrap(),
+            Duration::from_millis(200),
+        )
+        .await;
     assert!(matches!(r, Err(bazaar_bus::BusError::Timeout(_))), "{r:?}");
 }
 

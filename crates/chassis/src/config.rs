@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 #[serde(default)]
 pub struct Config {
     /// Address services bind. Default `127.0.0.1`.
+    #[serde(deserialize_with = "lenient::text")]
     pub host: String,
     /// Port of the service `bazaar serve` runs; 0 picks a free one. Default 0.
     pub port: u16,
@@ -23,21 +24,29 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `postgres://…` (a schema per service) or `sqlite://…` (a file per
     /// service); unset: SQLite files under `data_dir`.
+    #[serde(deserialize_with = "lenient::opt")]
     pub database_url: Option<String>,
     /// Prefix of each service's PostgreSQL schema (tests isolate runs with it). Default empty.
+    #[serde(deserialize_with = "lenient::text")]
     pub database_schema_prefix: String,
     /// `amqp://…` for RabbitMQ; unset: the in-memory bus.
+    #[serde(deserialize_with = "lenient::opt")]
     pub amqp_url: Option<String>,
     /// `memory` (embedded) or `static` (addresses from `services`). Default `memory`.
+    #[serde(deserialize_with = "lenient::text")]
     pub registry: String,
     /// Static addresses: service name → comma-separated base URLs.
+    #[serde(deserialize_with = "lenient::map")]
     pub services: HashMap<String, String>,
     /// `json` or `pretty`; unset: pretty on a terminal, JSON otherwise.
+    #[serde(deserialize_with = "lenient::opt")]
     pub log_format: Option<String>,
     /// Largest request body accepted, in bytes. Default 1 MiB.
     pub body_limit: usize,
     /// Admin account created at first start.
+    #[serde(deserialize_with = "lenient::opt")]
     pub admin_email: Option<String>,
+    #[serde(deserialize_with = "lenient::opt")]
     pub admin_password: Option<String>,
     /// Access token lifetime in seconds. Default 900.
     pub access_token_ttl_secs: i64,
@@ -126,11 +135,62 @@ impl Config {
     }
 }
 
+/// Environment values are parsed (`12345678` becomes a number); text
+/// settings take them back as text, so a numeric password still works.
+mod lenient {
+    use std::collections::HashMap;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    struct Text(String);
+
+    impl<'de> Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl de::Visitor<'_> for V {
+                type Value = Text;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("text")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                    Ok(Text(v.to_owned()))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(Text::deserialize(d)?.0)
+    }
+
+    pub fn opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Text>::deserialize(d)?.map(|t| t.0))
+    }
+
+    pub fn map<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<String, String>, D::Error> {
+        Ok(HashMap::<String, Text>::deserialize(d)?.into_iter().map(|(k, v)| (k, v.0)).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn defaults_then_file_then_env() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bazaar.toml", "gateway_port = 9000\nbody_limit = 10\n")?;
