@@ -181,7 +181,10 @@ mod lenient {
     }
 
     pub fn map<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<String, String>, D::Error> {
-        Ok(HashMap::<String, Text>::deserialize(d)?.into_iter().map(|(k, v)| (k, v.0)).collect())
+        Ok(HashMap::<String, Text>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect())
     }
 }
 
