@@ -648,4 +648,15 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
         assert_eq!(res.status(), StatusCode::OK, "{name} not ready");
     }
     drop(children);
+
+    // Leave PostgreSQL as we found it.
+    bazaar_chassis::db::install_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    for name in ["auth", "orders", "catalog"] {
+        let drop_schema = format!("DROP SCHEMA IF EXISTS \"{prefix}{name}\" CASCADE");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_schema))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }
