@@ -19,14 +19,19 @@ pub enum Backend {
     Postgres,
 }
 
+/// Installs sqlx's `Any` drivers once per process.
+pub fn install_drivers() {
+    static DRIVERS: Once = Once::new();
+    DRIVERS.call_once(sqlx::any::install_default_drivers);
+}
+
 /// Opens service `service`'s database and applies its migrations.
 pub async fn connect(
     config: &Config,
     service: &str,
     migrator: &Migrator,
 ) -> anyhow::Result<AnyPool> {
-    static DRIVERS: Once = Once::new();
-    DRIVERS.call_once(sqlx::any::install_default_drivers);
+    install_drivers();
 
     let (url, backend) = match config.database_url.as_deref() {
         None => {
