@@ -93,7 +93,17 @@ async fn proxy(
 ) -> Response {
     match forward(&s, peer, req).await {
         Ok(res) => res,
-        Err(problem) => problem.into_response(),
+        Err(problem) => {
+            let too_large = problem.status == 413;
+            let mut res = problem.into_response();
+            if too_large {
+                // The body was refused unread: the connection cannot carry
+                // another request, so tell the client not to reuse it.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            res
+        }
     }
 }
 
