@@ -68,6 +68,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Most bytes of an oversized body read and discarded before answering 413.
+const DRAIN_CAP: usize = 16 * 1024 * 1024;
+
 const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 const X_USER_ROLE: HeaderName = HeaderName::from_static("x-user-role");
 const X_USER_EMAIL: HeaderName = HeaderName::from_static("x-user-email");
@@ -146,6 +149,16 @@ async fn forward(s: &GatewayState, peer: SocketAddr, req: Request) -> Result<Res
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .is_some_and(|n| n > s.body_limit);
     if too_large {
+        // Read and discard the body (up to a cap) before answering, so the
+        // client sees the 413 instead of a broken pipe mid-upload.
+        let mut body = body;
+        let mut read = 0usize;
+        while read <= DRAIN_CAP {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
         return Err(Problem::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             "too-large",
