@@ -99,6 +99,16 @@ fn service_name(name: &str) -> anyhow::Result<&'static str> {
         })
 }
 
+/// RabbitMQ when `amqp_url` is set, else the in-memory bus.
+async fn connect_bus(config: &Config) -> anyhow::Result<Bus> {
+    match &config.amqp_url {
+        Some(url) => Bus::connect(url)
+            .await
+            .with_context(|| format!("cannot connect to RabbitMQ at {url}")),
+        None => Ok(Bus::memory()),
+    }
+}
+
 /// Parses `catalog=3,orders=2`.
 pub fn parse_replicas(spec: &str) -> anyhow::Result<HashMap<&'static str, usize>> {
     let mut out = HashMap::new();
@@ -128,12 +138,7 @@ pub async fn up(
     gateway: TcpListener,
 ) -> anyhow::Result<System> {
     let config = Arc::new(config);
-    let bus = match &config.amqp_url {
-        Some(url) => Bus::connect(url)
-            .await
-            .context("cannot connect to the bus")?,
-        None => Bus::memory(),
-    };
+    let bus = connect_bus(&config).await?;
     let discovery = Discovery::new(Arc::new(MemoryRegistry::default()));
     let shutdown = Shutdown::default();
     let gateway_url = format!("http://{}", gateway.local_addr()?);
@@ -175,17 +180,12 @@ pub async fn up(
 pub async fn serve(config: Config, service: &str) -> anyhow::Result<System> {
     let service = service_name(service)?;
     let config = Arc::new(config);
-    let bus = match &config.amqp_url {
-        Some(url) => Bus::connect(url)
-            .await
-            .with_context(|| format!("cannot connect to RabbitMQ at {url}"))?,
-        None => {
-            tracing::warn!(
-                "no amqp_url configured: using an in-memory bus, which reaches no other process"
-            );
-            Bus::memory()
-        }
-    };
+    if config.amqp_url.is_none() {
+        tracing::warn!(
+            "no amqp_url configured: using an in-memory bus, which reaches no other process"
+        );
+    }
+    let bus = connect_bus(&config).await?;
     let registry: Arc<dyn Registry> = match config.registry.as_str() {
         "static" => Arc::new(StaticRegistry::new(&config.static_addresses())),
         "memory" => Arc::new(MemoryRegistry::default()),

@@ -49,13 +49,6 @@ impl MemoryTransport {
         let mut queues = write(&self.queues);
         Arc::clone(queues.entry(name.to_owned()).or_insert_with(MemQueue::new))
     }
-
-    /// Messages waiting in a queue (not counting unacknowledged ones).
-    pub fn depth(&self, queue: &str) -> usize {
-        read(&self.queues)
-            .get(queue)
-            .map_or(0, |q| q.rx.try_lock().map_or(0, |rx| rx.len()))
-    }
 }
 
 #[async_trait]

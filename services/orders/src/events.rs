@@ -2,7 +2,7 @@
 //! when redelivered) and gets a reply. A delivery is acknowledged only after
 //! its order is committed and its reply sent.
 
-use bazaar_bus::{Bus, Deliveries, Delivery};
+use bazaar_bus::{Bus, Deliveries, Delivery, Envelope};
 use bazaar_chassis::Shutdown;
 use bazaar_contracts::{CreateOrder, Order, Reply};
 use futures::StreamExt;
@@ -36,26 +36,14 @@ async fn handle(bus: &Bus, db: &AnyPool, delivery: Delivery) {
             return;
         }
     };
-    let reply: Reply<Order> = match env.payload::<CreateOrder>() {
-        Err(e) => Reply::Err {
-            status: 422,
-            detail: format!("malformed order request: {e}"),
-        },
-        Ok(cmd) => match domain::total(&cmd) {
-            Err(e) => Reply::Err {
-                status: 422,
-                detail: e.to_string(),
-            },
-            Ok(total) => match store::create(db, &env.id, &cmd, total).await {
-                Ok(order) => Reply::Ok { value: order },
-                Err(e) => {
-                    // The database failed: put the request back for another try.
-                    tracing::error!(error = %e, "storing an order failed; requeueing");
-                    let _ = delivery.nack(true).await;
-                    return;
-                }
-            },
-        },
+    let reply = match decide(db, &env).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            // The database failed: put the request back for another try.
+            tracing::error!(error = %e, "storing an order failed; requeueing");
+            let _ = delivery.nack(true).await;
+            return;
+        }
     };
     let answered = match env.caused("orders.create.reply", &reply) {
         Ok(out) if delivery.reply_to.is_some() => {
@@ -76,4 +64,25 @@ async fn handle(bus: &Bus, db: &AnyPool, delivery: Delivery) {
             let _ = delivery.nack(true).await;
         }
     }
+}
+
+/// The reply a request deserves; `Err` only when the database failed and
+/// the request should be retried.
+async fn decide(db: &AnyPool, env: &Envelope) -> Result<Reply<Order>, sqlx::Error> {
+    let invalid = |detail: String| {
+        Ok(Reply::Err {
+            status: 422,
+            detail,
+        })
+    };
+    let cmd = match env.payload::<CreateOrder>() {
+        Ok(cmd) => cmd,
+        Err(e) => return invalid(format!("malformed order request: {e}")),
+    };
+    let total = match domain::total(&cmd) {
+        Ok(total) => total,
+        Err(e) => return invalid(e.to_string()),
+    };
+    let order = store::create(db, &env.id, &cmd, total).await?;
+    Ok(Reply::Ok { value: order })
 }
