@@ -25,12 +25,21 @@ pub fn install_drivers() {
     DRIVERS.call_once(sqlx::any::install_default_drivers);
 }
 
+/// A service's database: `read` for queries, `write` for changes.
+///
+/// SQLite allows one writer at a time, and a writer that finds the lock
+/// taken sleeps in SQLite's busy handler (1, 2, 5 … 100 ms steps), which
+/// shows up as a long latency tail. So on SQLite `write` is a pool of one
+/// connection: writers queue in the process and never sleep in SQLite.
+/// On PostgreSQL both are the same pool.
+#[derive(Clone)]
+pub struct Db {
+    pub read: AnyPool,
+    pub write: AnyPool,
+}
+
 /// Opens service `service`'s database and applies its migrations.
-pub async fn connect(
-    config: &Config,
-    service: &str,
-    migrator: &Migrator,
-) -> anyhow::Result<AnyPool> {
+pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> anyhow::Result<Db> {
     install_drivers();
 
     let (url, backend) = match config.database_url.as_deref() {
@@ -53,26 +62,44 @@ pub async fn connect(
         }
     };
 
-    let options = match backend {
-        Backend::Sqlite => AnyPoolOptions::new().max_connections(8).after_connect(|conn, _| {
-            Box::pin(async move {
-                conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;")
-                    .await?;
-                Ok(())
-            })
-        }),
-        Backend::Postgres => AnyPoolOptions::new().max_connections(16),
+    let open = |max: u32| {
+        let options = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(10));
+        let options = match backend {
+            Backend::Sqlite => options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;")
+                        .await?;
+                    Ok(())
+                })
+            }),
+            Backend::Postgres => options,
+        };
+        options.connect(&url)
     };
-    let pool = options
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&url)
-        .await
-        .with_context(|| format!("cannot open the {service} database"))?;
+    let context = || format!("cannot open the {service} database");
+    let db = match backend {
+        Backend::Sqlite => {
+            let write = open(1).await.with_context(context)?;
+            Db {
+                read: open(4).await.with_context(context)?,
+                write,
+            }
+        }
+        Backend::Postgres => {
+            let pool = open(16).await.with_context(context)?;
+            Db {
+                read: pool.clone(),
+                write: pool,
+            }
+        }
+    };
     migrator
-        .run(&pool)
+        .run(&db.write)
         .await
         .with_context(|| format!("migrating the {service} database"))?;
-    Ok(pool)
+    Ok(db)
 }
 
 /// Creates `schema` if needed and returns a URL whose connections use it.

@@ -11,11 +11,11 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bazaar_chassis::auth::Claims;
+use bazaar_chassis::db::Db;
 use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
 use bazaar_contracts::{TokenPair, User};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sqlx::AnyPool;
 
 use crate::domain::{NewUser, RegisterBody};
 use crate::keys::SigningKeys;
@@ -23,7 +23,7 @@ use crate::{AuthError, store};
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: AnyPool,
+    pub db: Db,
     pub keys: Arc<SigningKeys>,
     pub verifier: Arc<Verifier>,
     pub config: Arc<Config>,
@@ -62,7 +62,7 @@ async fn register(
         role: "customer".into(),
         created_at: bazaar_chassis::now(),
     };
-    store::insert_user(&s.db, &user, &hash).await?;
+    store::insert_user(&s.db.write, &user, &hash).await?;
     Ok((StatusCode::CREATED, Json(user)))
 }
 
@@ -76,7 +76,7 @@ async fn login(
     State(s): State<AppState>,
     Json(body): Json<LoginBody>,
 ) -> Result<Json<TokenPair>, Problem> {
-    let creds = store::by_email(&s.db, body.email.trim().to_lowercase().as_str()).await?;
+    let creds = store::by_email(&s.db.read, body.email.trim().to_lowercase().as_str()).await?;
     let (hash, user) = match creds {
         Some(c) => (c.password_hash, Some(c.user)),
         None => (s.dummy_hash.to_string(), None),
@@ -98,24 +98,24 @@ async fn refresh(
     Json(body): Json<RefreshBody>,
 ) -> Result<Json<TokenPair>, Problem> {
     let hash = sha256(&body.refresh_token);
-    let user_id = store::consume_refresh(&s.db, &hash, unix_now())
+    let user_id = store::consume_refresh(&s.db.write, &hash, unix_now())
         .await?
         .ok_or(AuthError::InvalidRefreshToken)?;
-    let user = store::by_id(&s.db, &user_id)
+    let user = store::by_id(&s.db.read, &user_id)
         .await?
         .ok_or(AuthError::InvalidRefreshToken)?;
     Ok(Json(issue(&s, &user).await?))
 }
 
 async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<User>, Problem> {
-    let user = store::by_id(&s.db, &caller.id)
+    let user = store::by_id(&s.db.read, &caller.id)
         .await?
         .ok_or(AuthError::UserNotFound)?;
     Ok(Json(user))
 }
 
 async fn jwks(State(s): State<AppState>) -> Result<Json<jsonwebtoken::jwk::JwkSet>, Problem> {
-    crate::keys::jwks(&s.db)
+    crate::keys::jwks(&s.db.read)
         .await
         .map(Json)
         .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
@@ -136,7 +136,7 @@ async fn issue(s: &AppState, user: &User) -> Result<TokenPair, AuthError> {
         .map_err(|e| AuthError::Internal(e.to_string()))?;
     let refresh_token = random_token(32);
     store::insert_refresh(
-        &s.db,
+        &s.db.write,
         &sha256(&refresh_token),
         &user.id,
         now + s.config.refresh_token_ttl_secs,

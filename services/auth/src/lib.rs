@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use bazaar_chassis::http::Readiness;
 use bazaar_chassis::{ServiceContext, Shutdown};
-use sqlx::AnyPool;
 use tokio::net::TcpListener;
 
 pub use error::AuthError;
@@ -28,9 +27,9 @@ pub struct Application {
 impl Application {
     /// Opens the database, loads or creates the signing key and the admin account.
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let db: AnyPool = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
-        let keys = Arc::new(keys::SigningKeys::load_or_create(&db).await?);
-        ctx.verifier.set_keys(&keys::jwks(&db).await?);
+        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let keys = Arc::new(keys::SigningKeys::load_or_create(&db.write).await?);
+        ctx.verifier.set_keys(&keys::jwks(&db.read).await?);
         store::ensure_admin(&db, &ctx.config).await?;
         let dummy_hash = http::hash_password(&ctx.config, http::random_token(16))
             .await?
@@ -52,7 +51,7 @@ impl Application {
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
         let ready = Readiness {
-            db: Some(self.state.db.clone()),
+            db: Some(self.state.db.read.clone()),
             bus: None,
         };
         let router = http::router(self.state);

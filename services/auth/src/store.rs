@@ -1,6 +1,7 @@
 //! Users and refresh tokens in the auth database.
 
 use bazaar_chassis::Config;
+use bazaar_chassis::db::Db;
 use bazaar_contracts::User;
 use sqlx::{AnyPool, Row};
 
@@ -99,14 +100,14 @@ pub async fn consume_refresh(
 
 /// Creates the admin account on first start. Without a configured password
 /// one is generated and printed once, when the account is created.
-pub async fn ensure_admin(db: &AnyPool, config: &Config) -> anyhow::Result<()> {
+pub async fn ensure_admin(db: &Db, config: &Config) -> anyhow::Result<()> {
     let email = config
         .admin_email
         .clone()
         .unwrap_or_else(|| "admin@bazaar.local".into())
         .trim()
         .to_lowercase();
-    if by_email(db, &email).await?.is_some() {
+    if by_email(&db.read, &email).await?.is_some() {
         return Ok(());
     }
     let (password, generated) = match &config.admin_password {
@@ -125,7 +126,7 @@ pub async fn ensure_admin(db: &AnyPool, config: &Config) -> anyhow::Result<()> {
         role: "admin".into(),
         created_at: bazaar_chassis::now(),
     };
-    match insert_user(db, &user, &hash).await {
+    match insert_user(&db.write, &user, &hash).await {
         Ok(()) => {
             if generated {
                 println!(

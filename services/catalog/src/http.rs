@@ -9,19 +9,19 @@ use axum::extract::{FromRef, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use bazaar_bus::{Bus, BusError, Envelope};
+use bazaar_chassis::db::Db;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
 use bazaar_contracts::topics::{COMMAND_EXCHANGE, ORDERS_CREATE};
 use bazaar_contracts::{CreateOrder, Order, OrderItem, Page, Product, Reply};
 use serde::Deserialize;
-use sqlx::AnyPool;
 
 use crate::domain::{ProductBody, ProductInput};
 use crate::store;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: AnyPool,
+    pub db: Db,
     pub bus: Bus,
     pub verifier: Arc<Verifier>,
     pub config: Arc<Config>,
@@ -46,7 +46,7 @@ fn db_error(e: sqlx::Error) -> Problem {
 }
 
 async fn list(State(s): State<AppState>, paging: Paging) -> Result<Json<Page<Product>>, Problem> {
-    let (items, total) = store::list(&s.db, paging.q.as_deref(), paging.limit, paging.offset)
+    let (items, total) = store::list(&s.db.read, paging.q.as_deref(), paging.limit, paging.offset)
         .await
         .map_err(db_error)?;
     Ok(Json(Page {
@@ -61,7 +61,7 @@ async fn fetch(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Product>, Problem> {
-    store::get(&s.db, &id)
+    store::get(&s.db.read, &id)
         .await
         .map_err(db_error)?
         .map(Json)
@@ -85,7 +85,9 @@ async fn create(
         creator: caller.id,
         created_at: bazaar_chassis::now(),
     };
-    store::insert(&s.db, &product).await.map_err(db_error)?;
+    store::insert(&s.db.write, &product)
+        .await
+        .map_err(db_error)?;
     Ok((StatusCode::CREATED, Json(product)))
 }
 
@@ -97,7 +99,7 @@ async fn replace(
 ) -> Result<Json<Product>, Problem> {
     caller.require_admin()?;
     let input = ProductInput::try_from(body)?;
-    store::update(&s.db, &id, &input)
+    store::update(&s.db.write, &id, &input)
         .await
         .map_err(db_error)?
         .map(Json)
@@ -110,7 +112,7 @@ async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     caller.require_admin()?;
-    if store::delete(&s.db, &id).await.map_err(db_error)? {
+    if store::delete(&s.db.write, &id).await.map_err(db_error)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("no such product"))
@@ -149,7 +151,9 @@ async fn buy(
             0
         }) += 1;
     }
-    let products = store::get_many(&s.db, &order).await.map_err(db_error)?;
+    let products = store::get_many(&s.db.read, &order)
+        .await
+        .map_err(db_error)?;
     let by_id: HashMap<&str, &Product> = products.iter().map(|p| (p.id.as_str(), p)).collect();
     let unknown: Vec<&str> = order
         .iter()

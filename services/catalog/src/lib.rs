@@ -23,7 +23,7 @@ impl Application {
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
         let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
         if ctx.config.seed_demo {
-            store::seed_demo(&db).await?;
+            store::seed_demo(&db.write).await?;
         }
         let state = http::AppState {
             db,
@@ -41,7 +41,7 @@ impl Application {
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
         let ready = Readiness {
-            db: Some(self.state.db.clone()),
+            db: Some(self.state.db.read.clone()),
             bus: Some(self.state.bus.clone()),
         };
         let router = http::router(self.state);

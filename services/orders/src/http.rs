@@ -5,16 +5,16 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{FromRef, Path, State};
 use axum::routing::get;
+use bazaar_chassis::db::Db;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
 use bazaar_contracts::{Order, Page};
-use sqlx::AnyPool;
 
 use crate::store;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: AnyPool,
+    pub db: Db,
     pub verifier: Arc<Verifier>,
 }
 
@@ -36,7 +36,7 @@ async fn list(
     caller: AuthUser,
     paging: Paging,
 ) -> Result<Json<Page<Order>>, Problem> {
-    let (items, total) = store::list_for_user(&s.db, &caller.id, paging.limit, paging.offset)
+    let (items, total) = store::list_for_user(&s.db.read, &caller.id, paging.limit, paging.offset)
         .await
         .map_err(|e| Problem::internal(&e))?;
     Ok(Json(Page {
@@ -53,7 +53,7 @@ async fn fetch(
     caller: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, Problem> {
-    match store::get(&s.db, &id)
+    match store::get(&s.db.read, &id)
         .await
         .map_err(|e| Problem::internal(&e))?
     {

@@ -43,13 +43,13 @@ impl Application {
         let deliveries = self.ctx.bus.subscribe(&spec, concurrency).await?;
         let consumer = tokio::spawn(events::consume(
             self.ctx.bus.clone(),
-            self.state.db.clone(),
+            self.state.db.write.clone(),
             deliveries,
             usize::from(concurrency),
             shutdown.clone(),
         ));
         let ready = Readiness {
-            db: Some(self.state.db.clone()),
+            db: Some(self.state.db.read.clone()),
             bus: Some(self.ctx.bus.clone()),
         };
         let router = http::router(self.state);
