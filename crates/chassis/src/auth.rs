@@ -3,7 +3,7 @@
 //! id appears), and the [`AuthUser`] extractor every service uses.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRef, FromRequestParts};
@@ -34,7 +34,15 @@ pub struct Verifier {
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     http: reqwest::Client,
+    /// Tokens already verified, with their claims. A token's signature
+    /// check costs tens of microseconds and the same token arrives on every
+    /// call of a session, at every hop; its bytes decide the outcome, so a
+    /// hit needs only the expiry checked again.
+    verified: Mutex<HashMap<String, Claims>>,
 }
+
+/// Most tokens remembered; the memory is dropped whole when full.
+const VERIFIED_CAPACITY: usize = 10_000;
 
 /// Unknown key ids trigger at most one JWKS fetch per this interval.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -46,6 +54,7 @@ impl Verifier {
             discovery: Some(discovery),
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
+            verified: Mutex::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
@@ -59,6 +68,7 @@ impl Verifier {
             discovery: None,
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
+            verified: Mutex::default(),
             http: reqwest::Client::new(),
         };
         v.set_keys(jwks);
@@ -73,6 +83,10 @@ impl Verifier {
             .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
             .collect();
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn key(&self, kid: &str) -> Option<DecodingKey> {
@@ -86,6 +100,26 @@ impl Verifier {
     /// The claims of a valid token; 401 for anything else, 503 when the
     /// keys cannot be fetched.
     pub async fn verify(&self, token: &str) -> Result<Claims, Problem> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let remembered = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned();
+        if let Some(claims) = remembered.filter(|c| c.exp > now) {
+            return Ok(claims);
+        }
+        let claims = self.verify_signature(token).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_CAPACITY {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    async fn verify_signature(&self, token: &str) -> Result<Claims, Problem> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Problem::unauthorized("malformed token"))?;
         if header.alg != Algorithm::EdDSA {
