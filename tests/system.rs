@@ -184,6 +184,21 @@ async fn walkthrough(gateway: &str) {
     assert_eq!(s, StatusCode::CREATED, "{product}");
     assert_eq!(product["currency"], "USD");
     let lamp = product["id"].as_str().unwrap().to_owned();
+    // The same list query as before now counts the new product (no stale page).
+    let (_, after) = api.call("GET", "/products?limit=5", None, None).await;
+    assert_eq!(
+        after["total"].as_i64(),
+        page["total"].as_i64().map(|t| t + 1)
+    );
+    let (_, found) = api.call("GET", "/products?q=test%20lamp", None, None).await;
+    assert!(
+        found["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == lamp.as_str()),
+        "{found}"
+    );
     let (s, got) = api
         .call("GET", &format!("/products/{lamp}"), None, None)
         .await;
@@ -402,6 +417,8 @@ async fn walkthrough(gateway: &str) {
         .call("DELETE", &format!("/products/{lamp}"), Some(&admin), None)
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, after) = api.call("GET", "/products?limit=5", None, None).await;
+    assert_eq!(after["total"], page["total"]);
     let (s, _) = api
         .call("GET", &format!("/products/{lamp}"), None, None)
         .await;

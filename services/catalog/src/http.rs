@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{FromRef, Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bazaar_bus::{Bus, BusError, Envelope};
 use bazaar_chassis::db::Db;
@@ -14,9 +15,11 @@ use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
 use bazaar_contracts::topics::{COMMAND_EXCHANGE, ORDERS_CREATE};
 use bazaar_contracts::{CreateOrder, Order, OrderItem, Page, Product, Reply};
+use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::domain::{ProductBody, ProductInput};
+use crate::lists::Lists;
 use crate::store;
 
 #[derive(Clone)]
@@ -25,6 +28,7 @@ pub struct AppState {
     pub bus: Bus,
     pub verifier: Arc<Verifier>,
     pub config: Arc<Config>,
+    pub lists: Arc<Lists>,
 }
 
 impl FromRef<AppState> for Arc<Verifier> {
@@ -45,16 +49,28 @@ fn db_error(e: sqlx::Error) -> Problem {
     Problem::internal(&e)
 }
 
-async fn list(State(s): State<AppState>, paging: Paging) -> Result<Json<Page<Product>>, Problem> {
-    let (items, total) = store::list(&s.db.read, paging.q.as_deref(), paging.limit, paging.offset)
-        .await
-        .map_err(db_error)?;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: paging.limit,
-        offset: paging.offset,
-    }))
+async fn list(State(s): State<AppState>, paging: Paging) -> Result<Response, Problem> {
+    let version = store::version(&s.db.read).await.map_err(db_error)?;
+    let key = (paging.q.clone(), paging.limit, paging.offset);
+    let body = match s.lists.get(&key, version) {
+        Some(body) => body,
+        None => {
+            let (items, total) =
+                store::list(&s.db.read, paging.q.as_deref(), paging.limit, paging.offset)
+                    .await
+                    .map_err(db_error)?;
+            let page = Page {
+                items,
+                total,
+                limit: paging.limit,
+                offset: paging.offset,
+            };
+            let body = Bytes::from(serde_json::to_vec(&page).map_err(|e| Problem::internal(&e))?);
+            s.lists.put(key, version, body.clone());
+            body
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn fetch(

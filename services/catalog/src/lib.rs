@@ -4,6 +4,7 @@
 
 mod domain;
 mod http;
+mod lists;
 mod store;
 
 use bazaar_chassis::http::Readiness;
@@ -30,6 +31,7 @@ impl Application {
             bus: ctx.bus.clone(),
             verifier: ctx.verifier.clone(),
             config: ctx.config.clone(),
+            lists: Default::default(),
         };
         Ok(Self { ctx, state })
     }

@@ -90,8 +90,30 @@ pub async fn get_many(db: &AnyPool, ids: &[&str]) -> Result<Vec<Product>, sqlx::
         .collect()
 }
 
-pub async fn insert<'e>(
-    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+/// The catalog version: it changes with every product change.
+pub async fn version(db: &AnyPool) -> Result<i64, sqlx::Error> {
+    sqlx::query("SELECT v FROM catalog_version WHERE id = 1")
+        .fetch_one(db)
+        .await?
+        .try_get("v")
+}
+
+async fn bump_version(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE catalog_version SET v = v + 1 WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn insert(db: &AnyPool, p: &Product) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin().await?;
+    insert_row(&mut tx, p).await?;
+    bump_version(&mut tx).await?;
+    tx.commit().await
+}
+
+async fn insert_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     p: &Product,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(AssertSqlSafe(format!(
@@ -105,7 +127,7 @@ pub async fn insert<'e>(
     .bind(p.image_url.clone())
     .bind(&p.creator)
     .bind(&p.created_at)
-    .execute(db)
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -116,6 +138,7 @@ pub async fn update(
     id: &str,
     input: &ProductInput,
 ) -> Result<Option<Product>, sqlx::Error> {
+    let mut tx = db.begin().await?;
     let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE products SET name = $2, description = $3, price = $4, currency = $5, image_url = $6 WHERE id = $1 RETURNING {COLUMNS}"
     )))
@@ -125,17 +148,28 @@ pub async fn update(
     .bind(input.price)
     .bind(&input.currency)
     .bind(input.image_url.clone())
-    .fetch_optional(db)
+    .fetch_optional(&mut *tx)
     .await?;
-    row.as_ref().map(product_from).transpose()
+    let product = row.as_ref().map(product_from).transpose()?;
+    if product.is_some() {
+        bump_version(&mut tx).await?;
+    }
+    tx.commit().await?;
+    Ok(product)
 }
 
 pub async fn delete(db: &AnyPool, id: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = db.begin().await?;
     let r = sqlx::query("DELETE FROM products WHERE id = $1")
         .bind(id)
-        .execute(db)
+        .execute(&mut *tx)
         .await?;
-    Ok(r.rows_affected() == 1)
+    let deleted = r.rows_affected() == 1;
+    if deleted {
+        bump_version(&mut tx).await?;
+    }
+    tx.commit().await?;
+    Ok(deleted)
 }
 
 /// Seeds the demo catalog once per database: a marker row makes it
@@ -160,8 +194,9 @@ pub async fn seed_demo(db: &AnyPool) -> Result<(), sqlx::Error> {
             creator: "seed".into(),
             created_at: bazaar_chassis::now(),
         };
-        insert(&mut *tx, &p).await?;
+        insert_row(&mut tx, &p).await?;
     }
+    bump_version(&mut tx).await?;
     tx.commit().await?;
     tracing::info!(products = DEMO.len(), "demo catalog seeded");
     Ok(())
