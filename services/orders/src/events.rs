@@ -6,14 +6,15 @@ use bazaar_bus::{Bus, Deliveries, Delivery, Envelope};
 use bazaar_chassis::Shutdown;
 use bazaar_contracts::{CreateOrder, Order, Reply};
 use futures::StreamExt;
-use sqlx::AnyPool;
 
-use crate::{domain, store};
+use crate::domain;
+use crate::store::NewOrder;
+use crate::writer::{OrderWriter, WriteError};
 
 /// Works on up to `concurrency` deliveries at once until `shutdown`.
 pub async fn consume(
     bus: Bus,
-    db: AnyPool,
+    writer: OrderWriter,
     deliveries: Deliveries,
     concurrency: usize,
     shutdown: Shutdown,
@@ -21,12 +22,12 @@ pub async fn consume(
     let stop = shutdown.clone();
     deliveries
         .take_until(async move { stop.wait().await })
-        .for_each_concurrent(concurrency, |d| handle(&bus, &db, d))
+        .for_each_concurrent(concurrency, |d| handle(&bus, &writer, d))
         .await;
     tracing::info!("order consumer stopped");
 }
 
-async fn handle(bus: &Bus, db: &AnyPool, delivery: Delivery) {
+async fn handle(bus: &Bus, writer: &OrderWriter, delivery: Delivery) {
     let env = match delivery.envelope() {
         Ok(env) => env,
         Err(e) => {
@@ -36,7 +37,7 @@ async fn handle(bus: &Bus, db: &AnyPool, delivery: Delivery) {
             return;
         }
     };
-    let reply = match decide(db, &env).await {
+    let reply = match decide(writer, &env).await {
         Ok(reply) => reply,
         Err(e) => {
             // The database failed: put the request back for another try.
@@ -68,7 +69,7 @@ async fn handle(bus: &Bus, db: &AnyPool, delivery: Delivery) {
 
 /// The reply a request deserves; `Err` only when the database failed and
 /// the request should be retried.
-async fn decide(db: &AnyPool, env: &Envelope) -> Result<Reply<Order>, sqlx::Error> {
+async fn decide(writer: &OrderWriter, env: &Envelope) -> Result<Reply<Order>, WriteError> {
     let invalid = |detail: String| {
         Ok(Reply::Err {
             status: 422,
@@ -83,6 +84,12 @@ async fn decide(db: &AnyPool, env: &Envelope) -> Result<Reply<Order>, sqlx::Erro
         Ok(total) => total,
         Err(e) => return invalid(e.to_string()),
     };
-    let order = store::create(db, &env.id, &cmd, total).await?;
+    let order = writer
+        .create(NewOrder {
+            request_id: env.id.clone(),
+            cmd,
+            total,
+        })
+        .await?;
     Ok(Reply::Ok { value: order })
 }

@@ -7,6 +7,7 @@ mod domain;
 mod events;
 mod http;
 mod store;
+mod writer;
 
 use bazaar_bus::QueueSpec;
 use bazaar_chassis::http::Readiness;
@@ -43,7 +44,7 @@ impl Application {
         let deliveries = self.ctx.bus.subscribe(&spec, concurrency).await?;
         let consumer = tokio::spawn(events::consume(
             self.ctx.bus.clone(),
-            self.state.db.write.clone(),
+            writer::OrderWriter::spawn(self.state.db.write.clone()),
             deliveries,
             usize::from(concurrency),
             shutdown.clone(),

@@ -1,0 +1,70 @@
+//! The order writer: one task that stores orders in batches. Requests that
+//! arrive while a batch is being written wait and go together in the next
+//! one, so the batch grows with the load and costs nothing when idle.
+
+use std::sync::Arc;
+
+use bazaar_contracts::Order;
+use sqlx::AnyPool;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{self, NewOrder};
+
+type Done = oneshot::Sender<Result<Order, Arc<sqlx::Error>>>;
+
+/// Most orders in one transaction.
+const MAX_BATCH: usize = 128;
+
+/// A handle to the writer task; cheap to clone.
+#[derive(Clone)]
+pub struct OrderWriter {
+    jobs: mpsc::Sender<(NewOrder, Done)>,
+}
+
+/// Why an order was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("database: {0}")]
+    Db(Arc<sqlx::Error>),
+    #[error("the order writer has stopped")]
+    Stopped,
+}
+
+impl OrderWriter {
+    /// Starts the writer task on `db`.
+    pub fn spawn(db: AnyPool) -> Self {
+        let (jobs, mut rx) = mpsc::channel::<(NewOrder, Done)>(MAX_BATCH * 4);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                let (orders, done): (Vec<NewOrder>, Vec<Done>) = batch.drain(..).unzip();
+                match store::create_batch(&db, &orders).await {
+                    Ok(stored) => {
+                        for (order, tx) in stored.into_iter().zip(done) {
+                            let _ = tx.send(Ok(order));
+                        }
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        for tx in done {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { jobs }
+    }
+
+    /// Stores one order (in whichever batch it joins).
+    pub async fn create(&self, order: NewOrder) -> Result<Order, WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send((order, tx))
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await
+            .map_err(|_| WriteError::Stopped)?
+            .map_err(WriteError::Db)
+    }
+}
