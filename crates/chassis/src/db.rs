@@ -2,13 +2,13 @@
 //! PostgreSQL (a schema per service), through sqlx's `Any` driver so one
 //! set of SQL and migrations serves both. Migrations run at start.
 
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Executor, Row};
 
 use crate::Config;
 
@@ -36,6 +36,54 @@ pub fn install_drivers() {
 pub struct Db {
     pub read: AnyPool,
     pub write: AnyPool,
+    _checkpointer: Option<Arc<AbortOnDrop>>,
+}
+
+/// How often the SQLite WAL is checkpointed in the background.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// WAL frames (4 KiB pages) past which the writer restarts the WAL.
+const WAL_RESTART_FRAMES: i64 = 16_384;
+
+/// Stops the checkpoint task when the last [`Db`] handle goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// SQLite's automatic checkpoint runs inside whichever commit crosses the
+/// WAL threshold, and its fsync stalls that writer (and everyone queued
+/// behind it) for milliseconds, many times a second under load. Instead,
+/// a reader connection checkpoints PASSIVE-ly every [`CHECKPOINT_EVERY`],
+/// which copies pages without blocking writers. Under sustained writes a
+/// passive checkpoint never catches up fully, so the WAL would never
+/// restart; once it passes [`WAL_RESTART_FRAMES`] the writer restarts it,
+/// which is quick because the passive runs did most of the copying.
+fn spawn_checkpointer(read: AnyPool, write: AnyPool) -> Arc<AbortOnDrop> {
+    Arc::new(AbortOnDrop(tokio::spawn(async move {
+        let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+        loop {
+            every.tick().await;
+            let passive = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&read)
+                .await;
+            let frames: i64 = match passive.and_then(|row| row.try_get(1)) {
+                Ok(frames) => frames,
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                    continue;
+                }
+            };
+            if frames > WAL_RESTART_FRAMES
+                && let Err(e) = write.execute("PRAGMA wal_checkpoint(RESTART)").await
+            {
+                tracing::warn!(error = %e, "WAL restart failed");
+            }
+        }
+    })))
 }
 
 /// Opens service `service`'s database and applies its migrations.
@@ -69,7 +117,7 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
         let options = match backend {
             Backend::Sqlite => options.after_connect(|conn, _| {
                 Box::pin(async move {
-                    conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;")
+                    conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=0;")
                         .await?;
                     Ok(())
                 })
@@ -82,9 +130,12 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
     let db = match backend {
         Backend::Sqlite => {
             let write = open(1).await.with_context(context)?;
+            let read = open(4).await.with_context(context)?;
+            let checkpointer = Some(spawn_checkpointer(read.clone(), write.clone()));
             Db {
-                read: open(4).await.with_context(context)?,
+                read,
                 write,
+                _checkpointer: checkpointer,
             }
         }
         Backend::Postgres => {
@@ -92,6 +143,7 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
             Db {
                 read: pool.clone(),
                 write: pool,
+                _checkpointer: None,
             }
         }
     };
