@@ -6,6 +6,10 @@ use anyhow::Context as _;
 use bazaar_chassis::Config;
 use clap::{Parser, Subcommand};
 
+/// mimalloc: allocation was ~12% of CPU under load with the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Bazaar: a commerce backend built as microservices.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
