@@ -2,23 +2,19 @@
 
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
 use axum::Router;
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bazaar_chassis::auth::Claims;
 use bazaar_chassis::db::Db;
 use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
 use bazaar_contracts::{TokenPair, User};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::domain::{NewUser, RegisterBody};
 use crate::keys::SigningKeys;
+use crate::secrets::{hash_password, random_token, sha256, verify_password};
 use crate::{AuthError, store};
 
 #[derive(Clone)]
@@ -150,48 +146,6 @@ async fn issue(s: &AppState, user: &User) -> Result<TokenPair, AuthError> {
     })
 }
 
-/// `n` random bytes, base64url.
-pub fn random_token(n: usize) -> String {
-    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn sha256(s: &str) -> String {
-    URL_SAFE_NO_PAD.encode(Sha256::digest(s.as_bytes()))
-}
-
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn argon2(config: &Config) -> Result<Argon2<'static>, AuthError> {
-    let params = Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
-        .map_err(|e| AuthError::Internal(format!("argon2 parameters: {e}")))?;
-    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
-}
-
-/// Hashes off the async threads: argon2 is deliberately slow.
-pub async fn hash_password(config: &Config, password: String) -> Result<String, AuthError> {
-    let argon = argon2(config)?;
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-        argon
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(|e| AuthError::Internal(e.to_string()))?
-    .map_err(|e| AuthError::Internal(e.to_string()))
-}
-
-/// Checks a password with the parameters stored in its hash.
-async fn verify_password(password: String, hash: String) -> Result<bool, AuthError> {
-    tokio::task::spawn_blocking(move || {
-        let parsed = PasswordHash::new(&hash).map_err(|e| AuthError::Internal(e.to_string()))?;
-        Ok(Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
-    })
-    .await
-    .map_err(|e| AuthError::Internal(e.to_string()))?
 }

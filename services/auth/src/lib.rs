@@ -6,6 +6,7 @@ mod domain;
 mod error;
 mod http;
 mod keys;
+mod secrets;
 mod store;
 
 use std::sync::Arc;
@@ -31,7 +32,7 @@ impl Application {
         let keys = Arc::new(keys::SigningKeys::load_or_create(&db.write).await?);
         ctx.verifier.set_keys(&keys::jwks(&db.read).await?);
         store::ensure_admin(&db, &ctx.config).await?;
-        let dummy_hash = http::hash_password(&ctx.config, http::random_token(16))
+        let dummy_hash = secrets::hash_password(&ctx.config, secrets::random_token(16))
             .await?
             .into();
         let state = http::AppState {

@@ -112,13 +112,13 @@ pub async fn ensure_admin(db: &Db, config: &Config) -> anyhow::Result<()> {
     }
     let (password, generated) = match &config.admin_password {
         Some(p) => (p.clone(), false),
-        None => (crate::http::random_token(18), true),
+        None => (crate::secrets::random_token(18), true),
     };
     anyhow::ensure!(
         password.chars().count() >= crate::domain::MIN_PASSWORD,
         "the admin password must be at least 8 characters"
     );
-    let hash = crate::http::hash_password(config, password.clone()).await?;
+    let hash = crate::secrets::hash_password(config, password.clone()).await?;
     let user = User {
         id: uuid::Uuid::now_v7().to_string(),
         email: email.clone(),
