@@ -10,7 +10,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::{Acker, BusError, Deliveries, Delivery, Outgoing, QueueSpec, Transport, lock};
@@ -117,8 +117,13 @@ impl Transport for AmqpTransport {
             durable: true,
             ..QueueDeclareOptions::default()
         };
+        let mut args = FieldTable::default();
+        if let Some(after) = spec.expires_after {
+            let ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX).max(1);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
         self.publisher
-            .queue_declare(spec.name.as_str().into(), opts, FieldTable::default())
+            .queue_declare(spec.name.as_str().into(), opts, args)
             .await?;
         for (exchange, pattern) in &spec.bindings {
             self.ensure_exchange(exchange).await?;

@@ -51,6 +51,10 @@ pub enum BusError {
 pub struct QueueSpec {
     pub name: String,
     pub bindings: Vec<(String, String)>,
+    /// Delete the queue after it has been unused this long (RabbitMQ's
+    /// `x-expires`); `None` keeps it forever. The memory backend keeps
+    /// queues for the life of the process either way.
+    pub expires_after: Option<Duration>,
 }
 
 impl QueueSpec {
@@ -58,7 +62,14 @@ impl QueueSpec {
         Self {
             name: name.into(),
             bindings: Vec::new(),
+            expires_after: None,
         }
+    }
+
+    /// Lets the broker delete the queue once unused for `after`.
+    pub fn expires_after(mut self, after: Duration) -> Self {
+        self.expires_after = Some(after);
+        self
     }
 
     /// Route messages published on `exchange` whose key matches `pattern` here.

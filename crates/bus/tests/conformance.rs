@@ -9,6 +9,11 @@ use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// A queue the broker deletes a minute after the run stops using it.
+fn test_queue(prefix: &str) -> QueueSpec {
+    QueueSpec::new(unique(prefix)).expires_after(Duration::from_secs(60))
+}
+
 fn unique(prefix: &str) -> String {
     format!("{prefix}.{}", uuid_like())
 }
@@ -56,8 +61,8 @@ async fn nothing_more(d: &mut bazaar_bus::Deliveries) {
 
 async fn topic_bindings(bus: &Bus) {
     let ex = unique("ex");
-    let one = QueueSpec::new(unique("q.one")).bind(&ex, "user.*");
-    let all = QueueSpec::new(unique("q.all")).bind(&ex, "user.#");
+    let one = test_queue("q.one").bind(&ex, "user.*");
+    let all = test_queue("q.all").bind(&ex, "user.#");
     let mut one_d = bus.subscribe(&one, 10).await.unwrap();
     let mut all_d = bus.subscribe(&all, 10).await.unwrap();
     bus.publish(&ex, "user.registered", &Envelope::new("t", &"a").unwrap())
@@ -92,7 +97,7 @@ async fn topic_bindings(bus: &Bus) {
 
 async fn durable_queue_keeps_messages_until_consumed(bus: &Bus) {
     let ex = unique("ex");
-    let spec = QueueSpec::new(unique("q.durable")).bind(&ex, "k");
+    let spec = test_queue("q.durable").bind(&ex, "k");
     bus.transport().declare_queue(&spec).await.unwrap();
     for i in 0..3 {
         bus.publish(&ex, "k", &Envelope::new("t", &format!("m{i}")).unwrap())
@@ -110,7 +115,7 @@ async fn durable_queue_keeps_messages_until_consumed(bus: &Bus) {
 
 async fn nack_requeues_or_drops(bus: &Bus) {
     let ex = unique("ex");
-    let spec = QueueSpec::new(unique("q.nack")).bind(&ex, "k");
+    let spec = test_queue("q.nack").bind(&ex, "k");
     let mut d = bus.subscribe(&spec, 10).await.unwrap();
     bus.publish(&ex, "k", &Envelope::new("t", &"x").unwrap())
         .await
@@ -133,7 +138,7 @@ async fn nack_requeues_or_drops(bus: &Bus) {
 
 async fn dropped_delivery_is_redelivered(bus: &Bus) {
     let ex = unique("ex");
-    let spec = QueueSpec::new(unique("q.drop")).bind(&ex, "k");
+    let spec = test_queue("q.drop").bind(&ex, "k");
     let mut d = bus.subscribe(&spec, 10).await.unwrap();
     bus.publish(&ex, "k", &Envelope::new("t", &"y").unwrap())
         .await
@@ -148,7 +153,7 @@ async fn dropped_delivery_is_redelivered(bus: &Bus) {
 
 async fn request_reply_matches_every_caller(bus: &Bus) {
     let ex = unique("cmd");
-    let spec = QueueSpec::new(unique("q.echo")).bind(&ex, "echo");
+    let spec = test_queue("q.echo").bind(&ex, "echo");
     let mut requests = bus.subscribe(&spec, 64).await.unwrap();
     let responder = bus.clone();
     tokio::spawn(async move {
@@ -178,7 +183,7 @@ async fn request_reply_matches_every_caller(bus: &Bus) {
 
 async fn request_without_responder_times_out(bus: &Bus) {
     let ex = unique("cmd");
-    let spec = QueueSpec::new(unique("q.silent")).bind(&ex, "silent");
+    let spec = test_queue("q.silent").bind(&ex, "silent");
     bus.transport().declare_queue(&spec).await.unwrap();
     let r = bus
         .request(
