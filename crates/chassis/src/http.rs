@@ -72,7 +72,7 @@ pub fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Router {
         }))
         .layer(TraceLayer::new_for_http().make_span_with(move |req: &axum::http::Request<_>| {
             let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::debug_span!("http", service, method = %req.method(), path = %req.uri().path(), request_id)
+            tracing::info_span!("http", service, method = %req.method(), path = %req.uri().path(), request_id)
         }))
         .layer(SetResponseHeaderLayer::if_not_present(X_INSTANCE_ID, instance))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
