@@ -18,6 +18,9 @@ pub struct Envelope {
     pub causation_id: Option<String>,
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// The HTTP request this message descends from, for log correlation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     pub payload: serde_json::Value,
 }
 
@@ -31,6 +34,7 @@ impl Envelope {
             correlation_id: None,
             causation_id: None,
             traceparent: None,
+            request_id: None,
             payload: serde_json::to_value(payload)?,
         })
     }
@@ -45,6 +49,7 @@ impl Envelope {
         );
         next.causation_id = Some(self.id.clone());
         next.traceparent = self.traceparent.clone();
+        next.request_id = self.request_id.clone();
         Ok(next)
     }
 
@@ -54,7 +59,7 @@ impl Envelope {
     }
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

@@ -7,11 +7,13 @@
 //! bus, requests matched to replies by correlation id) on top of either.
 
 pub mod amqp;
+mod consumer;
+mod dlq;
 mod envelope;
 pub mod memory;
 mod topic;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{OnceCell, oneshot};
 
+pub use consumer::{BatchHandler, Consumer, Failure, Received, RetryPolicy};
+pub use dlq::{DeadLetter, dead_letter_queue};
 pub use envelope::Envelope;
 pub use topic::topic_matches;
 
@@ -79,6 +83,29 @@ impl QueueSpec {
     }
 }
 
+/// Message headers (AMQP headers with string values).
+pub type Headers = BTreeMap<String, String>;
+
+/// Header names Bazaar sets on messages.
+pub mod header {
+    /// W3C trace context of the operation that caused the message.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// The HTTP request id the message descends from.
+    pub const REQUEST_ID: &str = "x-request-id";
+    /// Which delivery attempt this is (1 for the first).
+    pub const ATTEMPT: &str = "x-attempt";
+    /// Why the last attempt failed.
+    pub const LAST_ERROR: &str = "x-last-error";
+    /// Why a message was dead-lettered.
+    pub const DEAD_REASON: &str = "x-dead-reason";
+    /// The queue a dead letter came from.
+    pub const ORIGINAL_QUEUE: &str = "x-original-queue";
+    /// The routing key it was first published with.
+    pub const ORIGINAL_KEY: &str = "x-original-routing-key";
+    /// When it was dead-lettered (RFC 3339).
+    pub const DEAD_AT: &str = "x-dead-at";
+}
+
 /// A message as it leaves a publisher.
 #[derive(Debug, Clone, Default)]
 pub struct Outgoing {
@@ -86,6 +113,27 @@ pub struct Outgoing {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub headers: Headers,
+}
+
+impl Outgoing {
+    /// An envelope as a persistent message: its id as the message id, its
+    /// trace context and request id as headers.
+    pub fn envelope(env: &Envelope) -> Result<Self, BusError> {
+        let mut headers = Headers::new();
+        if let Some(tp) = &env.traceparent {
+            headers.insert(header::TRACEPARENT.into(), tp.clone());
+        }
+        if let Some(id) = &env.request_id {
+            headers.insert(header::REQUEST_ID.into(), id.clone());
+        }
+        Ok(Self {
+            body: serde_json::to_vec(env)?,
+            message_id: Some(env.id.clone()),
+            headers,
+            ..Self::default()
+        })
+    }
 }
 
 /// Settles a delivery with the broker. Backends implement it.
@@ -103,6 +151,7 @@ pub struct Delivery {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub headers: Headers,
     pub redelivered: bool,
     acker: Box<dyn Acker>,
 }
@@ -122,6 +171,25 @@ impl Delivery {
     /// Decodes the body as an [`Envelope`].
     pub fn envelope(&self) -> Result<Envelope, BusError> {
         Ok(serde_json::from_slice(&self.body)?)
+    }
+
+    /// The message as it would be published again (same body, ids, headers).
+    pub fn to_outgoing(&self) -> Outgoing {
+        Outgoing {
+            body: self.body.clone(),
+            message_id: self.message_id.clone(),
+            correlation_id: self.correlation_id.clone(),
+            reply_to: self.reply_to.clone(),
+            headers: self.headers.clone(),
+        }
+    }
+
+    /// The delivery attempt this is, from the `x-attempt` header (1 if absent).
+    pub fn attempt(&self) -> u32 {
+        self.headers
+            .get(header::ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1)
     }
 
     /// Done with it: the broker forgets the message.
@@ -156,6 +224,19 @@ pub trait Transport: Send + Sync + 'static {
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Deliveries, BusError>;
     /// Declares this process's private reply queue and consumes it (auto-ack).
     async fn reply_queue(&self) -> Result<(String, Deliveries), BusError>;
+    /// Takes up to `max` messages waiting in `queue` without a consumer.
+    /// Each is held unsettled: ack what you took, drop or nack the rest
+    /// and they go back to the queue.
+    async fn browse(&self, queue: &str, max: usize) -> Result<Vec<Delivery>, BusError>;
+    /// Delivers `msg` straight to `queue` once `delay` has passed. On
+    /// RabbitMQ the waiting message is durable (a TTL queue that
+    /// dead-letters into `queue`).
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        msg: Outgoing,
+        delay: Duration,
+    ) -> Result<(), BusError>;
     /// Whether the broker is usable right now (for `/ready`).
     fn is_connected(&self) -> bool;
 }
@@ -185,12 +266,20 @@ impl Bus {
     }
 
     /// Connects to the backend a URL names: `memory` or `amqp://…`.
+    /// While RabbitMQ is unreachable, publishing waits up to 30 s for the
+    /// connection to come back; see [`Bus::connect_with`].
     pub async fn connect(url: &str) -> Result<Self, BusError> {
+        Self::connect_with(url, Duration::from_secs(30)).await
+    }
+
+    /// Like [`Bus::connect`], with how long a publish may wait for a lost
+    /// broker connection to be re-established before it fails.
+    pub async fn connect_with(url: &str, publish_wait: Duration) -> Result<Self, BusError> {
         if url == "memory" {
             Ok(Self::memory())
         } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
             Ok(Self::new(Arc::new(
-                amqp::AmqpTransport::connect(url).await?,
+                amqp::AmqpTransport::connect(url, publish_wait).await?,
             )))
         } else {
             Err(BusError::UnknownUrl(url.to_owned()))
@@ -207,17 +296,24 @@ impl Bus {
 
     /// Publishes an envelope on a topic exchange.
     pub async fn publish(&self, exchange: &str, key: &str, env: &Envelope) -> Result<(), BusError> {
-        let msg = Outgoing {
-            body: serde_json::to_vec(env)?,
-            message_id: Some(env.id.clone()),
-            ..Outgoing::default()
+        self.transport
+            .publish(exchange, key, Outgoing::envelope(env)?)
+            .await
+    }
+
+    /// Declares a queue with its bindings, and its dead-letter queue.
+    pub async fn declare(&self, spec: &QueueSpec) -> Result<(), BusError> {
+        self.transport.declare_queue(spec).await?;
+        let dlq = QueueSpec {
+            expires_after: spec.expires_after,
+            ..QueueSpec::new(dead_letter_queue(&spec.name))
         };
-        self.transport.publish(exchange, key, msg).await
+        self.transport.declare_queue(&dlq).await
     }
 
     /// Declares a queue with its bindings and consumes it.
     pub async fn subscribe(&self, spec: &QueueSpec, prefetch: u16) -> Result<Deliveries, BusError> {
-        self.transport.declare_queue(spec).await?;
+        self.declare(spec).await?;
         self.transport.consume(&spec.name, prefetch).await
     }
 
@@ -238,10 +334,9 @@ impl Bus {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(correlation_id.clone(), tx);
         let msg = Outgoing {
-            body: serde_json::to_vec(env)?,
-            message_id: Some(env.id.clone()),
             correlation_id: Some(correlation_id.clone()),
             reply_to: Some(reply_to.clone()),
+            ..Outgoing::envelope(env)?
         };
         let outcome = async {
             self.transport.publish(exchange, key, msg).await?;
@@ -261,10 +356,8 @@ impl Bus {
     pub async fn reply(&self, to: &Delivery, env: &Envelope) -> Result<(), BusError> {
         let reply_to = to.reply_to.as_deref().ok_or(BusError::NoReplyTo)?;
         let msg = Outgoing {
-            body: serde_json::to_vec(env)?,
-            message_id: Some(env.id.clone()),
             correlation_id: to.correlation_id.clone(),
-            reply_to: None,
+            ..Outgoing::envelope(env)?
         };
         self.transport.publish("", reply_to, msg).await
     }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -125,6 +126,43 @@ impl Transport for MemoryTransport {
         Ok((name, auto.boxed()))
     }
 
+    async fn browse(&self, queue: &str, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let q = self.queue(queue);
+        // A queue with a waiting consumer is not browsed: its messages go to the consumer.
+        let Ok(mut rx) = q.rx.try_lock() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Ok(stored) = rx.try_recv() else { break };
+            let acker = MemAcker {
+                queue: Arc::clone(&q),
+                stored: Some(stored.clone()),
+            };
+            out.push(to_delivery(stored, Box::new(acker)));
+        }
+        Ok(out)
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        msg: Outgoing,
+        delay: Duration,
+    ) -> Result<(), BusError> {
+        let q = self.queue(queue);
+        let routing_key = queue.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = q.tx.send(Stored {
+                routing_key,
+                msg,
+                redelivered: false,
+            });
+        });
+        Ok(())
+    }
+
     fn is_connected(&self) -> bool {
         true
     }
@@ -137,6 +175,7 @@ fn to_delivery(stored: Stored, acker: Box<dyn Acker>) -> Delivery {
         message_id: stored.msg.message_id,
         correlation_id: stored.msg.correlation_id,
         reply_to: stored.msg.reply_to,
+        headers: stored.msg.headers,
         redelivered: stored.redelivered,
         acker,
     }

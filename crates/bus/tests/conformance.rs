@@ -4,7 +4,13 @@
 
 use std::time::Duration;
 
-use bazaar_bus::{Bus, Envelope, QueueSpec};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bazaar_bus::{
+    BatchHandler, Bus, Consumer, Envelope, Failure, Outgoing, QueueSpec, Received, RetryPolicy,
+};
 use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -196,7 +202,246 @@ async fn request_without_responder_times_out(bus: &Bus) {
     assert!(matches!(r, Err(bazaar_bus::BusError::Timeout(_))), "{r:?}");
 }
 
+/// Fails each message as many times as its payload says (`"fail:N"`), or
+/// rejects it (`"reject"`); records every attempt.
+#[derive(Default)]
+struct Flaky {
+    attempts: Mutex<HashMap<String, Vec<u32>>>,
+    done: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl BatchHandler for Flaky {
+    async fn handle(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
+        batch
+            .iter()
+            .map(|r| {
+                let text: String = r.envelope.payload().unwrap();
+                self.attempts
+                    .lock()
+                    .unwrap()
+                    .entry(text.clone())
+                    .or_default()
+                    .push(r.attempt);
+                if text == "reject" {
+                    return Err(Failure::Reject("never valid".into()));
+                }
+                let fails: u32 = text.strip_prefix("fail:").map_or(0, |n| n.parse().unwrap());
+                if r.attempt <= fails {
+                    Err(Failure::Retry(format!("attempt {} failed", r.attempt)))
+                } else {
+                    self.done.lock().unwrap().push(text);
+                    Ok(())
+                }
+            })
+            .collect()
+    }
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn retry_dead_letter_and_replay(bus: &Bus) {
+    let ex = unique("ex.retry");
+    let spec = test_queue("q.retry").bind(&ex, "job.#");
+    let queue = spec.name.clone();
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        first_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+    };
+    let flaky = Arc::new(Flaky::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = Consumer::new(bus.clone(), spec)
+        .with_policy(policy)
+        .with_limits(16, 4, 2)
+        .start(Arc::clone(&flaky), async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    let run = tokio::spawn(run);
+
+    let mut sent = HashMap::new();
+    for text in ["ok", "fail:2", "fail:5", "reject"] {
+        let mut env = Envelope::new("job", &text).unwrap();
+        env.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        bus.publish(&ex, "job.run", &env).await.unwrap();
+        sent.insert(text, env.id.clone());
+    }
+    // Not JSON at all: dead-lettered at once, never handed to the handler.
+    bus.transport()
+        .publish(
+            &ex,
+            "job.run",
+            Outgoing {
+                body: b"{not json".to_vec(),
+                message_id: Some("garbage-1".into()),
+                ..Outgoing::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    eventually("ok and fail:2 succeed", || {
+        let done = flaky.done.lock().unwrap();
+        done.contains(&"ok".to_owned()) && done.contains(&"fail:2".to_owned())
+    })
+    .await;
+    eventually("three dead letters", || {
+        flaky.attempts.lock().unwrap().get("fail:5").map(Vec::len) == Some(3)
+    })
+    .await;
+    let attempts = flaky.attempts.lock().unwrap().clone();
+    assert_eq!(attempts["ok"], vec![1]);
+    assert_eq!(
+        attempts["fail:2"],
+        vec![1, 2, 3],
+        "retried with the attempt counted"
+    );
+    assert_eq!(
+        attempts["fail:5"],
+        vec![1, 2, 3],
+        "no more than max_attempts"
+    );
+    assert_eq!(
+        attempts["reject"],
+        vec![1],
+        "a rejected message is not retried"
+    );
+
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = bus.dead_letters(&queue).await.unwrap();
+        if letters.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let by_id = |id: &str| {
+        letters
+            .iter()
+            .find(|l| l.id.as_deref() == Some(id))
+            .unwrap()
+    };
+    let exhausted = by_id(&sent["fail:5"]);
+    assert!(
+        exhausted
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("failed 3 times")
+    );
+    assert_eq!(exhausted.queue, queue);
+    assert_eq!(exhausted.routing_key.as_deref(), Some("job.run"));
+    assert!(exhausted.dead_at.is_some());
+    assert!(
+        by_id(&sent["reject"])
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("never valid")
+    );
+    assert!(
+        by_id("garbage-1")
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("unparseable")
+    );
+    assert_eq!(by_id("garbage-1").body, "{not json");
+    // Listing leaves them in place.
+    assert_eq!(bus.dead_letters(&queue).await.unwrap().len(), 3);
+
+    // Replay one by id: it goes back with a fresh set of attempts (it fails
+    // them all again, since it fails its first five), then back to the DLQ.
+    let replayed = bus.replay(&queue, Some(&sent["fail:5"])).await.unwrap();
+    assert_eq!(replayed, 1);
+    eventually("replayed message handled again", || {
+        flaky.attempts.lock().unwrap()["fail:5"].len() == 6
+    })
+    .await;
+    assert_eq!(
+        flaky.attempts.lock().unwrap()["fail:5"][3],
+        1,
+        "attempts restart at 1"
+    );
+    let mut count = 0;
+    for _ in 0..100 {
+        count = bus.dead_letters(&queue).await.unwrap().len();
+        if count == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count, 3);
+
+    // Replay all: every dead letter goes back; none is lost.
+    let replayed = bus.replay(&queue, None).await.unwrap();
+    assert_eq!(replayed, 3);
+    eventually("reject handled twice", || {
+        flaky.attempts.lock().unwrap()["reject"].len() == 2
+    })
+    .await;
+    let _ = stop_tx.send(());
+    run.await.unwrap();
+}
+
+async fn headers_travel(bus: &Bus) {
+    let ex = unique("ex.hdr");
+    let spec = test_queue("q.hdr").bind(&ex, "#");
+    let mut d = bus.subscribe(&spec, 10).await.unwrap();
+    let mut env = Envelope::new("t", &"x").unwrap();
+    env.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    env.request_id = Some("req-42".into());
+    bus.publish(&ex, "a.b", &env).await.unwrap();
+    let (_, delivery) = next_payload(&mut d).await;
+    assert_eq!(
+        delivery.headers.get("traceparent").map(String::as_str),
+        env.traceparent.as_deref()
+    );
+    assert_eq!(
+        delivery.headers.get("x-request-id").map(String::as_str),
+        Some("req-42")
+    );
+    let back = delivery.envelope().unwrap();
+    assert_eq!(back.request_id.as_deref(), Some("req-42"));
+    delivery.ack().await.unwrap();
+}
+
+async fn delayed_publish_arrives_later(bus: &Bus) {
+    let spec = test_queue("q.delay");
+    let mut d = bus.subscribe(&spec, 10).await.unwrap();
+    let started = std::time::Instant::now();
+    let env = Envelope::new("t", &"later").unwrap();
+    bus.transport()
+        .publish_delayed(
+            &spec.name,
+            Outgoing::envelope(&env).unwrap(),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    let (text, delivery) = next_payload(&mut d).await;
+    assert_eq!(text, "later");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    delivery.ack().await.unwrap();
+}
+
 async fn suite(bus: Bus) {
+    headers_travel(&bus).await;
+    delayed_publish_arrives_later(&bus).await;
+    retry_dead_letter_and_replay(&bus).await;
     topic_bindings(&bus).await;
     durable_queue_keeps_messages_until_consumed(&bus).await;
     nack_requeues_or_drops(&bus).await;

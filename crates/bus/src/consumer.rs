@@ -1,0 +1,261 @@
+//! The reliable consumer: takes deliveries in batches, hands them to a
+//! handler, and settles each by its outcome. A failed message is retried
+//! with exponential backoff (a delayed re-publish to the same queue); after
+//! the last attempt, or at once when it cannot be parsed or the handler
+//! rejects it, it goes to the queue's dead-letter queue. Nothing is acked
+//! before it is handled, retried or dead-lettered, so nothing is lost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use crate::{Bus, BusError, Delivery, Envelope, Headers, QueueSpec, dead_letter_queue, header};
+
+/// How often and how patiently a failed message is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; then the dead-letter queue.
+    pub max_attempts: u32,
+    /// The wait before the second attempt; it doubles for each further one.
+    pub first_delay: Duration,
+    /// The longest wait between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            first_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.first_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+/// Why a handler did not take a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Something transient (a database error, a provider timeout): try again later.
+    Retry(String),
+    /// The message can never succeed: straight to the dead-letter queue.
+    Reject(String),
+}
+
+/// A parsed delivery, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub envelope: Envelope,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub headers: Headers,
+    /// 1 for the first delivery attempt.
+    pub attempt: u32,
+}
+
+/// Handles messages a batch at a time, typically in one database
+/// transaction. Returns one outcome per message, in order.
+#[async_trait]
+pub trait BatchHandler: Send + Sync + 'static {
+    async fn handle(&self, batch: &[Received]) -> Vec<Result<(), Failure>>;
+}
+
+/// A consumer of one queue: batch size, concurrency and retry policy.
+#[derive(Clone)]
+pub struct Consumer {
+    bus: Bus,
+    spec: QueueSpec,
+    pub prefetch: u16,
+    pub batch: usize,
+    pub concurrency: usize,
+    pub policy: RetryPolicy,
+}
+
+impl Consumer {
+    pub fn new(bus: Bus, spec: QueueSpec) -> Self {
+        Self {
+            bus,
+            spec,
+            prefetch: 256,
+            batch: 64,
+            concurrency: 4,
+            policy: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Batches of at most `batch` messages, `concurrency` batches at once,
+    /// `prefetch` unsettled deliveries in all.
+    pub fn with_limits(mut self, prefetch: u16, batch: usize, concurrency: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self.batch = batch.max(1);
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Declares the queue (and its dead-letter queue) and starts consuming;
+    /// returns a future that handles messages until `stop` resolves and the
+    /// batches in hand are settled.
+    pub async fn start<H, S>(
+        self,
+        handler: Arc<H>,
+        stop: S,
+    ) -> Result<impl Future<Output = ()> + Send + 'static, BusError>
+    where
+        H: BatchHandler + ?Sized,
+        S: Future<Output = ()> + Send + 'static,
+    {
+        let deliveries = self.bus.subscribe(&self.spec, self.prefetch).await?;
+        Ok(async move {
+            let this = &self;
+            deliveries
+                .take_until(stop)
+                .ready_chunks(self.batch)
+                .for_each_concurrent(self.concurrency, |chunk| {
+                    let handler = Arc::clone(&handler);
+                    async move { this.process(&*handler, chunk).await }
+                })
+                .await;
+            tracing::debug!(queue = %self.spec.name, "consumer stopped");
+        })
+    }
+
+    async fn process<H: BatchHandler + ?Sized>(&self, handler: &H, chunk: Vec<Delivery>) {
+        let mut parsed = Vec::with_capacity(chunk.len());
+        let mut received = Vec::with_capacity(chunk.len());
+        for delivery in chunk {
+            match delivery.envelope() {
+                Ok(envelope) => {
+                    received.push(Received {
+                        envelope,
+                        correlation_id: delivery.correlation_id.clone(),
+                        reply_to: delivery.reply_to.clone(),
+                        headers: delivery.headers.clone(),
+                        attempt: delivery.attempt(),
+                    });
+                    parsed.push(delivery);
+                }
+                Err(e) => {
+                    let reason = format!("unparseable message: {e}");
+                    tracing::warn!(queue = %self.spec.name, %reason, "dead-lettering");
+                    self.dead_letter(delivery, &reason).await;
+                }
+            }
+        }
+        if received.is_empty() {
+            return;
+        }
+        let outcomes = handler.handle(&received).await;
+        let mut outcomes = outcomes.into_iter();
+        for delivery in parsed {
+            let outcome = outcomes
+                .next()
+                .unwrap_or_else(|| Err(Failure::Retry("the handler gave no outcome".into())));
+            match outcome {
+                Ok(()) => {
+                    if let Err(e) = delivery.ack().await {
+                        // The effects are committed; the redelivery is dropped by the inbox.
+                        tracing::warn!(error = %e, "ack failed");
+                    }
+                }
+                Err(Failure::Retry(reason)) => self.retry(delivery, &reason).await,
+                Err(Failure::Reject(reason)) => {
+                    tracing::warn!(queue = %self.spec.name, %reason, "message rejected; dead-lettering");
+                    self.dead_letter(delivery, &reason).await;
+                }
+            }
+        }
+    }
+
+    /// Schedules another attempt, or dead-letters after the last one.
+    async fn retry(&self, delivery: Delivery, reason: &str) {
+        let attempt = delivery.attempt();
+        if attempt >= self.policy.max_attempts {
+            let reason = format!("failed {attempt} times; last error: {reason}");
+            tracing::warn!(queue = %self.spec.name, %reason, "dead-lettering");
+            self.dead_letter(delivery, &reason).await;
+            return;
+        }
+        let delay = self.policy.delay(attempt);
+        tracing::info!(queue = %self.spec.name, attempt, ?delay, %reason, "retrying later");
+        let mut msg = delivery.to_outgoing();
+        msg.headers
+            .insert(header::ATTEMPT.into(), (attempt + 1).to_string());
+        msg.headers.insert(header::LAST_ERROR.into(), reason.into());
+        msg.headers
+            .entry(header::ORIGINAL_KEY.into())
+            .or_insert_with(|| delivery.routing_key.clone());
+        let sent = self
+            .bus
+            .transport()
+            .publish_delayed(&self.spec.name, msg, delay)
+            .await;
+        settle_after(delivery, sent).await;
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, reason: &str) {
+        let mut msg = delivery.to_outgoing();
+        msg.headers
+            .insert(header::DEAD_REASON.into(), reason.into());
+        msg.headers
+            .insert(header::ORIGINAL_QUEUE.into(), self.spec.name.clone());
+        msg.headers
+            .entry(header::ORIGINAL_KEY.into())
+            .or_insert_with(|| delivery.routing_key.clone());
+        msg.headers
+            .insert(header::DEAD_AT.into(), crate::envelope::now_rfc3339());
+        let sent = self
+            .bus
+            .transport()
+            .publish("", &dead_letter_queue(&self.spec.name), msg)
+            .await;
+        settle_after(delivery, sent).await;
+    }
+}
+
+/// Acks a delivery once its copy is safely elsewhere; else puts it back.
+async fn settle_after(delivery: Delivery, sent: Result<(), BusError>) {
+    let settled = match sent {
+        Ok(()) => delivery.ack().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not move the message on; requeueing");
+            delivery.nack(true).await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "settling a delivery failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        assert_eq!(p.delay(1), Duration::from_millis(100));
+        assert_eq!(p.delay(2), Duration::from_millis(200));
+        assert_eq!(p.delay(4), Duration::from_millis(800));
+        assert_eq!(p.delay(5), Duration::from_secs(1));
+        assert_eq!(p.delay(60), Duration::from_secs(1));
+    }
+}
