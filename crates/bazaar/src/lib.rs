@@ -13,7 +13,15 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// Every service name `serve` accepts, in start order.
-pub const SERVICES: [&str; 4] = ["auth", "orders", "catalog", "gateway"];
+pub const SERVICES: [&str; 7] = [
+    "auth",
+    "inventory",
+    "payments",
+    "notifications",
+    "orders",
+    "catalog",
+    "gateway",
+];
 
 /// A running set of services.
 pub struct System {
@@ -72,6 +80,18 @@ async fn start_one(
         }
         "orders" => {
             let app = bazaar_orders::Application::build(ctx).await?;
+            tokio::spawn(app.run_until_stopped(listener, shutdown))
+        }
+        "inventory" => {
+            let app = bazaar_inventory::Application::build(ctx).await?;
+            tokio::spawn(app.run_until_stopped(listener, shutdown))
+        }
+        "payments" => {
+            let app = bazaar_payments::Application::build(ctx).await?;
+            tokio::spawn(app.run_until_stopped(listener, shutdown))
+        }
+        "notifications" => {
+            let app = bazaar_notifications::Application::build(ctx).await?;
             tokio::spawn(app.run_until_stopped(listener, shutdown))
         }
         "gateway" => {

@@ -48,10 +48,18 @@ struct Inner {
     /// Everything declared so far, declared again on each new link.
     exchanges: Mutex<HashSet<String>>,
     queues: Mutex<Vec<QueueSpec>>,
-    /// Delay queue name → (target queue, TTL in ms, expiry).
-    delays: Mutex<HashMap<String, (String, i64, Option<Duration>)>>,
+    /// Delay queue name → what it was declared with.
+    delays: Mutex<HashMap<String, DelayQueue>>,
     /// Poked when an operation failed in a way that may mean a dead link.
     suspect: Notify,
+}
+
+/// A queue where retried messages wait before going back to `target`.
+#[derive(Clone)]
+struct DelayQueue {
+    target: String,
+    ttl_ms: i64,
+    expires: Option<Duration>,
 }
 
 /// A supervised connection to RabbitMQ.
@@ -145,12 +153,12 @@ async fn open_link(inner: &Inner, generation: u64) -> Result<Link, BusError> {
     for spec in &queues {
         declare_on(&publisher, spec).await?;
     }
-    let delays: Vec<(String, (String, i64, Option<Duration>))> = lock(&inner.delays)
+    let delays: Vec<(String, DelayQueue)> = lock(&inner.delays)
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for (name, (target, ms, expires)) in &delays {
-        declare_delay(&publisher, name, target, *ms, *expires).await?;
+    for (name, d) in &delays {
+        declare_delay(&publisher, name, &d.target, d.ttl_ms, d.expires).await?;
     }
     Ok(Link {
         conn: Arc::new(conn),
@@ -562,7 +570,12 @@ impl Transport for AmqpTransport {
                 .and_then(|q| q.expires_after);
             let link = self.link().await?;
             declare_delay(&link.publisher, &name, queue, ms, expires).await?;
-            lock(&self.inner.delays).insert(name.clone(), (queue.to_owned(), ms, expires));
+            let declared = DelayQueue {
+                target: queue.to_owned(),
+                ttl_ms: ms,
+                expires,
+            };
+            lock(&self.inner.delays).insert(name.clone(), declared);
         }
         self.publish("", &name, msg).await
     }

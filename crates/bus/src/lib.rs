@@ -355,8 +355,19 @@ impl Bus {
     /// Answers a request delivery on its `reply_to` queue.
     pub async fn reply(&self, to: &Delivery, env: &Envelope) -> Result<(), BusError> {
         let reply_to = to.reply_to.as_deref().ok_or(BusError::NoReplyTo)?;
+        self.reply_to(reply_to, to.correlation_id.clone(), env)
+            .await
+    }
+
+    /// Sends a reply to queue `reply_to`, matched by `correlation_id`.
+    pub async fn reply_to(
+        &self,
+        reply_to: &str,
+        correlation_id: Option<String>,
+        env: &Envelope,
+    ) -> Result<(), BusError> {
         let msg = Outgoing {
-            correlation_id: to.correlation_id.clone(),
+            correlation_id,
             ..Outgoing::envelope(env)?
         };
         self.transport.publish("", reply_to, msg).await

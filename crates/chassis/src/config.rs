@@ -66,6 +66,46 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Seed the demo catalog on first start. Default true.
     pub seed_demo: bool,
+    /// Delivery attempts of a failing message before it is dead-lettered. Default 5.
+    pub retry_attempts: u32,
+    /// Wait before the second attempt, in ms; doubles per attempt (capped at 30 s). Default 200.
+    pub retry_first_delay_ms: u64,
+    /// How long an order saga waits for one step's answer before it
+    /// compensates and cancels the order (`timeout`), in ms. Default 30000.
+    pub saga_step_timeout_ms: u64,
+    /// Inventory settings (`[inventory]`, `BAZAAR_INVENTORY__…`).
+    pub inventory: InventoryConfig,
+    /// The simulated payment provider declines charges above this many
+    /// minor units; unset: never.
+    pub payments_decline_above: Option<i64>,
+    /// Share of charges (0.0–1.0) the simulated provider fails transiently. Default 0.
+    pub payments_failure_rate: f64,
+    /// Simulated provider latency per charge, in ms. Default 0.
+    pub payments_latency_ms: u64,
+    /// Notifications are also POSTed as JSON to this URL, if set.
+    #[serde(deserialize_with = "lenient::opt")]
+    pub notify_webhook_url: Option<String>,
+    /// Notifications are also mailed through this SMTP server
+    /// (`smtp://host:port`, no TLS), if set.
+    #[serde(deserialize_with = "lenient::opt")]
+    pub smtp_url: Option<String>,
+    /// Sender address of notification mail. Default `bazaar@localhost`.
+    #[serde(deserialize_with = "lenient::text")]
+    pub smtp_from: String,
+}
+
+/// `[inventory]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InventoryConfig {
+    /// Units a new product starts with. Default 100.
+    pub default_stock: i64,
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        Self { default_stock: 100 }
+    }
 }
 
 impl Default for Config {
@@ -93,6 +133,16 @@ impl Default for Config {
             consumer_concurrency: 64,
             shutdown_grace_ms: 10_000,
             seed_demo: true,
+            retry_attempts: 5,
+            retry_first_delay_ms: 200,
+            saga_step_timeout_ms: 30_000,
+            inventory: InventoryConfig::default(),
+            payments_decline_above: None,
+            payments_failure_rate: 0.0,
+            payments_latency_ms: 0,
+            notify_webhook_url: None,
+            smtp_url: None,
+            smtp_from: "bazaar@localhost".into(),
         }
     }
 }
@@ -116,6 +166,15 @@ impl Config {
             "test_etcd_url",
         ]));
         fig.extract().map_err(Box::new)
+    }
+
+    /// The retry policy of every reliable consumer.
+    pub fn retry_policy(&self) -> bazaar_bus::RetryPolicy {
+        bazaar_bus::RetryPolicy {
+            max_attempts: self.retry_attempts.max(1),
+            first_delay: std::time::Duration::from_millis(self.retry_first_delay_ms),
+            max_delay: std::time::Duration::from_secs(30),
+        }
     }
 
     /// Static addresses of one service, from `services`.

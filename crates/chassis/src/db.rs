@@ -36,6 +36,7 @@ pub fn install_drivers() {
 pub struct Db {
     pub read: AnyPool,
     pub write: AnyPool,
+    pub backend: Backend,
     _checkpointer: Option<Arc<AbortOnDrop>>,
 }
 
@@ -135,6 +136,7 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
             Db {
                 read,
                 write,
+                backend,
                 _checkpointer: checkpointer,
             }
         }
@@ -143,6 +145,7 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
             Db {
                 read: pool.clone(),
                 write: pool,
+                backend,
                 _checkpointer: None,
             }
         }
@@ -151,6 +154,10 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
         .run(&db.write)
         .await
         .with_context(|| format!("migrating the {service} database"))?;
+    sqlx::raw_sql(crate::messaging::TABLES)
+        .execute(&db.write)
+        .await
+        .with_context(|| format!("creating the outbox and inbox of {service}"))?;
     Ok(db)
 }
 

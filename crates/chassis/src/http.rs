@@ -154,3 +154,66 @@ pub async fn serve(
     tracing::info!(service = ctx.name, "stopped");
     Ok(())
 }
+
+/// The W3C trace context header.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// A new root `traceparent`: random trace and span ids, sampled.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+/// Whether `tp` is a well-formed version-00 `traceparent`.
+pub fn valid_traceparent(tp: &str) -> bool {
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "00000000000000000000000000000000"
+}
+
+/// A request's trace context, for the messages it causes: its
+/// `traceparent` (a new one if it came without a valid one) and its
+/// request id.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub traceparent: String,
+    pub request_id: Option<String>,
+}
+
+impl Trace {
+    /// Stamps an envelope with this context.
+    pub fn stamp(&self, env: &mut bazaar_bus::Envelope) {
+        env.traceparent = Some(self.traceparent.clone());
+        env.request_id.clone_from(&self.request_id);
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Trace {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let text = |name: &HeaderName| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let traceparent = text(&TRACEPARENT)
+            .filter(|tp| valid_traceparent(tp))
+            .unwrap_or_else(new_traceparent);
+        Ok(Self {
+            traceparent,
+            request_id: text(&X_REQUEST_ID),
+        })
+    }
+}

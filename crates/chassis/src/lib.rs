@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod json;
+pub mod messaging;
 pub mod metrics;
 pub mod paging;
 pub mod problem;
@@ -61,10 +62,18 @@ impl ServiceContext {
 /// Now, UTC, as fixed-width RFC 3339 with microseconds, so that text order
 /// is time order in every database.
 pub fn now() -> String {
+    timestamp(time::OffsetDateTime::now_utc())
+}
+
+/// `after` from now, in the format of [`now`].
+pub fn from_now(after: std::time::Duration) -> String {
+    let after = time::Duration::try_from(after).unwrap_or(time::Duration::MAX);
+    timestamp(time::OffsetDateTime::now_utc().saturating_add(after))
+}
+
+fn timestamp(t: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
     );
-    time::OffsetDateTime::now_utc()
-        .format(&format)
-        .unwrap_or_default()
+    t.format(&format).unwrap_or_default()
 }

@@ -10,6 +10,120 @@ pub mod topics {
     pub const COMMAND_EXCHANGE: &str = "command";
     /// Ask orders to create an order (request/reply).
     pub const ORDERS_CREATE: &str = "orders.create";
+    /// Saga commands to inventory and payments.
+    pub const INVENTORY_RESERVE: &str = "inventory.reserve";
+    pub const INVENTORY_RELEASE: &str = "inventory.release";
+    pub const INVENTORY_COMMIT: &str = "inventory.commit";
+    pub const PAYMENTS_CHARGE: &str = "payments.charge";
+    pub const PAYMENTS_REFUND: &str = "payments.refund";
+
+    /// Topic exchanges, one per entity; events are keyed `<entity>.<event>`.
+    pub const USER: &str = "user";
+    pub const PRODUCT: &str = "product";
+    pub const ORDER: &str = "order";
+    pub const INVENTORY: &str = "inventory";
+    pub const PAYMENT: &str = "payment";
+
+    pub const USER_REGISTERED: &str = "user.registered";
+    pub const PRODUCT_CREATED: &str = "product.created";
+    pub const ORDER_CREATED: &str = "order.created";
+    pub const ORDER_CONFIRMED: &str = "order.confirmed";
+    pub const ORDER_CANCELLED: &str = "order.cancelled";
+    pub const INVENTORY_RESERVED: &str = "inventory.reserved";
+    pub const INVENTORY_REJECTED: &str = "inventory.rejected";
+    pub const INVENTORY_RELEASED: &str = "inventory.released";
+    pub const PAYMENT_CHARGED: &str = "payment.charged";
+    pub const PAYMENT_DECLINED: &str = "payment.declined";
+    pub const PAYMENT_REFUNDED: &str = "payment.refunded";
+
+    /// Consumer queues.
+    pub const ORDERS_SAGA_QUEUE: &str = "orders.saga";
+    pub const INVENTORY_QUEUE: &str = "inventory.commands";
+    pub const INVENTORY_PRODUCTS_QUEUE: &str = "inventory.products";
+    pub const PAYMENTS_QUEUE: &str = "payments.commands";
+    pub const NOTIFICATIONS_QUEUE: &str = "notifications.events";
+
+    /// Every queue a Bazaar service consumes; each has a `<queue>.dlq`.
+    pub const QUEUES: [&str; 6] = [
+        ORDERS_CREATE,
+        ORDERS_SAGA_QUEUE,
+        INVENTORY_QUEUE,
+        INVENTORY_PRODUCTS_QUEUE,
+        PAYMENTS_QUEUE,
+        NOTIFICATIONS_QUEUE,
+    ];
+}
+
+/// A product and a number of units: an order line as the buyer asks for it,
+/// and a line of a stock reservation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StockLine {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+/// `POST /orders` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Checkout {
+    pub items: Vec<StockLine>,
+}
+
+/// Command `inventory.reserve`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReserveStock {
+    pub order_id: String,
+    pub items: Vec<StockLine>,
+}
+
+/// Commands `inventory.release`, `inventory.commit`, `payments.refund`,
+/// and the inventory events: which order they are about.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OrderRef {
+    pub order_id: String,
+}
+
+/// Command `payments.charge`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChargePayment {
+    pub order_id: String,
+    pub user_id: String,
+    pub amount: i64,
+    pub currency: String,
+}
+
+/// A payment as `GET /payments/{order_id}` returns it and as the
+/// `payment.*` events carry it. `status`: `CHARGED`, `DECLINED`,
+/// `REFUNDED`, or `VOIDED` (cancelled before any charge).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Payment {
+    pub order_id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub status: String,
+}
+
+/// Stock of one product, `GET /inventory/{product_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stock {
+    pub product_id: String,
+    pub available: i64,
+    pub reserved: i64,
+}
+
+/// `PUT /inventory/{product_id}` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SetStock {
+    pub available: i64,
+}
+
+/// A notification sent to a user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Notification {
+    pub id: String,
+    pub kind: String,
+    pub subject: String,
+    pub body: String,
+    pub created_at: String,
 }
 
 /// A page of results: `{items, total, limit, offset}`.

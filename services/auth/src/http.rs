@@ -26,6 +26,7 @@ pub struct AppState {
     /// A hash of a random password, checked for unknown emails so that
     /// timing does not reveal which emails are registered.
     pub dummy_hash: Arc<str>,
+    pub outbox: bazaar_chassis::messaging::Outbox,
 }
 
 impl FromRef<AppState> for Arc<Verifier> {
@@ -59,6 +60,7 @@ async fn register(
         created_at: bazaar_chassis::now(),
     };
     store::insert_user(&s.db.write, &user, &hash).await?;
+    s.outbox.poke();
     Ok((StatusCode::CREATED, Json(user)))
 }
 

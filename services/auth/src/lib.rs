@@ -41,6 +41,7 @@ impl Application {
             verifier: ctx.verifier.clone(),
             config: ctx.config.clone(),
             dummy_hash,
+            outbox: Default::default(),
         };
         Ok(Self { ctx, state })
     }
@@ -51,9 +52,14 @@ impl Application {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
+        self.state.outbox.start(
+            self.state.db.clone(),
+            self.ctx.bus.clone(),
+            shutdown.clone(),
+        );
         let ready = Readiness {
             db: Some(self.state.db.read.clone()),
-            bus: None,
+            bus: Some(self.ctx.bus.clone()),
         };
         let router = http::router(self.state);
         bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await

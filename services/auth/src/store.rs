@@ -3,6 +3,7 @@
 use bazaar_chassis::Config;
 use bazaar_chassis::db::Db;
 use bazaar_contracts::User;
+use bazaar_contracts::topics::{USER, USER_REGISTERED};
 use sqlx::{AnyPool, Row};
 
 use crate::AuthError;
@@ -24,7 +25,10 @@ fn user_from(row: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
 }
 
 /// Inserts a user; 409 if the email is taken. Returns whether it was created.
+/// Stores a new user and, in the same transaction, the `user.registered`
+/// event for the outbox.
 pub async fn insert_user(db: &AnyPool, user: &User, password_hash: &str) -> Result<(), AuthError> {
+    let mut tx = db.begin().await?;
     let r = sqlx::query(
         "INSERT INTO users (id, email, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
     )
@@ -34,13 +38,20 @@ pub async fn insert_user(db: &AnyPool, user: &User, password_hash: &str) -> Resu
     .bind(&user.role)
     .bind(password_hash)
     .bind(&user.created_at)
-    .execute(db)
+    .execute(&mut *tx)
     .await;
     match r {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(AuthError::EmailTaken),
-        Err(e) => Err(e.into()),
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Err(AuthError::EmailTaken);
+        }
+        Err(e) => return Err(e.into()),
     }
+    let event = bazaar_bus::Envelope::new(USER_REGISTERED, user)
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    bazaar_chassis::messaging::enqueue(&mut tx, &[(USER, USER_REGISTERED, &event)]).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 pub async fn by_email(db: &AnyPool, email: &str) -> Result<Option<Credentials>, AuthError> {

@@ -29,6 +29,7 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     pub config: Arc<Config>,
     pub lists: Arc<Lists>,
+    pub outbox: bazaar_chassis::messaging::Outbox,
 }
 
 impl FromRef<AppState> for Arc<Verifier> {
@@ -104,6 +105,7 @@ async fn create(
     store::insert(&s.db.write, &product)
         .await
         .map_err(db_error)?;
+    s.outbox.poke();
     Ok((StatusCode::CREATED, Json(product)))
 }
 
@@ -147,6 +149,7 @@ const MAX_BUY_IDS: usize = 100;
 async fn buy(
     State(s): State<AppState>,
     caller: AuthUser,
+    trace: bazaar_chassis::http::Trace,
     Json(body): Json<BuyBody>,
 ) -> Result<(StatusCode, Json<Order>), Problem> {
     if body.ids.is_empty() {
@@ -207,7 +210,8 @@ async fn buy(
         currency,
         items,
     };
-    let env = Envelope::new(ORDERS_CREATE, &command).map_err(|e| Problem::internal(&e))?;
+    let mut env = Envelope::new(ORDERS_CREATE, &command).map_err(|e| Problem::internal(&e))?;
+    trace.stamp(&mut env);
     let timeout = Duration::from_millis(s.config.bus_request_timeout_ms);
     let reply = s
         .bus

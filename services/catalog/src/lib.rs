@@ -32,6 +32,7 @@ impl Application {
             verifier: ctx.verifier.clone(),
             config: ctx.config.clone(),
             lists: Default::default(),
+            outbox: Default::default(),
         };
         Ok(Self { ctx, state })
     }
@@ -42,6 +43,11 @@ impl Application {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
+        self.state.outbox.start(
+            self.state.db.clone(),
+            self.state.bus.clone(),
+            shutdown.clone(),
+        );
         let ready = Readiness {
             db: Some(self.state.db.read.clone()),
             bus: Some(self.state.bus.clone()),

@@ -1,6 +1,7 @@
 //! Products in the catalog database.
 
 use bazaar_contracts::Product;
+use bazaar_contracts::topics::{PRODUCT, PRODUCT_CREATED};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use crate::domain::ProductInput;
@@ -129,7 +130,10 @@ async fn insert_row(
     .bind(&p.created_at)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    // Inventory learns of the product (and stocks it) from this event.
+    let event = bazaar_bus::Envelope::new(PRODUCT_CREATED, p)
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    bazaar_chassis::messaging::enqueue(tx, &[(PRODUCT, PRODUCT_CREATED, &event)]).await
 }
 
 /// Replaces a product's fields; `None` if there is no such product.

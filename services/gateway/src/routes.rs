@@ -39,6 +39,19 @@ pub fn route(method: &Method, path: &str) -> Option<Route> {
             service: "orders",
             public: false,
         }),
+        // Stock levels are public; setting them is for admins.
+        "inventory" => Some(Route {
+            service: "inventory",
+            public: read,
+        }),
+        "payments" => Some(Route {
+            service: "payments",
+            public: false,
+        }),
+        "notifications" => Some(Route {
+            service: "notifications",
+            public: false,
+        }),
         _ => None,
     }
 }

@@ -1,69 +1,46 @@
-//! The `orders.create` consumer: each request becomes an order (once, even
-//! when redelivered) and gets a reply. A delivery is acknowledged only after
-//! its order is committed and its reply sent.
+//! The `orders.create` consumer (request/reply from catalog's buy): each
+//! request becomes an order — once, even when redelivered — whose saga
+//! starts in the same transaction, and gets a reply. Deliveries are
+//! settled by the reliable consumer: acked after the commit and the reply,
+//! retried on a database error, dead-lettered when unparseable.
 
-use bazaar_bus::{Bus, Deliveries, Delivery, Envelope};
-use bazaar_chassis::Shutdown;
+use async_trait::async_trait;
+use bazaar_bus::{BatchHandler, Bus, Envelope, Failure, Received};
 use bazaar_contracts::{CreateOrder, Order, Reply};
-use futures::StreamExt;
 
 use crate::domain;
 use crate::store::NewOrder;
 use crate::writer::{OrderWriter, WriteError};
 
-/// Works on up to `concurrency` deliveries at once until `shutdown`.
-pub async fn consume(
-    bus: Bus,
-    writer: OrderWriter,
-    deliveries: Deliveries,
-    concurrency: usize,
-    shutdown: Shutdown,
-) {
-    let stop = shutdown.clone();
-    deliveries
-        .take_until(async move { stop.wait().await })
-        .for_each_concurrent(concurrency, |d| handle(&bus, &writer, d))
-        .await;
-    tracing::info!("order consumer stopped");
+pub struct CreateRequests {
+    pub bus: Bus,
+    pub writer: OrderWriter,
 }
 
-async fn handle(bus: &Bus, writer: &OrderWriter, delivery: Delivery) {
-    let env = match delivery.envelope() {
-        Ok(env) => env,
-        Err(e) => {
-            // Unparseable: never retried (the dead-letter queue arrives with the messaging issue).
-            tracing::warn!(error = %e, "unparseable order request rejected");
-            let _ = delivery.nack(false).await;
-            return;
-        }
-    };
-    let reply = match decide(writer, &env).await {
-        Ok(reply) => reply,
-        Err(e) => {
-            // The database failed: put the request back for another try.
-            tracing::error!(error = %e, "storing an order failed; requeueing");
-            let _ = delivery.nack(true).await;
-            return;
-        }
-    };
-    let answered = match env.caused("orders.create.reply", &reply) {
-        Ok(out) if delivery.reply_to.is_some() => {
-            bus.reply(&delivery, &out).await.map_err(|e| e.to_string())
-        }
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.to_string()),
-    };
-    match answered {
-        Ok(()) => {
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(error = %e, "ack failed");
-            }
-        }
-        Err(e) => {
-            // The order is stored; a redelivery finds it by request id and replies again.
-            tracing::warn!(error = %e, "reply failed; requeueing");
-            let _ = delivery.nack(true).await;
-        }
+#[async_trait]
+impl BatchHandler for CreateRequests {
+    async fn handle(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
+        futures::future::join_all(batch.iter().map(|r| self.one(r))).await
+    }
+}
+
+impl CreateRequests {
+    async fn one(&self, msg: &Received) -> Result<(), Failure> {
+        let reply = decide(&self.writer, &msg.envelope)
+            .await
+            .map_err(|e| Failure::Retry(e.to_string()))?;
+        let Some(reply_to) = &msg.reply_to else {
+            return Ok(());
+        };
+        let out = msg
+            .envelope
+            .caused("orders.create.reply", &reply)
+            .map_err(|e| Failure::Reject(e.to_string()))?;
+        // On failure the order is stored; the retry finds it by request id and replies again.
+        self.bus
+            .reply_to(reply_to, msg.correlation_id.clone(), &out)
+            .await
+            .map_err(|e| Failure::Retry(format!("reply: {e}")))
     }
 }
 
@@ -84,11 +61,13 @@ async fn decide(writer: &OrderWriter, env: &Envelope) -> Result<Reply<Order>, Wr
         Ok(total) => total,
         Err(e) => return invalid(e.to_string()),
     };
-    let order = writer
+    let (order, _) = writer
         .create(NewOrder {
             request_id: env.id.clone(),
             cmd,
             total,
+            traceparent: env.traceparent.clone(),
+            http_request_id: env.request_id.clone(),
         })
         .await?;
     Ok(Reply::Ok { value: order })

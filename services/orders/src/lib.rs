@@ -1,18 +1,28 @@
-//! The orders service: owns orders and their lines. Consumes `orders.create`
-//! requests from the bus (exchange `command`), stores each order with its
-//! lines and total in one transaction, and replies with the order. Serves a
-//! caller their own orders over HTTP.
+//! The orders service: owns orders, their lines and the order saga.
+//! Orders come from `POST /orders` (priced through catalog) and from
+//! `orders.create` bus requests (catalog's buy); either way the order and
+//! its saga's first command are committed together, and the saga
+//! (`saga.rs`) drives it to CONFIRMED or CANCELLED.
 
 mod domain;
 mod events;
 mod http;
+mod saga;
 mod store;
 mod writer;
 
-use bazaar_bus::QueueSpec;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bazaar_bus::{Consumer, QueueSpec};
+use bazaar_chassis::db::Db;
 use bazaar_chassis::http::Readiness;
+use bazaar_chassis::messaging::{self, Outbox};
 use bazaar_chassis::{ServiceContext, Shutdown};
-use bazaar_contracts::topics::{COMMAND_EXCHANGE, ORDERS_CREATE};
+use bazaar_contracts::topics::{
+    COMMAND_EXCHANGE, INVENTORY, INVENTORY_REJECTED, INVENTORY_RESERVED, ORDERS_CREATE,
+    ORDERS_SAGA_QUEUE, PAYMENT, PAYMENT_CHARGED, PAYMENT_DECLINED,
+};
 use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -20,45 +30,85 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A built orders service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,
-    state: http::AppState,
+    db: Db,
 }
 
 impl Application {
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
         let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
-        let state = http::AppState {
-            db,
-            verifier: ctx.verifier.clone(),
-        };
-        Ok(Self { ctx, state })
+        Ok(Self { ctx, db })
     }
 
-    /// Consumes order requests and serves HTTP until `shutdown`.
+    /// Resumes unfinished sagas, consumes order requests and saga events,
+    /// and serves HTTP until `shutdown`.
     pub async fn run_until_stopped(
         self,
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
-        let spec = QueueSpec::new(ORDERS_CREATE).bind(COMMAND_EXCHANGE, ORDERS_CREATE);
-        let concurrency = self.ctx.config.consumer_concurrency.max(1);
-        let deliveries = self.ctx.bus.subscribe(&spec, concurrency).await?;
-        let consumer = tokio::spawn(events::consume(
-            self.ctx.bus.clone(),
-            writer::OrderWriter::spawn(self.state.db.write.clone()),
-            deliveries,
-            usize::from(concurrency),
-            shutdown.clone(),
-        ));
-        let ready = Readiness {
-            db: Some(self.state.db.read.clone()),
-            bus: Some(self.ctx.bus.clone()),
+        let ctx = &self.ctx;
+        let db = &self.db;
+        let step_timeout = Duration::from_millis(ctx.config.saga_step_timeout_ms.max(1));
+        let outbox = Outbox::spawn(db.clone(), ctx.bus.clone(), shutdown.clone());
+        let writer = writer::OrderWriter::spawn(db.write.clone(), outbox.clone(), step_timeout);
+
+        let resumed = saga::resume(db, &outbox, step_timeout).await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed unfinished order sagas");
+        }
+        saga::spawn_sweeper(db.clone(), outbox.clone(), step_timeout, shutdown.clone());
+
+        let events = QueueSpec::new(ORDERS_SAGA_QUEUE)
+            .bind(INVENTORY, INVENTORY_RESERVED)
+            .bind(INVENTORY, INVENTORY_REJECTED)
+            .bind(PAYMENT, PAYMENT_CHARGED)
+            .bind(PAYMENT, PAYMENT_DECLINED);
+        let saga_consumer = messaging::spawn_consumer(
+            ctx,
+            db,
+            &outbox,
+            events,
+            saga::Saga { step_timeout },
+            &shutdown,
+        )
+        .await?;
+
+        let requests = QueueSpec::new(ORDERS_CREATE).bind(COMMAND_EXCHANGE, ORDERS_CREATE);
+        let concurrency = ctx.config.consumer_concurrency.max(1);
+        let stop = shutdown.clone();
+        let create_consumer = Consumer::new(ctx.bus.clone(), requests)
+            .with_policy(ctx.config.retry_policy())
+            .with_limits(concurrency.saturating_mul(4), 128, 4)
+            .start(
+                Arc::new(events::CreateRequests {
+                    bus: ctx.bus.clone(),
+                    writer: writer.clone(),
+                }),
+                async move { stop.wait().await },
+            )
+            .await?;
+        let create_consumer = tokio::spawn(create_consumer);
+
+        let state = http::AppState {
+            db: db.clone(),
+            verifier: ctx.verifier.clone(),
+            writer,
+            discovery: ctx.discovery.clone(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_millis(ctx.config.upstream_timeout_ms))
+                .build()?,
         };
-        let router = http::router(self.state);
+        let ready = Readiness {
+            db: Some(db.read.clone()),
+            bus: Some(ctx.bus.clone()),
+        };
         let served =
-            bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await;
-        // The consumer stops taking deliveries on shutdown and finishes those in hand.
-        if let Err(e) = consumer.await {
-            tracing::error!(error = %e, "order consumer crashed");
+            bazaar_chassis::http::serve(ctx, http::router(state), listener, ready, shutdown).await;
+        // The consumers stop taking deliveries on shutdown and finish those in hand.
+        for c in [saga_consumer, create_consumer] {
+            if let Err(e) = c.await {
+                tracing::error!(error = %e, "an orders consumer crashed");
+            }
         }
         served
     }

@@ -2,13 +2,18 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bazaar_contracts::{CreateOrder, Order, OrderItem};
-use sqlx::{AnyPool, AssertSqlSafe, Row};
+use bazaar_bus::Envelope;
+use bazaar_chassis::messaging;
+use bazaar_contracts::topics::{COMMAND_EXCHANGE, INVENTORY_RESERVE, ORDER, ORDER_CREATED};
+use bazaar_contracts::{CreateOrder, Order, OrderItem, ReserveStock, StockLine};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
+
+use crate::saga;
 
 const COLUMNS: &str =
     "id, user_id, user_email, total, currency, status, cancel_reason, created_at, updated_at";
 
-fn order_from(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
+pub(crate) fn order_from(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
         id: row.try_get("id")?,
         user_id: row.try_get("user_id")?,
@@ -23,12 +28,19 @@ fn order_from(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     })
 }
 
-/// An order to store: the request that asked for it and its checked total.
+/// An order to store: the request that asked for it, its checked total,
+/// and the trace context its saga's messages carry.
 pub struct NewOrder {
     pub request_id: String,
     pub cmd: CreateOrder,
     pub total: i64,
+    pub traceparent: Option<String>,
+    pub http_request_id: Option<String>,
 }
+
+/// A stored order, and whether this call created it (`false`: the request
+/// id had created it before).
+pub type Stored = (Order, bool);
 
 /// `($1, $2, …), ($n+1, …)`: placeholders for `rows` rows of `width` values.
 fn placeholders(rows: usize, width: usize) -> String {
@@ -45,11 +57,18 @@ fn placeholders(rows: usize, width: usize) -> String {
 const LINES_PER_STATEMENT: usize = 500;
 
 /// Stores new PENDING orders with their lines in one transaction (group
-/// commit: a busy consumer pays a few round trips per batch, not per order).
-/// A request id seen before — in the database or earlier in the batch —
-/// returns the order it created then. The result lines up with `batch`.
-pub async fn create_batch(db: &AnyPool, batch: &[NewOrder]) -> Result<Vec<Order>, sqlx::Error> {
+/// commit: a busy consumer pays a few round trips per batch, not per order),
+/// and starts each one's saga: `inventory.reserve` and `order.created` go
+/// into the outbox in the same transaction. A request id seen before — in
+/// the database or earlier in the batch — returns the order it created
+/// then. The result lines up with `batch`.
+pub async fn create_batch(
+    db: &AnyPool,
+    batch: &[NewOrder],
+    step_timeout: std::time::Duration,
+) -> Result<Vec<Stored>, sqlx::Error> {
     let now = bazaar_chassis::now();
+    let deadline = saga::deadline(step_timeout);
     let orders: Vec<Order> = batch
         .iter()
         .map(|n| Order {
@@ -66,14 +85,14 @@ pub async fn create_batch(db: &AnyPool, batch: &[NewOrder]) -> Result<Vec<Order>
         })
         .collect();
     if orders.is_empty() {
-        return Ok(orders);
+        return Ok(Vec::new());
     }
 
     let mut tx = db.begin().await?;
     let sql = format!(
-        "INSERT INTO orders (id, request_id, user_id, user_email, total, currency, status, created_at, updated_at)
+        "INSERT INTO orders (id, request_id, user_id, user_email, total, currency, status, created_at, updated_at, saga_step, step_deadline, traceparent)
          VALUES {} ON CONFLICT (request_id) DO NOTHING RETURNING id",
-        placeholders(orders.len(), 9)
+        placeholders(orders.len(), 12)
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for (order, new) in orders.iter().zip(batch) {
@@ -86,7 +105,10 @@ pub async fn create_batch(db: &AnyPool, batch: &[NewOrder]) -> Result<Vec<Order>
             .bind(&order.currency)
             .bind(&order.status)
             .bind(&order.created_at)
-            .bind(&order.updated_at);
+            .bind(&order.updated_at)
+            .bind(saga::RESERVING)
+            .bind(&deadline)
+            .bind(&new.traceparent);
     }
     let inserted: HashSet<String> = query
         .fetch_all(&mut *tx)
@@ -122,50 +144,86 @@ pub async fn create_batch(db: &AnyPool, batch: &[NewOrder]) -> Result<Vec<Order>
         }
         query.execute(&mut *tx).await?;
     }
+
+    let mut messages: Vec<(&str, &str, Envelope)> = Vec::new();
+    for (order, new) in orders.iter().zip(batch) {
+        if !inserted.contains(&order.id) {
+            continue;
+        }
+        let trace = (new.traceparent.as_deref(), new.http_request_id.as_deref());
+        let reserve = ReserveStock {
+            order_id: order.id.clone(),
+            items: order
+                .items
+                .iter()
+                .map(|i| StockLine {
+                    product_id: i.product_id.clone(),
+                    quantity: i.quantity,
+                })
+                .collect(),
+        };
+        messages.push((
+            COMMAND_EXCHANGE,
+            INVENTORY_RESERVE,
+            saga::message(&order.id, trace, INVENTORY_RESERVE, &reserve)?,
+        ));
+        messages.push((
+            ORDER,
+            ORDER_CREATED,
+            saga::message(&order.id, trace, ORDER_CREATED, order)?,
+        ));
+    }
+    let refs: Vec<(&str, &str, &Envelope)> = messages.iter().map(|(e, k, m)| (*e, *k, m)).collect();
+    for chunk in refs.chunks(200) {
+        messaging::enqueue(&mut tx, chunk).await?;
+    }
     tx.commit().await?;
 
     let mut out = Vec::with_capacity(orders.len());
+    let mut conn = db.acquire().await?;
     for (order, new) in orders.into_iter().zip(batch) {
         if inserted.contains(&order.id) {
-            out.push(order);
+            out.push((order, true));
         } else {
-            out.push(
-                by_request(db, &new.request_id)
-                    .await?
-                    .ok_or(sqlx::Error::RowNotFound)?,
-            );
+            let existing = by_request(&mut conn, &new.request_id)
+                .await?
+                .ok_or(sqlx::Error::RowNotFound)?;
+            out.push((existing, false));
         }
     }
     Ok(out)
 }
 
-async fn by_request(db: &AnyPool, request_id: &str) -> Result<Option<Order>, sqlx::Error> {
+pub async fn by_request(
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<Option<Order>, sqlx::Error> {
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM orders WHERE request_id = $1"
     )))
     .bind(request_id)
-    .fetch_optional(db)
+    .fetch_optional(&mut *conn)
     .await?;
-    with_items(db, row.iter().map(order_from).collect::<Result<_, _>>()?)
+    with_items(conn, row.iter().map(order_from).collect::<Result<_, _>>()?)
         .await
         .map(|mut v| v.pop())
 }
 
-pub async fn get(db: &AnyPool, id: &str) -> Result<Option<Order>, sqlx::Error> {
+pub async fn get(conn: &mut AnyConnection, id: &str) -> Result<Option<Order>, sqlx::Error> {
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM orders WHERE id = $1"
     )))
     .bind(id)
-    .fetch_optional(db)
+    .fetch_optional(&mut *conn)
     .await?;
-    with_items(db, row.iter().map(order_from).collect::<Result<_, _>>()?)
+    with_items(conn, row.iter().map(order_from).collect::<Result<_, _>>()?)
         .await
         .map(|mut v| v.pop())
 }
 
 /// A user's orders, newest first, and how many they have.
 pub async fn list_for_user(
-    db: &AnyPool,
+    db: &mut AnyConnection,
     user_id: &str,
     limit: i64,
     offset: i64,
@@ -176,11 +234,11 @@ pub async fn list_for_user(
     .bind(user_id)
     .bind(limit)
     .bind(offset)
-    .fetch_all(db)
+    .fetch_all(&mut *db)
     .await?;
     let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE user_id = $1")
         .bind(user_id)
-        .fetch_one(db)
+        .fetch_one(&mut *db)
         .await?
         .try_get("n")?;
     let orders = rows.iter().map(order_from).collect::<Result<_, _>>()?;
@@ -188,7 +246,10 @@ pub async fn list_for_user(
 }
 
 /// Fills in the lines of each order with one query.
-async fn with_items(db: &AnyPool, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error> {
+async fn with_items(
+    db: &mut AnyConnection,
+    mut orders: Vec<Order>,
+) -> Result<Vec<Order>, sqlx::Error> {
     if orders.is_empty() {
         return Ok(orders);
     }
@@ -202,7 +263,7 @@ async fn with_items(db: &AnyPool, mut orders: Vec<Order>) -> Result<Vec<Order>, 
         query = query.bind(o.id.clone());
     }
     let mut lines: HashMap<String, Vec<OrderItem>> = HashMap::new();
-    for row in query.fetch_all(db).await? {
+    for row in query.fetch_all(&mut *db).await? {
         lines
             .entry(row.try_get("order_id")?)
             .or_default()
@@ -255,6 +316,8 @@ mod tests {
                 items,
             },
             total: 100 * i64::try_from(lines).unwrap(),
+            traceparent: None,
+            http_request_id: None,
         }
     }
 
@@ -262,7 +325,13 @@ mod tests {
     async fn a_batch_stores_each_request_once() {
         let (db, dir) = db().await;
         let batch = [new("a", "u1", 2), new("b", "u2", 1), new("a", "u1", 2)];
-        let stored = create_batch(&db.write, &batch).await.unwrap();
+        let timeout = std::time::Duration::from_secs(30);
+        let stored: Vec<Order> = create_batch(&db.write, &batch, timeout)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect();
         assert_eq!(stored.len(), 3);
         assert_eq!(
             stored[0].id, stored[2].id,
@@ -272,19 +341,36 @@ mod tests {
         assert_eq!(stored[1].user_id, "u2");
 
         // Redelivered later: the same order again, nothing new stored.
-        let again = create_batch(&db.write, &[new("a", "u1", 2)]).await.unwrap();
-        assert_eq!(again[0].id, stored[0].id);
-        assert_eq!(again[0].items.len(), 2);
-        let (u1, n1) = list_for_user(&db.read, "u1", 50, 0).await.unwrap();
+        let again = create_batch(&db.write, &[new("a", "u1", 2)], timeout)
+            .await
+            .unwrap();
+        assert!(!again[0].1, "not created again");
+        assert_eq!(again[0].0.id, stored[0].id);
+        assert_eq!(again[0].0.items.len(), 2);
+        let mut conn = db.read.acquire().await.unwrap();
+        let (u1, n1) = list_for_user(&mut conn, "u1", 50, 0).await.unwrap();
         assert_eq!((n1, u1[0].items.len()), (1, 2));
         assert_eq!(u1[0].items[1].product_id, "p1");
 
         // More lines than one statement carries.
-        let big = create_batch(&db.write, &[new("c", "u3", LINES_PER_STATEMENT + 7)])
-            .await
-            .unwrap();
-        let read = get(&db.read, &big[0].id).await.unwrap().unwrap();
+        let big = create_batch(
+            &db.write,
+            &[new("c", "u3", LINES_PER_STATEMENT + 7)],
+            timeout,
+        )
+        .await
+        .unwrap();
+        let read = get(&mut conn, &big[0].0.id).await.unwrap().unwrap();
         assert_eq!(read.items.len(), LINES_PER_STATEMENT + 7);
+        // Each new order started its saga: a reserve command and an
+        // order.created event, once per order.
+        let outbox: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap();
+        assert_eq!(outbox, 3 * 2);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use bazaar_contracts::Order;
+use std::time::Duration;
+
+use bazaar_chassis::messaging::Outbox;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{self, NewOrder};
+use crate::store::{self, NewOrder, Stored};
 
-type Done = oneshot::Sender<Result<Order, Arc<sqlx::Error>>>;
+type Done = oneshot::Sender<Result<Stored, Arc<sqlx::Error>>>;
 
 /// Most orders in one transaction.
 const MAX_BATCH: usize = 128;
@@ -31,15 +33,17 @@ pub enum WriteError {
 }
 
 impl OrderWriter {
-    /// Starts the writer task on `db`.
-    pub fn spawn(db: AnyPool) -> Self {
+    /// Starts the writer task on `db`; each committed batch pokes the
+    /// outbox relay, which sends the new sagas' first commands.
+    pub fn spawn(db: AnyPool, outbox: Outbox, step_timeout: Duration) -> Self {
         let (jobs, mut rx) = mpsc::channel::<(NewOrder, Done)>(MAX_BATCH * 4);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let (orders, done): (Vec<NewOrder>, Vec<Done>) = batch.drain(..).unzip();
-                match store::create_batch(&db, &orders).await {
+                match store::create_batch(&db, &orders, step_timeout).await {
                     Ok(stored) => {
+                        outbox.poke();
                         for (order, tx) in stored.into_iter().zip(done) {
                             let _ = tx.send(Ok(order));
                         }
@@ -57,7 +61,7 @@ impl OrderWriter {
     }
 
     /// Stores one order (in whichever batch it joins).
-    pub async fn create(&self, order: NewOrder) -> Result<Order, WriteError> {
+    pub async fn create(&self, order: NewOrder) -> Result<Stored, WriteError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send((order, tx))

@@ -1,0 +1,140 @@
+//! The inventory service: owns stock and reservations. Consumes the saga's
+//! commands (`inventory.reserve`, `inventory.release`, `inventory.commit`)
+//! and `product.created`; answers with `inventory.reserved`,
+//! `inventory.rejected` and `inventory.released` through its outbox.
+
+mod http;
+mod store;
+
+use async_trait::async_trait;
+use bazaar_bus::{Failure, QueueSpec, Received};
+use bazaar_chassis::http::Readiness;
+use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
+use bazaar_chassis::{ServiceContext, Shutdown};
+use bazaar_contracts::topics::{
+    COMMAND_EXCHANGE, INVENTORY, INVENTORY_COMMIT, INVENTORY_PRODUCTS_QUEUE, INVENTORY_QUEUE,
+    INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RELEASED, INVENTORY_RESERVE,
+    INVENTORY_RESERVED, PRODUCT, PRODUCT_CREATED,
+};
+use bazaar_contracts::{OrderRef, Product, ReserveStock};
+use sqlx::AnyConnection;
+use tokio::net::TcpListener;
+
+use store::Outcome;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A built inventory service, ready to serve.
+pub struct Application {
+    ctx: ServiceContext,
+    state: http::AppState,
+}
+
+impl Application {
+    pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
+        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let state = http::AppState {
+            db,
+            verifier: ctx.verifier.clone(),
+        };
+        Ok(Self { ctx, state })
+    }
+
+    /// Consumes commands and serves HTTP until `shutdown`.
+    pub async fn run_until_stopped(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let db = &self.state.db;
+        let outbox = Outbox::spawn(db.clone(), self.ctx.bus.clone(), shutdown.clone());
+        let effects = || Commands {
+            default_stock: self.ctx.config.inventory.default_stock,
+        };
+        let commands = QueueSpec::new(INVENTORY_QUEUE).bind(COMMAND_EXCHANGE, "inventory.*");
+        let products = QueueSpec::new(INVENTORY_PRODUCTS_QUEUE).bind(PRODUCT, PRODUCT_CREATED);
+        let consumers = [
+            messaging::spawn_consumer(&self.ctx, db, &outbox, commands, effects(), &shutdown)
+                .await?,
+            messaging::spawn_consumer(&self.ctx, db, &outbox, products, effects(), &shutdown)
+                .await?,
+        ];
+        let ready = Readiness {
+            db: Some(db.read.clone()),
+            bus: Some(self.ctx.bus.clone()),
+        };
+        let router = http::router(self.state);
+        let served =
+            bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await;
+        for c in consumers {
+            let _ = c.await;
+        }
+        served
+    }
+}
+
+struct Commands {
+    default_stock: i64,
+}
+
+fn payload<T: serde::de::DeserializeOwned>(msg: &Received) -> Result<T, Failure> {
+    msg.envelope
+        .payload()
+        .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", msg.envelope.kind)))
+}
+
+#[async_trait]
+impl Effects for Commands {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let env = &msg.envelope;
+        let answer = match env.kind.as_str() {
+            INVENTORY_RESERVE => {
+                let cmd: ReserveStock = payload(msg)?;
+                if cmd.items.is_empty() || cmd.items.iter().any(|l| l.quantity <= 0) {
+                    return Err(Failure::Reject(
+                        "a reservation needs lines with positive quantities".into(),
+                    ));
+                }
+                let outcome = store::reserve(tx, &cmd.order_id, &cmd.items, self.default_stock)
+                    .await
+                    .map_err(retry)?;
+                let kind = match outcome {
+                    Outcome::Reserved | Outcome::Committed => INVENTORY_RESERVED,
+                    Outcome::Rejected | Outcome::Released => INVENTORY_REJECTED,
+                };
+                Some((kind, cmd.order_id))
+            }
+            INVENTORY_RELEASE => {
+                let cmd: OrderRef = payload(msg)?;
+                let released = store::release(tx, &cmd.order_id).await.map_err(retry)?;
+                released.then_some((INVENTORY_RELEASED, cmd.order_id))
+            }
+            INVENTORY_COMMIT => {
+                let cmd: OrderRef = payload(msg)?;
+                store::commit(tx, &cmd.order_id).await.map_err(retry)?;
+                None
+            }
+            PRODUCT_CREATED => {
+                let product: Product = payload(msg)?;
+                store::ensure(tx, &product.id, self.default_stock)
+                    .await
+                    .map_err(retry)?;
+                None
+            }
+            other => {
+                return Err(Failure::Reject(format!(
+                    "inventory does not handle {other}"
+                )));
+            }
+        };
+        if let Some((kind, order_id)) = answer {
+            let event = env
+                .caused(kind, &OrderRef { order_id })
+                .map_err(|e| Failure::Reject(e.to_string()))?;
+            messaging::enqueue(tx, &[(INVENTORY, kind, &event)])
+                .await
+                .map_err(retry)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,253 @@
+//! Stock and reservations. Every change runs inside the caller's
+//! transaction; each is idempotent by order id.
+
+use std::collections::BTreeMap;
+
+use bazaar_contracts::{Stock, StockLine};
+use sqlx::{AnyConnection, Row};
+
+/// What became of a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Reserved,
+    Rejected,
+    Released,
+    Committed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserved => "RESERVED",
+            Self::Rejected => "REJECTED",
+            Self::Released => "RELEASED",
+            Self::Committed => "COMMITTED",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "RESERVED" => Self::Reserved,
+            "REJECTED" => Self::Rejected,
+            "RELEASED" => Self::Released,
+            "COMMITTED" => Self::Committed,
+            _ => return None,
+        })
+    }
+}
+
+pub async fn status(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<Outcome>, sqlx::Error> {
+    let row = sqlx::query("SELECT status FROM reservations WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => {
+            let s: String = row.try_get("status")?;
+            Outcome::parse(&s).map(Some).ok_or_else(|| {
+                sqlx::Error::Decode(format!("unknown reservation status {s}").into())
+            })
+        }
+    }
+}
+
+async fn set_status(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    outcome: Outcome,
+) -> Result<(), sqlx::Error> {
+    let now = bazaar_chassis::now();
+    sqlx::query(
+        "INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES ($1, $2, $3, $3)
+         ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+    )
+    .bind(order_id)
+    .bind(outcome.as_str())
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Creates a product's stock row if it has none.
+pub async fn ensure(
+    conn: &mut AnyConnection,
+    product_id: &str,
+    units: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO stock (product_id, available, reserved, updated_at) VALUES ($1, $2, 0, $3)
+         ON CONFLICT (product_id) DO NOTHING",
+    )
+    .bind(product_id)
+    .bind(units)
+    .bind(bazaar_chassis::now())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds `delta_available` and `delta_reserved` to a product's stock, only if
+/// neither goes negative; `false` if it would have.
+async fn shift(
+    conn: &mut AnyConnection,
+    product_id: &str,
+    delta_available: i64,
+    delta_reserved: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE stock SET available = available + $2, reserved = reserved + $3, updated_at = $4
+         WHERE product_id = $1 AND available + $2 >= 0 AND reserved + $3 >= 0",
+    )
+    .bind(product_id)
+    .bind(delta_available)
+    .bind(delta_reserved)
+    .bind(bazaar_chassis::now())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Holds the units of an order, all or nothing. A second call for the same
+/// order changes nothing and returns the first call's outcome.
+pub async fn reserve(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    lines: &[StockLine],
+    default_stock: i64,
+) -> Result<Outcome, sqlx::Error> {
+    if let Some(done) = status(conn, order_id).await? {
+        // A reservation released before it arrived (the order timed out) is refused.
+        return Ok(match done {
+            Outcome::Released => Outcome::Rejected,
+            other => other,
+        });
+    }
+    // Sorted by product, so concurrent transactions lock rows in one order.
+    let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+    for line in lines {
+        *wanted.entry(line.product_id.as_str()).or_default() += line.quantity;
+    }
+    let mut taken = Vec::new();
+    let mut short = false;
+    for (product, &quantity) in &wanted {
+        ensure(conn, product, default_stock).await?;
+        if shift(conn, product, -quantity, quantity).await? {
+            taken.push((*product, quantity));
+        } else {
+            short = true;
+            break;
+        }
+    }
+    if short {
+        for (product, quantity) in taken {
+            shift(conn, product, quantity, -quantity).await?;
+        }
+        set_status(conn, order_id, Outcome::Rejected).await?;
+        return Ok(Outcome::Rejected);
+    }
+    set_status(conn, order_id, Outcome::Reserved).await?;
+    for (product, quantity) in wanted {
+        sqlx::query(
+            "INSERT INTO reservation_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)",
+        )
+        .bind(order_id)
+        .bind(product)
+        .bind(quantity)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(Outcome::Reserved)
+}
+
+async fn lines(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY product_id",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("product_id")?, r.try_get("quantity")?)))
+        .collect()
+}
+
+/// Returns an order's held units to `available`. `true` if this call
+/// released something or recorded that nothing may be reserved any more.
+pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
+    match status(conn, order_id).await? {
+        None => {
+            set_status(conn, order_id, Outcome::Released).await?;
+            Ok(true)
+        }
+        Some(Outcome::Reserved) => {
+            for (product, quantity) in lines(conn, order_id).await? {
+                if !shift(conn, &product, quantity, -quantity).await? {
+                    return Err(sqlx::Error::Protocol(format!(
+                        "stock of {product} has fewer reserved units than order {order_id} holds"
+                    )));
+                }
+            }
+            set_status(conn, order_id, Outcome::Released).await?;
+            Ok(true)
+        }
+        Some(_) => Ok(false),
+    }
+}
+
+/// The order is confirmed: its held units leave `reserved` for good.
+pub async fn commit(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
+    if status(conn, order_id).await? != Some(Outcome::Reserved) {
+        return Ok(false);
+    }
+    for (product, quantity) in lines(conn, order_id).await? {
+        if !shift(conn, &product, 0, -quantity).await? {
+            return Err(sqlx::Error::Protocol(format!(
+                "stock of {product} has fewer reserved units than order {order_id} holds"
+            )));
+        }
+    }
+    set_status(conn, order_id, Outcome::Committed).await?;
+    Ok(true)
+}
+
+pub async fn get(conn: &mut AnyConnection, product_id: &str) -> Result<Option<Stock>, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT product_id, available, reserved FROM stock WHERE product_id = $1")
+            .bind(product_id)
+            .fetch_optional(conn)
+            .await?;
+    row.map(|r| {
+        Ok(Stock {
+            product_id: r.try_get("product_id")?,
+            available: r.try_get("available")?,
+            reserved: r.try_get("reserved")?,
+        })
+    })
+    .transpose()
+}
+
+/// Sets the sellable units of a product (creating its row if needed).
+pub async fn set_available(
+    conn: &mut AnyConnection,
+    product_id: &str,
+    available: i64,
+) -> Result<Stock, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO stock (product_id, available, reserved, updated_at) VALUES ($1, $2, 0, $3)
+         ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, updated_at = excluded.updated_at",
+    )
+    .bind(product_id)
+    .bind(available)
+    .bind(bazaar_chassis::now())
+    .execute(&mut *conn)
+    .await?;
+    get(conn, product_id).await?.ok_or(sqlx::Error::RowNotFound)
+}

@@ -1,0 +1,156 @@
+//! The notifications service: records (and sends) a notification for every
+//! order outcome (`order.confirmed`, `order.cancelled`) and every
+//! registration (`user.registered`). Users read theirs at `GET /notifications`.
+
+mod channels;
+mod http;
+
+use async_trait::async_trait;
+use bazaar_bus::{Failure, QueueSpec, Received};
+use bazaar_chassis::http::Readiness;
+use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
+use bazaar_chassis::{ServiceContext, Shutdown};
+use bazaar_contracts::topics::{
+    NOTIFICATIONS_QUEUE, ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, USER, USER_REGISTERED,
+};
+use bazaar_contracts::{Order, User};
+use sqlx::AnyConnection;
+use tokio::net::TcpListener;
+
+use channels::{Channels, Outgoing};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A built notifications service, ready to serve.
+pub struct Application {
+    ctx: ServiceContext,
+    state: http::AppState,
+}
+
+impl Application {
+    pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
+        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let state = http::AppState {
+            db,
+            verifier: ctx.verifier.clone(),
+        };
+        Ok(Self { ctx, state })
+    }
+
+    /// Consumes events and serves HTTP until `shutdown`.
+    pub async fn run_until_stopped(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let channels = Channels::from_config(&self.ctx.config)?;
+        let db = &self.state.db;
+        // Notifications publish nothing; the outbox is there for the inbox's sake.
+        let outbox = Outbox::spawn(db.clone(), self.ctx.bus.clone(), shutdown.clone());
+        let spec = QueueSpec::new(NOTIFICATIONS_QUEUE)
+            .bind(ORDER, ORDER_CONFIRMED)
+            .bind(ORDER, ORDER_CANCELLED)
+            .bind(USER, USER_REGISTERED);
+        let consumer =
+            messaging::spawn_consumer(&self.ctx, db, &outbox, spec, Notify { channels }, &shutdown)
+                .await?;
+        let ready = Readiness {
+            db: Some(db.read.clone()),
+            bus: Some(self.ctx.bus.clone()),
+        };
+        let router = http::router(self.state);
+        let served =
+            bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await;
+        let _ = consumer.await;
+        served
+    }
+}
+
+struct Notify {
+    channels: Channels,
+}
+
+fn money(amount: i64, currency: &str) -> String {
+    format!("{}.{:02} {currency}", amount / 100, amount % 100)
+}
+
+/// The notification an event deserves.
+fn compose(msg: &Received) -> Result<Outgoing, Failure> {
+    let env = &msg.envelope;
+    let bad = |e: serde_json::Error| Failure::Reject(format!("bad {} payload: {e}", env.kind));
+    let id = env.id.clone();
+    Ok(match env.kind.as_str() {
+        ORDER_CONFIRMED | ORDER_CANCELLED => {
+            let order: Order = env.payload().map_err(bad)?;
+            let (subject, body) = if env.kind == ORDER_CONFIRMED {
+                (
+                    format!("Order {} confirmed", order.id),
+                    format!(
+                        "Your order of {} item(s) is confirmed; {} was charged.",
+                        order.items.iter().map(|i| i.quantity).sum::<i64>(),
+                        money(order.total, &order.currency)
+                    ),
+                )
+            } else {
+                let reason = match order.cancel_reason.as_deref() {
+                    Some("out_of_stock") => "an item is out of stock",
+                    Some("payment_declined") => "the payment was declined",
+                    Some("timeout") => "it could not be completed in time",
+                    _ => "it could not be completed",
+                };
+                (
+                    format!("Order {} cancelled", order.id),
+                    format!("Your order was cancelled because {reason}. Nothing was charged."),
+                )
+            };
+            Outgoing {
+                id,
+                user_id: order.user_id,
+                email: order.user_email,
+                kind: env.kind.clone(),
+                subject,
+                body,
+            }
+        }
+        USER_REGISTERED => {
+            let user: User = env.payload().map_err(bad)?;
+            Outgoing {
+                id,
+                subject: "Welcome to Bazaar".into(),
+                body: format!("Hello {}, your account {} is ready.", user.name, user.email),
+                user_id: user.id,
+                email: user.email,
+                kind: env.kind.clone(),
+            }
+        }
+        other => {
+            return Err(Failure::Reject(format!(
+                "notifications does not handle {other}"
+            )));
+        }
+    })
+}
+
+#[async_trait]
+impl Effects for Notify {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let n = compose(msg)?;
+        sqlx::query(
+            "INSERT INTO notifications (id, user_id, email, kind, subject, body, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&n.id)
+        .bind(&n.user_id)
+        .bind(&n.email)
+        .bind(&n.kind)
+        .bind(&n.subject)
+        .bind(&n.body)
+        .bind(bazaar_chassis::now())
+        .execute(&mut *tx)
+        .await
+        .map_err(retry)?;
+        // Sent before the commit: if sending fails the row is rolled back and
+        // the whole notification retried.
+        self.channels.send(&n).await.map_err(Failure::Retry)
+    }
+}

@@ -1,0 +1,363 @@
+//! The order saga, orchestrated here with its state in the orders table:
+//!
+//! ```text
+//! PENDING/reserving --inventory.reserved--> PENDING/charging --payment.charged--> CONFIRMED
+//!        |                                        |                  (inventory.commit)
+//!        +--inventory.rejected--> CANCELLED        +--payment.declined--> CANCELLED
+//!             (out_of_stock)                            (payment_declined; inventory.release)
+//! any step past its deadline --> CANCELLED (timeout; inventory.release, and
+//!                                payments.refund if a charge was asked for)
+//! ```
+//!
+//! Every transition is one conditional UPDATE (`WHERE status = 'PENDING'
+//! AND saga_step = <expected>`) plus its outgoing messages in the outbox,
+//! in one transaction: a duplicate or late event matches no row and does
+//! nothing, and two racing transitions cannot both win.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bazaar_bus::{Envelope, Failure, Received};
+use bazaar_chassis::Shutdown;
+use bazaar_chassis::db::Db;
+use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
+use bazaar_contracts::topics::{
+    COMMAND_EXCHANGE, INVENTORY_COMMIT, INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RESERVE,
+    INVENTORY_RESERVED, ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, PAYMENT_CHARGED, PAYMENT_DECLINED,
+    PAYMENTS_CHARGE, PAYMENTS_REFUND,
+};
+use bazaar_contracts::{ChargePayment, Order, OrderRef, ReserveStock, StockLine};
+use serde::Serialize;
+use sqlx::{AnyConnection, Row};
+
+use crate::store;
+
+pub const RESERVING: &str = "reserving";
+pub const CHARGING: &str = "charging";
+pub const DONE: &str = "done";
+
+/// The deadline of a step that starts now.
+pub fn deadline(step_timeout: Duration) -> String {
+    bazaar_chassis::from_now(step_timeout)
+}
+
+/// A saga message about `order_id`: correlated by the order id and
+/// carrying the trace context of the request that placed the order.
+pub fn message(
+    order_id: &str,
+    (traceparent, request_id): (Option<&str>, Option<&str>),
+    kind: &str,
+    payload: &impl Serialize,
+) -> Result<Envelope, sqlx::Error> {
+    let mut env = Envelope::new(kind, payload).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    env.correlation_id = Some(order_id.to_owned());
+    env.traceparent = traceparent.map(str::to_owned);
+    env.request_id = request_id.map(str::to_owned);
+    Ok(env)
+}
+
+/// Moves a PENDING order from step `from` to (`status`, `step`), if it is
+/// still there; returns the order as it is now, or `None` if it was not.
+async fn transition(
+    tx: &mut AnyConnection,
+    order_id: &str,
+    from: &str,
+    (status, step, reason): (&str, &str, Option<&str>),
+    step_deadline: &str,
+) -> Result<Option<Order>, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE orders SET status = $1, saga_step = $2, cancel_reason = $3, step_deadline = $4, updated_at = $5
+         WHERE id = $6 AND status = 'PENDING' AND saga_step = $7",
+    )
+    .bind(status)
+    .bind(step)
+    .bind(reason)
+    .bind(step_deadline)
+    .bind(bazaar_chassis::now())
+    .bind(order_id)
+    .bind(from)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(None);
+    }
+    store::get(tx, order_id).await
+}
+
+fn charge_of(order: &Order) -> ChargePayment {
+    ChargePayment {
+        order_id: order.id.clone(),
+        user_id: order.user_id.clone(),
+        amount: order.total,
+        currency: order.currency.clone(),
+    }
+}
+
+fn reserve_of(order: &Order) -> ReserveStock {
+    ReserveStock {
+        order_id: order.id.clone(),
+        items: order
+            .items
+            .iter()
+            .map(|i| StockLine {
+                product_id: i.product_id.clone(),
+                quantity: i.quantity,
+            })
+            .collect(),
+    }
+}
+
+/// Cancels an order waiting on `from`, with its compensations.
+async fn cancel(
+    tx: &mut AnyConnection,
+    cause: &Envelope,
+    order_id: &str,
+    from: &str,
+    reason: &str,
+) -> Result<bool, Failure> {
+    let Some(order) = transition(tx, order_id, from, ("CANCELLED", DONE, Some(reason)), "")
+        .await
+        .map_err(retry)?
+    else {
+        return Ok(false);
+    };
+    let by_ref = OrderRef {
+        order_id: order.id.clone(),
+    };
+    let mut out = vec![(
+        ORDER,
+        ORDER_CANCELLED,
+        caused(cause, ORDER_CANCELLED, &order)?,
+    )];
+    // Stock is held from the reserve step on (or may yet be, if the reserve
+    // is still in flight: the release then makes inventory refuse it).
+    if reason != "out_of_stock" {
+        out.push((
+            COMMAND_EXCHANGE,
+            INVENTORY_RELEASE,
+            caused(cause, INVENTORY_RELEASE, &by_ref)?,
+        ));
+    }
+    // A charge was asked for and its answer never came: refund it, or void
+    // it so that a late charge command charges nothing.
+    if from == CHARGING && reason == "timeout" {
+        out.push((
+            COMMAND_EXCHANGE,
+            PAYMENTS_REFUND,
+            caused(cause, PAYMENTS_REFUND, &charge_of(&order))?,
+        ));
+    }
+    enqueue(tx, &out).await?;
+    Ok(true)
+}
+
+fn caused(cause: &Envelope, kind: &str, payload: &impl Serialize) -> Result<Envelope, Failure> {
+    let mut env = cause
+        .caused(kind, payload)
+        .map_err(|e| Failure::Reject(e.to_string()))?;
+    // Saga messages correlate by order, whatever started them.
+    env.correlation_id.clone_from(&cause.correlation_id);
+    Ok(env)
+}
+
+async fn enqueue(tx: &mut AnyConnection, out: &[(&str, &str, Envelope)]) -> Result<(), Failure> {
+    let refs: Vec<(&str, &str, &Envelope)> = out.iter().map(|(e, k, m)| (*e, *k, m)).collect();
+    messaging::enqueue(tx, &refs).await.map_err(retry)
+}
+
+/// The saga's reactions to inventory and payment events.
+pub struct Saga {
+    pub step_timeout: Duration,
+}
+
+#[async_trait]
+impl Effects for Saga {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let env = &msg.envelope;
+        let order_id = match env.kind.as_str() {
+            INVENTORY_RESERVED | INVENTORY_REJECTED => {
+                env.payload::<OrderRef>().map(|r| r.order_id)
+            }
+            PAYMENT_CHARGED | PAYMENT_DECLINED => env
+                .payload::<bazaar_contracts::Payment>()
+                .map(|p| p.order_id),
+            other => {
+                return Err(Failure::Reject(format!(
+                    "the order saga does not handle {other}"
+                )));
+            }
+        }
+        .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+        match env.kind.as_str() {
+            INVENTORY_RESERVED => {
+                let next = transition(
+                    tx,
+                    &order_id,
+                    RESERVING,
+                    ("PENDING", CHARGING, None),
+                    &deadline(self.step_timeout),
+                )
+                .await
+                .map_err(retry)?;
+                if let Some(order) = next {
+                    let charge = caused(env, PAYMENTS_CHARGE, &charge_of(&order))?;
+                    enqueue(tx, &[(COMMAND_EXCHANGE, PAYMENTS_CHARGE, charge)]).await?;
+                }
+            }
+            INVENTORY_REJECTED => {
+                cancel(tx, env, &order_id, RESERVING, "out_of_stock").await?;
+            }
+            PAYMENT_CHARGED => {
+                let done = transition(tx, &order_id, CHARGING, ("CONFIRMED", DONE, None), "")
+                    .await
+                    .map_err(retry)?;
+                if let Some(order) = done {
+                    let commit = OrderRef {
+                        order_id: order.id.clone(),
+                    };
+                    let out = [
+                        (
+                            COMMAND_EXCHANGE,
+                            INVENTORY_COMMIT,
+                            caused(env, INVENTORY_COMMIT, &commit)?,
+                        ),
+                        (
+                            ORDER,
+                            ORDER_CONFIRMED,
+                            caused(env, ORDER_CONFIRMED, &order)?,
+                        ),
+                    ];
+                    enqueue(tx, &out).await?;
+                }
+            }
+            _ => {
+                cancel(tx, env, &order_id, CHARGING, "payment_declined").await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PENDING orders whose step deadline passed: `(id, step, traceparent)`.
+async fn overdue(
+    db: &Db,
+    limit: i64,
+) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, saga_step, traceparent FROM orders WHERE status = 'PENDING' AND step_deadline < $1
+         ORDER BY step_deadline LIMIT $2",
+    )
+    .bind(bazaar_chassis::now())
+    .bind(limit)
+    .fetch_all(&db.read)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                r.try_get("saga_step")?,
+                r.try_get("traceparent")?,
+            ))
+        })
+        .collect()
+}
+
+/// Cancels overdue orders (`timeout`) and compensates, until `shutdown`.
+pub fn spawn_sweeper(db: Db, outbox: Outbox, step_timeout: Duration, shutdown: Shutdown) {
+    let every = (step_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.wait() => return,
+            }
+            if let Err(e) = sweep(&db, &outbox).await {
+                tracing::warn!(error = %e, "saga timeout sweep failed");
+            }
+        }
+    });
+}
+
+async fn sweep(db: &Db, outbox: &Outbox) -> anyhow::Result<()> {
+    loop {
+        let due = overdue(db, 200).await?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut tx = db.write.begin().await?;
+        let mut cancelled = 0;
+        for (id, step, traceparent) in &due {
+            let mut cause = message(
+                id,
+                (traceparent.as_deref(), None),
+                "order.timeout",
+                &OrderRef {
+                    order_id: id.clone(),
+                },
+            )?;
+            cause.correlation_id = Some(id.clone());
+            if cancel(&mut tx, &cause, id, step, "timeout")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            {
+                cancelled += 1;
+            }
+        }
+        tx.commit().await?;
+        outbox.poke();
+        tracing::info!(cancelled, "orders timed out and were compensated");
+        if due.len() < 200 {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends the current step's command again for every PENDING order, with a
+/// fresh deadline. Run at start: steps are idempotent by order id, so a
+/// command that was never lost is merely answered twice, and one that was
+/// (an in-memory bus does not survive a restart) is not waited on forever.
+pub async fn resume(db: &Db, outbox: &Outbox, step_timeout: Duration) -> anyhow::Result<usize> {
+    let rows = sqlx::query(
+        "SELECT id, saga_step, traceparent FROM orders WHERE status = 'PENDING' AND step_deadline >= $1",
+    )
+    .bind(bazaar_chassis::now())
+    .fetch_all(&db.read)
+    .await?;
+    let mut resumed = 0;
+    for chunk in rows.chunks(200) {
+        let mut tx = db.write.begin().await?;
+        let deadline = deadline(step_timeout);
+        for row in chunk {
+            let id: String = row.try_get("id")?;
+            let step: String = row.try_get("saga_step")?;
+            let traceparent: Option<String> = row.try_get("traceparent")?;
+            let Some(order) = store::get(&mut tx, &id).await? else {
+                continue;
+            };
+            let trace = (traceparent.as_deref(), None);
+            let (key, env) = match step.as_str() {
+                RESERVING => (
+                    INVENTORY_RESERVE,
+                    message(&id, trace, INVENTORY_RESERVE, &reserve_of(&order))?,
+                ),
+                CHARGING => (
+                    PAYMENTS_CHARGE,
+                    message(&id, trace, PAYMENTS_CHARGE, &charge_of(&order))?,
+                ),
+                _ => continue,
+            };
+            sqlx::query(
+                "UPDATE orders SET step_deadline = $1 WHERE id = $2 AND status = 'PENDING'",
+            )
+            .bind(&deadline)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            messaging::enqueue(&mut tx, &[(COMMAND_EXCHANGE, key, &env)]).await?;
+            resumed += 1;
+        }
+        tx.commit().await?;
+    }
+    outbox.poke();
+    Ok(resumed)
+}

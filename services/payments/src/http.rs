@@ -1,0 +1,48 @@
+//! The payments HTTP API: an order's payment, for its owner or an admin.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRef, Path, State};
+use axum::routing::get;
+use bazaar_chassis::db::Db;
+use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
+use bazaar_contracts::Payment;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub verifier: Arc<Verifier>,
+}
+
+impl FromRef<AppState> for Arc<Verifier> {
+    fn from_ref(s: &AppState) -> Self {
+        s.verifier.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/payments/{order_id}", get(fetch))
+        .with_state(state)
+}
+
+/// Someone else's payment is 404: its existence is not revealed.
+async fn fetch(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    Path(order_id): Path<String>,
+) -> Result<Json<Payment>, Problem> {
+    let mut conn =
+        s.db.read
+            .acquire()
+            .await
+            .map_err(|e| Problem::internal(&e))?;
+    match crate::find(&mut conn, &order_id)
+        .await
+        .map_err(|e| Problem::internal(&e))?
+    {
+        Some((owner, payment)) if owner == caller.id || caller.is_admin() => Ok(Json(payment)),
+        _ => Err(Problem::not_found("no payment for this order")),
+    }
+}
