@@ -6,154 +6,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+mod common;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bazaar_chassis::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-const ADMIN_EMAIL: &str = "admin@test.local";
-const ADMIN_PASSWORD: &str = "admin-password";
-
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{nanos:x}{:x}", std::process::id())
-}
-
-fn test_config(data_dir: PathBuf) -> Config {
-    Config {
-        data_dir,
-        admin_email: Some(ADMIN_EMAIL.into()),
-        admin_password: Some(ADMIN_PASSWORD.into()),
-        // Cheap hashing: the tests log many users in.
-        argon2_memory_kib: 256,
-        argon2_iterations: 1,
-        ..Config::default()
-    }
-}
-
-/// A client that remembers every status it saw, so a test can assert no 5xx.
-struct Api {
-    base: String,
-    http: reqwest::Client,
-    statuses: std::sync::Mutex<Vec<(String, u16)>>,
-}
-
-impl Api {
-    fn new(gateway: &str) -> Self {
-        Self {
-            base: format!("{gateway}/api/v1"),
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(64)
-                .build()
-                .unwrap(),
-            statuses: Default::default(),
-        }
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut req = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        self.send(&format!("{method} {path}"), req).await
-    }
-
-    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let text = res.text().await.unwrap();
-        self.statuses
-            .lock()
-            .unwrap()
-            .push((what.to_owned(), status.as_u16()));
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    fn assert_no_5xx(&self) {
-        let bad: Vec<_> = self
-            .statuses
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, s)| *s >= 500)
-            .cloned()
-            .collect();
-        assert!(bad.is_empty(), "server errors: {bad:?}");
-    }
-
-    async fn register_and_login(&self, email: &str) -> (String, String) {
-        let (s, user) = self
-            .call(
-                "POST",
-                "/auth/register",
-                None,
-                Some(json!({"email": email, "password": "password1", "name": "Shopper"})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{user}");
-        (
-            self.login(email, "password1").await,
-            user["id"].as_str().unwrap().to_owned(),
-        )
-    }
-
-    async fn login(&self, email: &str, password: &str) -> String {
-        let (s, t) = self
-            .call(
-                "POST",
-                "/auth/login",
-                None,
-                Some(json!({"email": email, "password": password})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{t}");
-        assert_eq!(t["token_type"], "Bearer");
-        t["access_token"].as_str().unwrap().to_owned()
-    }
-}
-
-/// Waits until the gateway lists products (every service up).
-async fn wait_ready(gateway: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let http = reqwest::Client::new();
-    loop {
-        let ok = http
-            .get(format!("{gateway}/api/v1/products?limit=1"))
-            .send()
-            .await
-            .map(|r| r.status().is_success());
-        if ok.unwrap_or(false) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the system did not come up at {gateway}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use common::*;
 
 /// register → login → list → admin creates a product → buy → list orders,
 /// then every bad-input case of API.md, and never a 5xx.
@@ -510,15 +372,6 @@ async fn concurrent_buyers(gateway: &str) {
     api.assert_no_5xx();
 }
 
-async fn embedded() -> (bazaar::System, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("bazaar-test-{}", unique()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let system = bazaar::up(test_config(dir.clone()), &HashMap::new(), listener)
-        .await
-        .unwrap();
-    (system, dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_walkthrough() {
     let (system, dir) = embedded().await;
@@ -621,7 +474,7 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
     let Some((amqp, db)) = real_servers() else {
         return;
     };
-    let names = ["auth", "orders", "catalog", "gateway"];
+    let names = bazaar::SERVICES;
     let ports: HashMap<&str, u16> = names.iter().map(|n| (*n, free_port())).collect();
     let prefix = format!("t{}_", unique());
     let mut children = Processes(Vec::new());
@@ -669,7 +522,7 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
     // Leave PostgreSQL as we found it.
     bazaar_chassis::db::install_drivers();
     let pool = sqlx::AnyPool::connect(&db).await.unwrap();
-    for name in ["auth", "orders", "catalog"] {
+    for name in bazaar::SERVICES {
         let drop_schema = format!("DROP SCHEMA IF EXISTS \"{prefix}{name}\" CASCADE");
         sqlx::raw_sql(sqlx::AssertSqlSafe(drop_schema))
             .execute(&pool)

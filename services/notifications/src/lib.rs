@@ -78,10 +78,11 @@ fn money(amount: i64, currency: &str) -> String {
 fn compose(msg: &Received) -> Result<Outgoing, Failure> {
     let env = &msg.envelope;
     let bad = |e: serde_json::Error| Failure::Reject(format!("bad {} payload: {e}", env.kind));
-    let id = env.id.clone();
     Ok(match env.kind.as_str() {
         ORDER_CONFIRMED | ORDER_CANCELLED => {
             let order: Order = env.payload().map_err(bad)?;
+            // One notification per order outcome, however often the event comes.
+            let id = format!("{}:{}", env.kind, order.id);
             let (subject, body) = if env.kind == ORDER_CONFIRMED {
                 (
                     format!("Order {} confirmed", order.id),
@@ -115,7 +116,7 @@ fn compose(msg: &Received) -> Result<Outgoing, Failure> {
         USER_REGISTERED => {
             let user: User = env.payload().map_err(bad)?;
             Outgoing {
-                id,
+                id: format!("{}:{}", env.kind, user.id),
                 subject: "Welcome to Bazaar".into(),
                 body: format!("Hello {}, your account {} is ready.", user.name, user.email),
                 user_id: user.id,
@@ -135,9 +136,9 @@ fn compose(msg: &Received) -> Result<Outgoing, Failure> {
 impl Effects for Notify {
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
         let n = compose(msg)?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO notifications (id, user_id, email, kind, subject, body, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&n.id)
         .bind(&n.user_id)
@@ -149,6 +150,10 @@ impl Effects for Notify {
         .execute(&mut *tx)
         .await
         .map_err(retry)?;
+        if inserted.rows_affected() == 0 {
+            tracing::debug!(id = %n.id, "already notified");
+            return Ok(());
+        }
         // Sent before the commit: if sending fails the row is rolled back and
         // the whole notification retried.
         self.channels.send(&n).await.map_err(Failure::Retry)

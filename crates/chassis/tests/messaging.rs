@@ -1,0 +1,232 @@
+//! The outbox and inbox conformance suite, run on the in-memory bus with
+//! SQLite and on RabbitMQ with PostgreSQL (when `BAZAAR_TEST_AMQP_URL` and
+//! `BAZAAR_TEST_DATABASE_URL` are set; required with `CI=true`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bazaar_bus::{BatchHandler, Bus, Consumer, Envelope, Failure, QueueSpec, Received};
+use bazaar_chassis::db::{self, Db};
+use bazaar_chassis::messaging::{self, Effects, Inbox, Outbox, retry};
+use bazaar_chassis::{Config, Shutdown};
+use futures::StreamExt;
+use sqlx::{AnyConnection, Row};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
+
+fn unique() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Records each message's payload in `effects`; `"poison"` is rejected.
+struct Record;
+
+#[async_trait]
+impl Effects for Record {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let text: String = msg
+            .envelope
+            .payload()
+            .map_err(|e| Failure::Reject(e.to_string()))?;
+        if text == "poison" {
+            return Err(Failure::Reject("poison".into()));
+        }
+        sqlx::query("INSERT INTO effects (id, payload) VALUES ($1, $2)")
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(text)
+            .execute(tx)
+            .await
+            .map_err(retry)?;
+        Ok(())
+    }
+}
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&db.read)
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap()
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn queue(prefix: &str) -> QueueSpec {
+    QueueSpec::new(format!("{prefix}.{}", unique())).expires_after(Duration::from_secs(60))
+}
+
+/// A committed outbox row is published once the relay runs — even if it
+/// was not running at commit time (a crash, a broker outage) — and then
+/// removed; a rolled-back one never is.
+async fn outbox_publishes_committed_rows_only(bus: &Bus, db: &Db) {
+    let ex = format!("ex.outbox.{}", unique());
+    let spec = queue("q.outbox").bind(&ex, "#");
+    let mut deliveries = bus.subscribe(&spec, 10).await.unwrap();
+
+    let rolled_back = Envelope::new("t", &"never").unwrap();
+    let mut tx = db.write.begin().await.unwrap();
+    messaging::enqueue(&mut tx, &[(&ex, "a.b", &rolled_back)])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+
+    let sent: Vec<Envelope> = (0..3)
+        .map(|i| Envelope::new("t", &format!("m{i}")).unwrap())
+        .collect();
+    let mut tx = db.write.begin().await.unwrap();
+    let rows: Vec<(&str, &str, &Envelope)> = sent.iter().map(|e| (ex.as_str(), "a.b", e)).collect();
+    messaging::enqueue(&mut tx, &rows).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(db, "SELECT COUNT(*) FROM outbox").await, 3);
+
+    let shutdown = Shutdown::default();
+    let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
+    outbox.poke();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(5), deliveries.next())
+            .await
+            .expect("outbox row not published")
+            .unwrap();
+        let env = d.envelope().unwrap();
+        d.ack().await.unwrap();
+        got.push(env.id);
+    }
+    got.sort();
+    let mut want: Vec<String> = sent.iter().map(|e| e.id.clone()).collect();
+    want.sort();
+    assert_eq!(got, want);
+    let more = tokio::time::timeout(Duration::from_millis(300), deliveries.next()).await;
+    assert!(more.is_err(), "the rolled-back message was published");
+    eventually("outbox emptied", async || {
+        count(db, "SELECT COUNT(*) FROM outbox").await == 0
+    })
+    .await;
+    shutdown.trigger();
+}
+
+/// The inbox: a duplicate id has no second effect; a rejected message goes
+/// to the dead-letter queue with nothing applied; a message whose effects
+/// were committed but whose consumer died before the ack is redelivered
+/// and applied once.
+async fn inbox_applies_each_message_once(bus: &Bus, db: &Db) {
+    let ex = format!("ex.inbox.{}", unique());
+    let spec = queue("q.inbox").bind(&ex, "#");
+    let shutdown = Shutdown::default();
+    let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
+    let inbox = Inbox::new(db.clone(), outbox, Record);
+
+    // A consumer that dies after the commit, before the ack.
+    let mut raw = bus.subscribe(&spec, 10).await.unwrap();
+    let crash = Envelope::new("t", &"crash").unwrap();
+    bus.publish(&ex, "k", &crash).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), raw.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let received = Received {
+        envelope: d.envelope().unwrap(),
+        correlation_id: None,
+        reply_to: None,
+        headers: d.headers.clone(),
+        attempt: 1,
+    };
+    assert_eq!(inbox.handle(&[received]).await, vec![Ok(())]);
+    drop(d);
+    drop(raw);
+
+    // The real consumer takes over: the redelivery, a duplicate, and poison.
+    let stop = shutdown.clone();
+    let run = Consumer::new(bus.clone(), spec.clone())
+        .start(Arc::clone(&inbox), async move { stop.wait().await })
+        .await
+        .unwrap();
+    let run = tokio::spawn(run);
+    let twice = Envelope::new("t", &"twice").unwrap();
+    bus.publish(&ex, "k", &twice).await.unwrap();
+    bus.publish(&ex, "k", &twice).await.unwrap();
+    bus.publish(&ex, "k", &Envelope::new("t", &"poison").unwrap())
+        .await
+        .unwrap();
+    let after = Envelope::new("t", &"after").unwrap();
+    bus.publish(&ex, "k", &after).await.unwrap();
+
+    eventually("the last message applied", async || {
+        count(db, "SELECT COUNT(*) FROM effects WHERE payload = 'after'").await == 1
+    })
+    .await;
+    eventually("poison dead-lettered", async || {
+        bus.dead_letters(&spec.name).await.unwrap().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (payload, n) in [("crash", 1), ("twice", 1), ("poison", 0), ("after", 1)] {
+        let got = count(
+            db,
+            &format!("SELECT COUNT(*) FROM effects WHERE payload = '{payload}'"),
+        )
+        .await;
+        assert_eq!(got, n, "effects of {payload}");
+    }
+    let letters = bus.dead_letters(&spec.name).await.unwrap();
+    assert!(letters[0].reason.as_deref().unwrap().contains("poison"));
+    shutdown.trigger();
+    run.await.unwrap();
+}
+
+async fn suite(bus: Bus, db: Db) {
+    outbox_publishes_committed_rows_only(&bus, &db).await;
+    inbox_applies_each_message_once(&bus, &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bus_and_sqlite_conform() {
+    let dir = std::env::temp_dir().join(format!("bazaar-messaging-{}", unique()));
+    let config = Config {
+        data_dir: dir.clone(),
+        ..Config::default()
+    };
+    let db = db::connect(&config, "messaging", &MIGRATOR).await.unwrap();
+    suite(Bus::memory(), db).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_and_postgres_conform() {
+    let (Ok(amqp), Ok(url)) = (
+        std::env::var("BAZAAR_TEST_AMQP_URL"),
+        std::env::var("BAZAAR_TEST_DATABASE_URL"),
+    ) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true requires BAZAAR_TEST_AMQP_URL and BAZAAR_TEST_DATABASE_URL"
+        );
+        eprintln!("skipping: BAZAAR_TEST_AMQP_URL / BAZAAR_TEST_DATABASE_URL not set");
+        return;
+    };
+    let prefix = format!("m{}_", unique());
+    let config = Config {
+        database_url: Some(url.clone()),
+        database_schema_prefix: prefix.clone(),
+        ..Config::default()
+    };
+    let db = db::connect(&config, "messaging", &MIGRATOR).await.unwrap();
+    let bus = Bus::connect(&amqp).await.unwrap();
+    suite(bus, db).await;
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{prefix}messaging\" CASCADE"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+}

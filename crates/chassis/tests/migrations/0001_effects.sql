@@ -1,0 +1,4 @@
+CREATE TABLE effects (
+    id      TEXT PRIMARY KEY,
+    payload TEXT NOT NULL
+);

@@ -1,0 +1,164 @@
+//! Helpers the whole-system tests share: a recording API client, the test
+//! config, an embedded system, waiting for readiness.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bazaar_chassis::Config;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+pub const ADMIN_EMAIL: &str = "admin@test.local";
+pub const ADMIN_PASSWORD: &str = "admin-password";
+
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{nanos:x}{:x}", std::process::id())
+}
+
+pub fn test_config(data_dir: PathBuf) -> Config {
+    Config {
+        data_dir,
+        admin_email: Some(ADMIN_EMAIL.into()),
+        admin_password: Some(ADMIN_PASSWORD.into()),
+        // Cheap hashing: the tests log many users in.
+        argon2_memory_kib: 256,
+        argon2_iterations: 1,
+        ..Config::default()
+    }
+}
+
+/// A client that remembers every status it saw, so a test can assert no 5xx.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+    statuses: std::sync::Mutex<Vec<(String, u16)>>,
+}
+
+impl Api {
+    pub fn new(gateway: &str) -> Self {
+        Self {
+            base: format!("{gateway}/api/v1"),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+            statuses: Default::default(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        self.send(&format!("{method} {path}"), req).await
+    }
+
+    pub async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        self.statuses
+            .lock()
+            .unwrap()
+            .push((what.to_owned(), status.as_u16()));
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn assert_no_5xx(&self) {
+        let bad: Vec<_> = self
+            .statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| *s >= 500)
+            .cloned()
+            .collect();
+        assert!(bad.is_empty(), "server errors: {bad:?}");
+    }
+
+    pub async fn register_and_login(&self, email: &str) -> (String, String) {
+        let (s, user) = self
+            .call(
+                "POST",
+                "/auth/register",
+                None,
+                Some(json!({"email": email, "password": "password1", "name": "Shopper"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{user}");
+        (
+            self.login(email, "password1").await,
+            user["id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let (s, t) = self
+            .call(
+                "POST",
+                "/auth/login",
+                None,
+                Some(json!({"email": email, "password": password})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{t}");
+        assert_eq!(t["token_type"], "Bearer");
+        t["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Waits until the gateway lists products (every service up).
+pub async fn wait_ready(gateway: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let http = reqwest::Client::new();
+    loop {
+        let ok = http
+            .get(format!("{gateway}/api/v1/products?limit=1"))
+            .send()
+            .await
+            .map(|r| r.status().is_success());
+        if ok.unwrap_or(false) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the system did not come up at {gateway}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn embedded() -> (bazaar::System, PathBuf) {
+    embedded_with(|_| {}).await
+}
+
+/// An embedded system on a fresh data dir, with `tweak` applied to the test config.
+pub async fn embedded_with(tweak: impl FnOnce(&mut Config)) -> (bazaar::System, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("bazaar-test-{}", unique()));
+    let mut config = test_config(dir.clone());
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let system = bazaar::up(config, &HashMap::new(), listener).await.unwrap();
+    (system, dir)
+}
