@@ -2,6 +2,9 @@
 //! starts them all on the in-memory bus and registry; `bazaar serve` starts
 //! one against the configured RabbitMQ, database and registry.
 
+pub mod dlq;
+pub mod load;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! `bazaar`: run the whole system (`up`), one service (`serve`), or tools.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bazaar_chassis::Config;
@@ -36,7 +37,8 @@ enum Command {
         #[arg(long, default_value = "")]
         replicas: String,
     },
-    /// Run one service (auth, catalog, orders or gateway) against the
+    /// Run one service (auth, catalog, orders, inventory, payments,
+    /// notifications or gateway) against the
     /// configured RabbitMQ (BAZAAR_AMQP_URL), database (BAZAAR_DATABASE_URL)
     /// and registry (BAZAAR_REGISTRY=static with BAZAAR_SERVICES__<NAME>=URL).
     Serve {
@@ -45,6 +47,69 @@ enum Command {
         /// Port to bind (default: BAZAAR_PORT, else a free port; the gateway defaults to 8080).
         #[arg(long)]
         port: Option<u16>,
+    },
+    /// Simulated shoppers against a running gateway: checkouts with
+    /// Idempotency-Keys (retried through outages), then a report of
+    /// throughput, latency to CONFIRMED and any order not accounted for.
+    Load {
+        /// Gateway base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// Concurrent shoppers.
+        #[arg(long, default_value_t = 32)]
+        shoppers: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Set every product's stock to this first (uses BAZAAR_ADMIN_EMAIL/PASSWORD).
+        #[arg(long)]
+        stock: Option<i64>,
+        /// How many products to buy from.
+        #[arg(long, default_value_t = 24)]
+        products: usize,
+        /// Seconds to wait for unfinished orders after the load.
+        #[arg(long, default_value_t = 120)]
+        settle: u64,
+        /// Write the ids of all accepted orders to this file (one per line).
+        #[arg(long)]
+        ids: Option<PathBuf>,
+    },
+    /// Dead letters: messages that failed every attempt or could not be
+    /// parsed. Talks to RabbitMQ directly when BAZAAR_AMQP_URL is set (or
+    /// --amqp is given), else to a running system's gateway (--gateway) as
+    /// the admin (--token, or BAZAAR_ADMIN_EMAIL/PASSWORD).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+        /// RabbitMQ URL (default: BAZAAR_AMQP_URL).
+        #[arg(long, global = true)]
+        amqp: Option<String>,
+        /// Gateway base URL of a running system (default: http://127.0.0.1:<gateway_port>).
+        #[arg(long, global = true)]
+        gateway: Option<String>,
+        /// Admin access token for the gateway.
+        #[arg(long, global = true, env = "BAZAAR_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters (of one queue, or of every queue).
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Send dead letters back to their queue for a fresh set of attempts.
+    Replay {
+        #[arg(long)]
+        queue: Option<String>,
+        /// The message id to replay.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Replay every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -55,6 +120,81 @@ async fn main() -> anyhow::Result<()> {
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     bazaar_chassis::telemetry::init(config.log_format.as_deref());
     let system = match cli.command {
+        Command::Load {
+            gateway,
+            shoppers,
+            seconds,
+            stock,
+            products,
+            settle,
+            ids,
+        } => {
+            let report = bazaar::load::run(bazaar::load::LoadOptions {
+                gateway,
+                shoppers,
+                duration: Duration::from_secs(seconds),
+                stock,
+                products,
+                admin_email: config.admin_email.clone(),
+                admin_password: config.admin_password.clone(),
+                settle: Duration::from_secs(settle),
+                retry_for: Duration::from_secs(90),
+            })
+            .await?;
+            if let Some(path) = ids {
+                std::fs::write(&path, report.order_ids.join("\n"))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            println!("{}", report.summary());
+            let mut reasons: Vec<_> = report.cancelled.iter().collect();
+            reasons.sort();
+            for (reason, n) in reasons {
+                println!("  cancelled {reason}: {n}");
+            }
+            anyhow::ensure!(
+                report.lost == 0 && report.pending == 0,
+                "{} orders lost, {} still pending",
+                report.lost,
+                report.pending
+            );
+            return Ok(());
+        }
+        Command::Dlq {
+            action,
+            amqp,
+            gateway,
+            token,
+        } => {
+            let amqp = amqp
+                .or(config.amqp_url.clone())
+                .filter(|_| gateway.is_none());
+            let target = match amqp {
+                Some(url) => bazaar::dlq::Target::Bus(
+                    bazaar_bus::Bus::connect(&url)
+                        .await
+                        .with_context(|| format!("cannot connect to RabbitMQ at {url}"))?,
+                ),
+                None => bazaar::dlq::Target::Gateway {
+                    url: gateway
+                        .unwrap_or_else(|| format!("http://127.0.0.1:{}", config.gateway_port)),
+                    token,
+                    admin: (config.admin_email.clone(), config.admin_password.clone()),
+                },
+            };
+            match action {
+                DlqAction::List { queue } => {
+                    let letters = target.list(queue.as_deref()).await?;
+                    println!("{}", serde_json::to_string_pretty(&letters)?);
+                    let n = letters.as_array().map_or(0, Vec::len);
+                    eprintln!("{n} dead letter(s)");
+                }
+                DlqAction::Replay { queue, id, all } => {
+                    let n = target.replay(queue.as_deref(), id.as_deref(), all).await?;
+                    println!("replayed {n} message(s)");
+                }
+            }
+            return Ok(());
+        }
         Command::Up {
             port,
             data_dir,

@@ -3,6 +3,7 @@
 //! forwards the caller's identity, streams bodies both ways, and maps
 //! upstream failures to 503 (unreachable) and 504 (too slow).
 
+mod admin;
 mod proxy;
 mod routes;
 
@@ -34,7 +35,11 @@ impl Application {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
-        let router = proxy::router(self.state);
+        let admin = admin::router(admin::AdminState {
+            bus: self.ctx.bus.clone(),
+            verifier: self.ctx.verifier.clone(),
+        });
+        let router = admin.merge(proxy::router(self.state));
         bazaar_chassis::http::serve(&self.ctx, router, listener, Readiness::default(), shutdown)
             .await
     }

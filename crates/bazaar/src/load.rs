@@ -1,0 +1,370 @@
+//! `bazaar load`: simulated shoppers against a running gateway. Each
+//! shopper checks out in a loop with an `Idempotency-Key`, retrying the
+//! same key through errors and outages (so a retry can never buy twice),
+//! then waits for every accepted order to reach a final state and reports
+//! throughput, latency from `POST /orders` to CONFIRMED (the orders' own
+//! `created_at` → `updated_at`), and whether any order was lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Gateway base URL, e.g. `http://127.0.0.1:8080`.
+    pub gateway: String,
+    pub shoppers: usize,
+    pub duration: Duration,
+    /// Set every product's stock to this first (needs the admin account).
+    pub stock: Option<i64>,
+    /// How many products the shoppers buy from.
+    pub products: usize,
+    pub admin_email: Option<String>,
+    pub admin_password: Option<String>,
+    /// How long to wait for PENDING orders to finish after the load.
+    pub settle: Duration,
+    /// How long one checkout may keep retrying through an outage.
+    pub retry_for: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+struct OrderView {
+    id: String,
+    status: String,
+    cancel_reason: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub placed: usize,
+    pub confirmed: usize,
+    pub cancelled: HashMap<String, usize>,
+    pub pending: usize,
+    pub lost: usize,
+    pub failed_checkouts: u64,
+    pub retried_checkouts: u64,
+    pub load_secs: f64,
+    pub confirmed_per_sec: f64,
+    pub checkout_p50_ms: f64,
+    pub checkout_p99_ms: f64,
+    pub confirm_p50_ms: f64,
+    pub confirm_p99_ms: f64,
+    pub order_ids: Vec<String>,
+}
+
+impl Report {
+    /// One line a script can parse.
+    pub fn summary(&self) -> String {
+        let cancelled: usize = self.cancelled.values().sum();
+        format!(
+            "load: placed={} confirmed={} cancelled={} pending={} lost={} failed_checkouts={} retried_checkouts={} confirmed_per_s={:.0} checkout_p50_ms={:.1} checkout_p99_ms={:.1} confirm_p50_ms={:.1} confirm_p99_ms={:.1}",
+            self.placed,
+            self.confirmed,
+            cancelled,
+            self.pending,
+            self.lost,
+            self.failed_checkouts,
+            self.retried_checkouts,
+            self.confirmed_per_sec,
+            self.checkout_p50_ms,
+            self.checkout_p99_ms,
+            self.confirm_p50_ms,
+            self.confirm_p99_ms,
+        )
+    }
+}
+
+struct Shopper {
+    email: String,
+    token: String,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+async fn json_call(req: reqwest::RequestBuilder) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+    let res = req.send().await?;
+    let status = res.status();
+    let text = res.text().await?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+async fn login(
+    http: &reqwest::Client,
+    api: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let (s, body) = json_call(
+        http.post(format!("{api}/auth/login"))
+            .json(&json!({"email": email, "password": password})),
+    )
+    .await?;
+    anyhow::ensure!(s.is_success(), "login of {email} failed: {s} {body}");
+    body["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("login answer without access_token")
+}
+
+/// Runs the load and waits for every accepted order to finish.
+pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
+    let api = format!("{}/api/v1", opts.gateway.trim_end_matches('/'));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.shoppers.max(1) * 2)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    // Products, and their stock if asked.
+    let (s, page) = json_call(http.get(format!(
+        "{api}/products?limit={}",
+        opts.products.clamp(1, 200)
+    )))
+    .await?;
+    anyhow::ensure!(s.is_success(), "cannot list products: {s} {page}");
+    let products: Vec<String> = page["items"]
+        .as_array()
+        .context("product page without items")?
+        .iter()
+        .filter_map(|p| p["id"].as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(!products.is_empty(), "the catalog is empty");
+    if let Some(stock) = opts.stock {
+        let (Some(email), Some(password)) = (&opts.admin_email, &opts.admin_password) else {
+            anyhow::bail!(
+                "--stock needs the admin account (BAZAAR_ADMIN_EMAIL, BAZAAR_ADMIN_PASSWORD)"
+            );
+        };
+        let admin = login(&http, &api, email, password).await?;
+        for id in &products {
+            let (s, body) = json_call(
+                http.put(format!("{api}/inventory/{id}"))
+                    .bearer_auth(&admin)
+                    .json(&json!({"available": stock})),
+            )
+            .await?;
+            anyhow::ensure!(s.is_success(), "cannot set stock of {id}: {s} {body}");
+        }
+    }
+
+    // Shoppers.
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let mut shoppers = Vec::with_capacity(opts.shoppers);
+    for i in 0..opts.shoppers.max(1) {
+        let email = format!("load-{run_id}-{i}@bazaar.load");
+        let (s, body) = json_call(http.post(format!("{api}/auth/register")).json(
+            &json!({"email": email, "password": "load-password", "name": format!("Shopper {i}")}),
+        ))
+        .await?;
+        anyhow::ensure!(s.is_success(), "cannot register a shopper: {s} {body}");
+        let token = login(&http, &api, &email, "load-password").await?;
+        shoppers.push(Arc::new(Shopper { email, token }));
+    }
+
+    let placed = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    let progress = {
+        let placed = Arc::clone(&placed);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let secs = started.elapsed().as_secs_f64();
+                let n = placed.load(Ordering::Relaxed);
+                eprint!(
+                    "\r  {secs:>5.0} s  {n:>8} orders placed  {:>7.0}/s",
+                    n as f64 / secs.max(0.001)
+                );
+            }
+        })
+    };
+    let products = Arc::new(products);
+    let tasks: Vec<_> = shoppers
+        .iter()
+        .enumerate()
+        .map(|(i, shopper)| {
+            let (http, api, shopper, products) = (
+                http.clone(),
+                api.clone(),
+                Arc::clone(shopper),
+                Arc::clone(&products),
+            );
+            let (placed, failed, retried) = (
+                Arc::clone(&placed),
+                Arc::clone(&failed),
+                Arc::clone(&retried),
+            );
+            let retry_for = opts.retry_for;
+            tokio::spawn(async move {
+                let mut mine: Vec<(String, f64)> = Vec::new();
+                let mut n = i;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let product = &products[n % products.len()];
+                    let key = uuid::Uuid::now_v7().to_string();
+                    let body = json!({"items": [{"product_id": product, "quantity": 1}]});
+                    let began = Instant::now();
+                    let give_up = began + retry_for;
+                    loop {
+                        let res = http
+                            .post(format!("{api}/orders"))
+                            .bearer_auth(&shopper.token)
+                            .header("Idempotency-Key", &key)
+                            .json(&body)
+                            .send()
+                            .await;
+                        let status = res.as_ref().map(reqwest::Response::status).ok();
+                        match (res, status) {
+                            (Ok(r), Some(s)) if s.is_success() => {
+                                let order: Value = r.json().await.unwrap_or(Value::Null);
+                                if let Some(id) = order["id"].as_str() {
+                                    mine.push((id.to_owned(), began.elapsed().as_secs_f64() * 1e3));
+                                    placed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                break;
+                            }
+                            // A client error will not get better by retrying.
+                            (_, Some(s))
+                                if s.is_client_error()
+                                    && s != reqwest::StatusCode::TOO_MANY_REQUESTS =>
+                            {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            _ if Instant::now() > give_up => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            // An outage: the same key again, so at most one order.
+                            _ => {
+                                retried.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut accepted: Vec<(usize, String, f64)> = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        for (id, ms) in task.await? {
+            accepted.push((i, id, ms));
+        }
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    progress.abort();
+    eprintln!();
+
+    // Wait for every accepted order to be final, reading each shopper's orders.
+    let settle_deadline = Instant::now() + opts.settle;
+    let mut finals: HashMap<String, OrderView> = HashMap::new();
+    loop {
+        finals.clear();
+        for shopper in &shoppers {
+            let mut offset = 0;
+            loop {
+                let url = format!("{api}/orders?limit=200&offset={offset}");
+                let res = http.get(&url).bearer_auth(&shopper.token).send().await;
+                let page: Value = match res {
+                    Ok(r) if r.status().is_success() => r.json().await?,
+                    Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                        anyhow::bail!("the token of {} expired during the run", shopper.email)
+                    }
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let items: Vec<OrderView> = serde_json::from_value(page["items"].clone())?;
+                let n = items.len();
+                for o in items {
+                    finals.insert(o.id.clone(), o);
+                }
+                if n < 200 {
+                    break;
+                }
+                offset += 200;
+            }
+        }
+        let pending = accepted
+            .iter()
+            .filter(|(_, id, _)| finals.get(id).is_none_or(|o| o.status == "PENDING"))
+            .count();
+        if pending == 0 || Instant::now() > settle_deadline {
+            break;
+        }
+        eprint!("\r  waiting for {pending} orders to finish   ");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!();
+
+    let mut report = Report {
+        placed: accepted.len(),
+        failed_checkouts: failed.load(Ordering::Relaxed),
+        retried_checkouts: retried.load(Ordering::Relaxed),
+        load_secs,
+        ..Report::default()
+    };
+    let mut checkout_ms: Vec<f64> = accepted.iter().map(|(_, _, ms)| *ms).collect();
+    let mut confirm_ms = Vec::new();
+    let (mut first, mut last) = (None, None);
+    for (_, id, _) in &accepted {
+        report.order_ids.push(id.clone());
+        let Some(o) = finals.get(id) else {
+            report.lost += 1;
+            continue;
+        };
+        match o.status.as_str() {
+            "CONFIRMED" => {
+                report.confirmed += 1;
+                if let (Some(c), Some(u)) = (parse_time(&o.created_at), parse_time(&o.updated_at)) {
+                    confirm_ms.push((u - c).as_seconds_f64() * 1e3);
+                    first = Some(first.map_or(c, |f: time::OffsetDateTime| f.min(c)));
+                    last = Some(last.map_or(u, |l: time::OffsetDateTime| l.max(u)));
+                }
+            }
+            "CANCELLED" => {
+                *report
+                    .cancelled
+                    .entry(o.cancel_reason.clone().unwrap_or_default())
+                    .or_default() += 1;
+            }
+            _ => report.pending += 1,
+        }
+    }
+    if let (Some(f), Some(l)) = (first, last) {
+        report.confirmed_per_sec = report.confirmed as f64 / (l - f).as_seconds_f64().max(0.001);
+    }
+    checkout_ms.sort_by(f64::total_cmp);
+    confirm_ms.sort_by(f64::total_cmp);
+    report.checkout_p50_ms = percentile(&checkout_ms, 0.50);
+    report.checkout_p99_ms = percentile(&checkout_ms, 0.99);
+    report.confirm_p50_ms = percentile(&confirm_ms, 0.50);
+    report.confirm_p99_ms = percentile(&confirm_ms, 0.99);
+    Ok(report)
+}

@@ -1,0 +1,109 @@
+//! Operator endpoints the gateway serves itself (admin only): dead letters
+//! of every Bazaar queue, listed and replayed through the gateway's bus —
+//! the in-memory bus of an embedded system, or RabbitMQ.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRef, Query, State};
+use axum::routing::{get, post};
+use bazaar_bus::{Bus, DeadLetter};
+use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
+use bazaar_contracts::topics::QUEUES;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub bus: Bus,
+    pub verifier: Arc<Verifier>,
+}
+
+impl FromRef<AdminState> for Arc<Verifier> {
+    fn from_ref(s: &AdminState) -> Self {
+        s.verifier.clone()
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/api/v1/admin/dead-letters", get(list))
+        .route("/api/v1/admin/dead-letters/replay", post(replay))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct Which {
+    queue: Option<String>,
+}
+
+/// The queues a request names: one known queue, or all of them.
+fn queues(queue: Option<&str>) -> Result<Vec<&'static str>, Problem> {
+    match queue {
+        None => Ok(QUEUES.to_vec()),
+        Some(q) => QUEUES
+            .iter()
+            .find(|k| **k == q)
+            .map(|k| vec![*k])
+            .ok_or_else(|| {
+                Problem::invalid(
+                    "queue",
+                    format!("unknown queue; expected one of {}", QUEUES.join(", ")),
+                )
+            }),
+    }
+}
+
+fn unavailable(e: bazaar_bus::BusError) -> Problem {
+    Problem::unavailable(format!("the message bus: {e}"))
+}
+
+async fn list(
+    State(s): State<AdminState>,
+    caller: AuthUser,
+    Query(which): Query<Which>,
+) -> Result<Json<Vec<DeadLetter>>, Problem> {
+    caller.require_admin()?;
+    let mut out = Vec::new();
+    for q in queues(which.queue.as_deref())? {
+        out.extend(s.bus.dead_letters(q).await.map_err(unavailable)?);
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+struct ReplayBody {
+    queue: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(Serialize)]
+struct Replayed {
+    replayed: usize,
+}
+
+/// Replays one dead letter (`id`) or all of them (`all: true`), in one
+/// queue or every queue.
+async fn replay(
+    State(s): State<AdminState>,
+    caller: AuthUser,
+    Json(body): Json<ReplayBody>,
+) -> Result<Json<Replayed>, Problem> {
+    caller.require_admin()?;
+    if body.id.is_some() == body.all {
+        return Err(Problem::invalid("id", "give either an id or all: true"));
+    }
+    let mut replayed = 0;
+    for q in queues(body.queue.as_deref())? {
+        replayed += s
+            .bus
+            .replay(q, body.id.as_deref())
+            .await
+            .map_err(unavailable)?;
+    }
+    if body.id.is_some() && replayed == 0 {
+        return Err(Problem::not_found("no dead letter with that id"));
+    }
+    Ok(Json(Replayed { replayed }))
+}
