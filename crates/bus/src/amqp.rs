@@ -54,6 +54,9 @@ struct Inner {
     suspect: Notify,
 }
 
+/// How long one connection attempt (handshake and re-declarations) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A queue where retried messages wait before going back to `target`.
 #[derive(Clone)]
 struct DelayQueue {
@@ -173,11 +176,17 @@ async fn supervise(inner: Arc<Inner>, mut link: Link) {
         wait_until_broken(&inner, &link).await;
         inner.link.send_replace(None);
         tracing::warn!("lost the RabbitMQ connection; reconnecting");
-        let _ = link.conn.close(200, "reconnecting".into()).await;
+        let close = link.conn.close(200, "reconnecting".into());
+        let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
         let generation = link.generation + 1;
         let mut backoff = Duration::from_millis(100);
         link = loop {
-            match open_link(&inner, generation).await {
+            // A broker that is still booting can accept the socket and then
+            // stall the handshake; give up on such an attempt and retry.
+            let attempt =
+                tokio::time::timeout(CONNECT_TIMEOUT, open_link(&inner, generation)).await;
+            match attempt.unwrap_or_else(|_| Err(BusError::Unavailable("connect timed out".into())))
+            {
                 Ok(link) => break link,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "RabbitMQ reconnect failed");

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Chaos: every service as its own `bazaar serve` process on RabbitMQ and
+# PostgreSQL; simulated shoppers check out for LOAD_SECONDS while orders,
+# payments and inventory are each `kill -9`ed and restarted in turn and
+# RabbitMQ is restarted once. Then it waits for quiescence and audits the
+# databases. The last line is
+#
+#   audit: orders=N confirmed=C cancelled=X pending=0 lost=0 duplicate_charges=0 stock_mismatch=0
+#
+# and the script fails unless pending, lost, duplicate_charges and
+# stock_mismatch are all 0.
+#
+# Env: LOAD_SECONDS (default 60), SHOPPERS (default 16), PROFILE (release
+# or debug; default release), BAZAAR_TEST_AMQP_URL, BAZAAR_TEST_DATABASE_URL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOAD_SECONDS=${LOAD_SECONDS:-60}
+SHOPPERS=${SHOPPERS:-16}
+PROFILE=${PROFILE:-release}
+STOCK=1000000
+AMQP=${BAZAAR_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+DB=${BAZAAR_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+PREFIX="chaos$(date +%s)_"
+# A RabbitMQ vhost of its own, so no other run's messages mix in.
+VHOST="bazaar-$PREFIX"
+rabbitmqctl add_vhost "$VHOST" >/dev/null
+rabbitmqctl set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
+AMQP="${AMQP%/*}/$VHOST"
+
+if [[ $PROFILE == release ]]; then
+  cargo build --release -q -p bazaar
+else
+  cargo build -q -p bazaar
+fi
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
+WORK=$(mktemp -d)
+SERVICES=(auth inventory payments notifications orders catalog gateway)
+declare -A PORT PID
+
+psql_db() { psql "$DB" -v ON_ERROR_STOP=1 -qAt "$@"; }
+
+cleanup() {
+  for s in "${SERVICES[@]}"; do [[ -n ${PID[$s]:-} ]] && kill "${PID[$s]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for s in "${SERVICES[@]}"; do psql_db -c "DROP SCHEMA IF EXISTS \"$PREFIX$s\" CASCADE" >/dev/null 2>&1 || true; done
+  rabbitmqctl delete_vhost "$VHOST" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+for s in "${SERVICES[@]}"; do PORT[$s]=$(free_port); done
+
+export BAZAAR_AMQP_URL=$AMQP BAZAAR_DATABASE_URL=$DB BAZAAR_REGISTRY=static
+export BAZAAR_DATABASE_SCHEMA_PREFIX=$PREFIX
+export BAZAAR_ADMIN_EMAIL=admin@chaos.local BAZAAR_ADMIN_PASSWORD=chaos-admin-pw
+export BAZAAR_ARGON2_MEMORY_KIB=1024 BAZAAR_ARGON2_ITERATIONS=1
+export BAZAAR_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-warn}
+# Some declines and some transient provider failures, so every path runs.
+export BAZAAR_PAYMENTS_DECLINE_ABOVE=${BAZAAR_PAYMENTS_DECLINE_ABOVE:-5000}
+export BAZAAR_PAYMENTS_FAILURE_RATE=${BAZAAR_PAYMENTS_FAILURE_RATE:-0.02}
+for s in "${SERVICES[@]}"; do
+  export "BAZAAR_SERVICES__${s^^}=http://127.0.0.1:${PORT[$s]}"
+done
+
+start() { # service
+  "$BIN" serve "$1" --port "${PORT[$1]}" >>"$WORK/$1.log" 2>&1 &
+  PID[$1]=$!
+  for _ in $(seq 1 150); do
+    curl -sf "http://127.0.0.1:${PORT[$1]}/health" >/dev/null && return 0
+    sleep 0.1
+  done
+  echo "chaos: $1 did not start" >&2; tail -20 "$WORK/$1.log" >&2; exit 1
+}
+
+crash() { # service: kill -9, then restart
+  echo "chaos: kill -9 $1"
+  kill -9 "${PID[$1]}"
+  wait "${PID[$1]}" 2>/dev/null || true
+  sleep 1
+  start "$1"
+  echo "chaos: $1 restarted"
+}
+
+restart_rabbitmq() {
+  echo "chaos: restarting RabbitMQ"
+  rabbitmqctl shutdown >/dev/null 2>&1 || true
+  rabbitmq-server -detached
+  # The node takes a moment to register before it can even be awaited.
+  for _ in $(seq 1 60); do
+    rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1 && break
+    sleep 1
+  done
+  for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
+  echo "chaos: RabbitMQ is back"
+}
+
+for s in "${SERVICES[@]}"; do start "$s"; done
+GW="http://127.0.0.1:${PORT[gateway]}"
+for _ in $(seq 1 100); do curl -sf "$GW/api/v1/products?limit=1" >/dev/null && break; sleep 0.2; done
+
+echo "chaos: ${LOAD_SECONDS}s of checkout load from $SHOPPERS shoppers"
+"$BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" \
+  --stock "$STOCK" --settle 240 --ids "$WORK/ids" >"$WORK/load.out" 2>"$WORK/load.err" &
+LOAD=$!
+
+STEP=$(( LOAD_SECONDS / 5 ))
+sleep "$STEP"; crash orders
+sleep "$STEP"; crash payments
+sleep "$STEP"; crash inventory
+sleep "$STEP"; restart_rabbitmq
+
+if ! wait "$LOAD"; then
+  echo "chaos: the load reported a problem" >&2
+fi
+cat "$WORK/load.out"
+
+# Quiescence: no saga in flight, every outbox drained, nothing held.
+quiet() {
+  local pending outbox reserved
+  pending=$(psql_db -c "SELECT count(*) FROM \"${PREFIX}orders\".orders WHERE status = 'PENDING'")
+  outbox=0
+  for s in auth catalog orders inventory payments notifications; do
+    outbox=$(( outbox + $(psql_db -c "SELECT count(*) FROM \"$PREFIX$s\".outbox") ))
+  done
+  reserved=$(psql_db -c "SELECT coalesce(sum(reserved), 0) FROM \"${PREFIX}inventory\".stock")
+  [[ $pending == 0 && $outbox == 0 && $reserved == 0 ]]
+}
+for _ in $(seq 1 120); do quiet && break; sleep 1; done
+sleep 2
+
+# The ids the shoppers were given, to find any the database does not have.
+psql_db >/dev/null <<SQL
+CREATE TABLE "${PREFIX}orders".accepted (id TEXT PRIMARY KEY);
+\copy "${PREFIX}orders".accepted FROM '$WORK/ids'
+SQL
+
+O="\"${PREFIX}orders\"" I="\"${PREFIX}inventory\"" P="\"${PREFIX}payments\""
+read -r orders confirmed cancelled pending <<<"$(psql_db -F ' ' -c "
+  SELECT count(*), count(*) FILTER (WHERE status = 'CONFIRMED'),
+         count(*) FILTER (WHERE status = 'CANCELLED'), count(*) FILTER (WHERE status = 'PENDING')
+  FROM $O.orders")"
+lost=$(psql_db -c "SELECT count(*) FROM $O.accepted a LEFT JOIN $O.orders o ON o.id = a.id WHERE o.id IS NULL")
+# Money taken for an order that is not confirmed (charged twice, or charged
+# and then cancelled without a refund), or a confirmed order never charged
+# exactly its total.
+duplicate_charges=$(psql_db -c "
+  SELECT (SELECT count(*) FROM $P.payments p JOIN $O.orders o ON o.id = p.order_id
+          WHERE p.status = 'CHARGED' AND o.status <> 'CONFIRMED')
+       + (SELECT count(*) FROM $O.orders o LEFT JOIN $P.payments p ON p.order_id = o.id
+          WHERE o.status = 'CONFIRMED' AND (p.status IS DISTINCT FROM 'CHARGED' OR p.amount <> o.total))")
+# Per product: every unit is available, held, or sold; nothing is held at
+# rest; and inventory's sold units are exactly the confirmed orders' lines.
+stock_mismatch=$(psql_db -c "
+  WITH committed AS (
+    SELECT l.product_id, sum(l.quantity) AS units FROM $I.reservation_lines l
+    JOIN $I.reservations r ON r.order_id = l.order_id WHERE r.status = 'COMMITTED' GROUP BY l.product_id),
+  held AS (
+    SELECT l.product_id, sum(l.quantity) AS units FROM $I.reservation_lines l
+    JOIN $I.reservations r ON r.order_id = l.order_id WHERE r.status = 'RESERVED' GROUP BY l.product_id),
+  sold AS (
+    SELECT i.product_id, sum(i.quantity) AS units FROM $O.order_items i
+    JOIN $O.orders o ON o.id = i.order_id WHERE o.status = 'CONFIRMED' GROUP BY i.product_id)
+  SELECT count(*) FROM $I.stock s
+  LEFT JOIN committed c ON c.product_id = s.product_id
+  LEFT JOIN held h ON h.product_id = s.product_id
+  LEFT JOIN sold d ON d.product_id = s.product_id
+  WHERE s.available + s.reserved + coalesce(c.units, 0) <> $STOCK
+     OR s.reserved <> 0 OR coalesce(h.units, 0) <> 0
+     OR coalesce(c.units, 0) <> coalesce(d.units, 0)")
+charged=$(psql_db -c "SELECT count(*) FROM $P.payments WHERE status = 'CHARGED'")
+reasons=$(psql_db -F '=' -c "SELECT cancel_reason, count(*) FROM $O.orders WHERE status = 'CANCELLED' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')
+dead=$("$BIN" dlq list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' || echo "?")
+echo "audit detail: charged=$charged cancelled_by_reason: ${reasons:-none} dead_letters=$dead"
+echo "audit: orders=$orders confirmed=$confirmed cancelled=$cancelled pending=$pending lost=$lost duplicate_charges=$duplicate_charges stock_mismatch=$stock_mismatch"
+[[ $orders -gt 0 && $pending == 0 && $lost == 0 && $duplicate_charges == 0 && $stock_mismatch == 0 ]]
