@@ -16,62 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LOAD_SECONDS=${LOAD_SECONDS:-60}
 SHOPPERS=${SHOPPERS:-16}
-PROFILE=${PROFILE:-release}
 STOCK=1000000
-AMQP=${BAZAAR_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-DB=${BAZAAR_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
-PREFIX="chaos$(date +%s)_"
-# A RabbitMQ vhost of its own, so no other run's messages mix in.
-VHOST="bazaar-$PREFIX"
-rabbitmqctl add_vhost "$VHOST" >/dev/null
-rabbitmqctl set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
-AMQP="${AMQP%/*}/$VHOST"
-
-if [[ $PROFILE == release ]]; then
-  cargo build --release -q -p bazaar
-else
-  cargo build -q -p bazaar
-fi
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
-WORK=$(mktemp -d)
-SERVICES=(auth inventory payments notifications orders catalog gateway)
-declare -A PORT PID
-
-psql_db() { psql "$DB" -v ON_ERROR_STOP=1 -qAt "$@"; }
-
-cleanup() {
-  for s in "${SERVICES[@]}"; do [[ -n ${PID[$s]:-} ]] && kill "${PID[$s]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  for s in "${SERVICES[@]}"; do psql_db -c "DROP SCHEMA IF EXISTS \"$PREFIX$s\" CASCADE" >/dev/null 2>&1 || true; done
-  rabbitmqctl delete_vhost "$VHOST" >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-for s in "${SERVICES[@]}"; do PORT[$s]=$(free_port); done
-
-export BAZAAR_AMQP_URL=$AMQP BAZAAR_DATABASE_URL=$DB BAZAAR_REGISTRY=static
-export BAZAAR_DATABASE_SCHEMA_PREFIX=$PREFIX
-export BAZAAR_ADMIN_EMAIL=admin@chaos.local BAZAAR_ADMIN_PASSWORD=chaos-admin-pw
-export BAZAAR_ARGON2_MEMORY_KIB=1024 BAZAAR_ARGON2_ITERATIONS=1
-export BAZAAR_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-warn}
 # Some declines and some transient provider failures, so every path runs.
 export BAZAAR_PAYMENTS_DECLINE_ABOVE=${BAZAAR_PAYMENTS_DECLINE_ABOVE:-5000}
 export BAZAAR_PAYMENTS_FAILURE_RATE=${BAZAAR_PAYMENTS_FAILURE_RATE:-0.02}
-for s in "${SERVICES[@]}"; do
-  export "BAZAAR_SERVICES__${s^^}=http://127.0.0.1:${PORT[$s]}"
-done
-
-start() { # service
-  "$BIN" serve "$1" --port "${PORT[$1]}" >>"$WORK/$1.log" 2>&1 &
-  PID[$1]=$!
-  for _ in $(seq 1 150); do
-    curl -sf "http://127.0.0.1:${PORT[$1]}/health" >/dev/null && return 0
-    sleep 0.1
-  done
-  echo "chaos: $1 did not start" >&2; tail -20 "$WORK/$1.log" >&2; exit 1
-}
+source bench/lib.sh
 
 crash() { # service: kill -9, then restart
   echo "chaos: kill -9 $1"
@@ -95,14 +44,13 @@ restart_rabbitmq() {
   echo "chaos: RabbitMQ is back"
 }
 
-for s in "${SERVICES[@]}"; do start "$s"; done
-GW="http://127.0.0.1:${PORT[gateway]}"
-for _ in $(seq 1 100); do curl -sf "$GW/api/v1/products?limit=1" >/dev/null && break; sleep 0.2; done
+serve_system
 
 echo "chaos: ${LOAD_SECONDS}s of checkout load from $SHOPPERS shoppers"
 "$BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" \
   --stock "$STOCK" --settle 240 --ids "$WORK/ids" >"$WORK/load.out" 2>"$WORK/load.err" &
 LOAD=$!
+EXTRA_PIDS+=("$LOAD")
 
 STEP=$(( LOAD_SECONDS / 5 ))
 sleep "$STEP"; crash orders

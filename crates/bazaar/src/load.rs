@@ -31,6 +31,9 @@ pub struct LoadOptions {
     pub settle: Duration,
     /// How long one checkout may keep retrying through an outage.
     pub retry_for: Duration,
+    /// Orders per second in all (spread over the shoppers); `None`: as
+    /// fast as the shoppers get answers.
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +205,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
         })
     };
     let products = Arc::new(products);
+    let shoppers_n = shoppers.len();
     let tasks: Vec<_> = shoppers
         .iter()
         .enumerate()
@@ -218,10 +222,22 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                 Arc::clone(&retried),
             );
             let retry_for = opts.retry_for;
+            // Each shopper's share of the rate, on a fixed schedule (late
+            // orders are sent at once, not skipped: coordinated omission
+            // would hide slowness).
+            let every = opts
+                .rate
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(shoppers_n as f64 / r));
             tokio::spawn(async move {
                 let mut mine: Vec<(String, f64)> = Vec::new();
                 let mut n = i;
+                let mut next = Instant::now();
                 while Instant::now() < deadline {
+                    if let Some(every) = every {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += every;
+                    }
                     n += 1;
                     let product = &products[n % products.len()];
                     let key = uuid::Uuid::now_v7().to_string();

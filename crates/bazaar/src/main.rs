@@ -73,6 +73,9 @@ enum Command {
         /// Write the ids of all accepted orders to this file (one per line).
         #[arg(long)]
         ids: Option<PathBuf>,
+        /// Orders per second in all; default: as fast as answers come.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Dead letters: messages that failed every attempt or could not be
     /// parsed. Talks to RabbitMQ directly when BAZAAR_AMQP_URL is set (or
@@ -128,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             products,
             settle,
             ids,
+            rate,
         } => {
             let report = bazaar::load::run(bazaar::load::LoadOptions {
                 gateway,
@@ -139,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
                 admin_password: config.admin_password.clone(),
                 settle: Duration::from_secs(settle),
                 retry_for: Duration::from_secs(90),
+                rate,
             })
             .await?;
             if let Some(path) = ids {

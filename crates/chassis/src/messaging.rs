@@ -85,18 +85,6 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// Records message `id` as handled; `false` if it was handled before.
-pub async fn first_time(conn: &mut AnyConnection, id: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO inbox (message_id, received_at) VALUES ($1, $2) ON CONFLICT (message_id) DO NOTHING",
-    )
-    .bind(id)
-    .bind(crate::now())
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// A handle to the outbox relay: poke it after a commit that enqueued.
 #[derive(Clone)]
 pub struct Outbox {
@@ -268,21 +256,48 @@ impl<E: Effects> Inbox<E> {
 
     async fn apply_all(&self, batch: &[Received]) -> Result<(), Failure> {
         let mut tx = self.db.write.begin().await.map_err(retry)?;
+        // One statement records the whole batch; only ids it had not seen come back.
+        let ids: Vec<&str> = batch.iter().map(|m| m.envelope.id.as_str()).collect();
+        let mut fresh = first_times(&mut tx, &ids).await.map_err(retry)?;
         for msg in batch {
-            let span = message_span(msg);
-            async {
-                if first_time(&mut tx, &msg.envelope.id).await.map_err(retry)? {
-                    self.effects.apply(&mut tx, msg).await
-                } else {
-                    tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
-                    Ok(())
-                }
+            // `remove`: an id twice in one batch is applied once.
+            if !fresh.remove(msg.envelope.id.as_str()) {
+                tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
+                continue;
             }
-            .instrument(span)
-            .await?;
+            self.effects
+                .apply(&mut tx, msg)
+                .instrument(message_span(msg))
+                .await?;
         }
         tx.commit().await.map_err(retry)
     }
+}
+
+/// Records message ids as handled; returns those not handled before.
+pub async fn first_times(
+    conn: &mut AnyConnection,
+    ids: &[&str],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut fresh = std::collections::HashSet::with_capacity(ids.len());
+    let now = crate::now();
+    for chunk in ids.chunks(500) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "INSERT INTO inbox (message_id, received_at) VALUES {} ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind((*id).to_owned()).bind(now.clone());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            fresh.insert(row.try_get("message_id")?);
+        }
+    }
+    Ok(fresh)
 }
 
 #[async_trait]

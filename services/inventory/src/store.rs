@@ -135,8 +135,13 @@ pub async fn reserve(
     let mut taken = Vec::new();
     let mut short = false;
     for (product, &quantity) in &wanted {
-        ensure(conn, product, default_stock).await?;
-        if shift(conn, product, -quantity, quantity).await? {
+        let mut held = shift(conn, product, -quantity, quantity).await?;
+        if !held && get(conn, product).await?.is_none() {
+            // A product inventory has not heard of yet: it starts with the default stock.
+            ensure(conn, product, default_stock).await?;
+            held = shift(conn, product, -quantity, quantity).await?;
+        }
+        if held {
             taken.push((*product, quantity));
         } else {
             short = true;

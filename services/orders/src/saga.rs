@@ -57,17 +57,18 @@ pub fn message(
 }
 
 /// Moves a PENDING order from step `from` to (`status`, `step`), if it is
-/// still there; returns the order as it is now, or `None` if it was not.
+/// still there; returns `(user_id, total, currency)`, or `None` if it was not.
 async fn transition(
     tx: &mut AnyConnection,
     order_id: &str,
     from: &str,
     (status, step, reason): (&str, &str, Option<&str>),
     step_deadline: &str,
-) -> Result<Option<Order>, sqlx::Error> {
-    let done = sqlx::query(
+) -> Result<Option<ChargePayment>, sqlx::Error> {
+    let row = sqlx::query(
         "UPDATE orders SET status = $1, saga_step = $2, cancel_reason = $3, step_deadline = $4, updated_at = $5
-         WHERE id = $6 AND status = 'PENDING' AND saga_step = $7",
+         WHERE id = $6 AND status = 'PENDING' AND saga_step = $7
+         RETURNING user_id, total, currency",
     )
     .bind(status)
     .bind(step)
@@ -76,12 +77,25 @@ async fn transition(
     .bind(bazaar_chassis::now())
     .bind(order_id)
     .bind(from)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if done.rows_affected() == 0 {
-        return Ok(None);
-    }
-    store::get(tx, order_id).await
+    row.map(|r| {
+        Ok(ChargePayment {
+            order_id: order_id.to_owned(),
+            user_id: r.try_get("user_id")?,
+            amount: r.try_get("total")?,
+            currency: r.try_get("currency")?,
+        })
+    })
+    .transpose()
+}
+
+/// The order as it is now, for an event that carries it whole.
+async fn load(tx: &mut AnyConnection, order_id: &str) -> Result<Order, Failure> {
+    store::get(tx, order_id)
+        .await
+        .map_err(retry)?
+        .ok_or_else(|| Failure::Retry(format!("order {order_id} vanished")))
 }
 
 fn charge_of(order: &Order) -> ChargePayment {
@@ -115,12 +129,13 @@ async fn cancel(
     from: &str,
     reason: &str,
 ) -> Result<bool, Failure> {
-    let Some(order) = transition(tx, order_id, from, ("CANCELLED", DONE, Some(reason)), "")
+    let Some(charge) = transition(tx, order_id, from, ("CANCELLED", DONE, Some(reason)), "")
         .await
         .map_err(retry)?
     else {
         return Ok(false);
     };
+    let order = load(tx, order_id).await?;
     let by_ref = OrderRef {
         order_id: order.id.clone(),
     };
@@ -144,7 +159,7 @@ async fn cancel(
         out.push((
             COMMAND_EXCHANGE,
             PAYMENTS_REFUND,
-            caused(cause, PAYMENTS_REFUND, &charge_of(&order))?,
+            caused(cause, PAYMENTS_REFUND, &charge)?,
         ));
     }
     enqueue(tx, &out).await?;
@@ -199,8 +214,8 @@ impl Effects for Saga {
                 )
                 .await
                 .map_err(retry)?;
-                if let Some(order) = next {
-                    let charge = caused(env, PAYMENTS_CHARGE, &charge_of(&order))?;
+                if let Some(charge) = next {
+                    let charge = caused(env, PAYMENTS_CHARGE, &charge)?;
                     enqueue(tx, &[(COMMAND_EXCHANGE, PAYMENTS_CHARGE, charge)]).await?;
                 }
             }
@@ -211,7 +226,8 @@ impl Effects for Saga {
                 let done = transition(tx, &order_id, CHARGING, ("CONFIRMED", DONE, None), "")
                     .await
                     .map_err(retry)?;
-                if let Some(order) = done {
+                if done.is_some() {
+                    let order = load(tx, &order_id).await?;
                     let commit = OrderRef {
                         order_id: order.id.clone(),
                     };

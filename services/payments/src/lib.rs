@@ -182,10 +182,17 @@ impl Effects for Commands {
             (other, _) => return Err(Failure::Reject(format!("payments does not handle {other}"))),
         };
         if let Some(kind) = answer {
-            let (_, payment) = find(tx, &req.order_id)
-                .await
-                .map_err(retry)?
-                .ok_or_else(|| Failure::Retry("payment row vanished".into()))?;
+            let status = match kind {
+                PAYMENT_CHARGED => "CHARGED",
+                PAYMENT_DECLINED => "DECLINED",
+                _ => "REFUNDED",
+            };
+            let payment = Payment {
+                order_id: req.order_id.clone(),
+                amount: req.amount,
+                currency: req.currency.clone(),
+                status: status.into(),
+            };
             let event = env
                 .caused(kind, &payment)
                 .map_err(|e| Failure::Reject(e.to_string()))?;

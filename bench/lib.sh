@@ -1,0 +1,73 @@
+# Shared by the bench scripts: build the binary, and run the services as
+# separate `bazaar serve` processes on RabbitMQ (a vhost of their own) and
+# PostgreSQL (schemas of their own), cleaned up on exit. Source it.
+
+PROFILE=${PROFILE:-release}
+AMQP=${BAZAAR_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+DB=${BAZAAR_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+PREFIX="b$(date +%s)${RANDOM}_"
+SERVICES=(auth inventory payments notifications orders catalog gateway)
+declare -A PORT PID
+WORK=$(mktemp -d)
+VHOST=""
+EXTRA_PIDS=()
+
+if [[ $PROFILE == release ]]; then cargo build --release -q -p bazaar; else cargo build -q -p bazaar; fi
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
+
+export BAZAAR_ADMIN_EMAIL=admin@bench.local BAZAAR_ADMIN_PASSWORD=bench-admin-pw
+export BAZAAR_ARGON2_MEMORY_KIB=1024 BAZAAR_ARGON2_ITERATIONS=1
+export BAZAAR_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-warn}
+
+psql_db() { psql "$DB" -v ON_ERROR_STOP=1 -qAt "$@"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cleanup() {
+  for s in "${SERVICES[@]}"; do [[ -n ${PID[$s]:-} ]] && kill "${PID[$s]}" 2>/dev/null || true; done
+  for p in "${EXTRA_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [[ -n $VHOST ]]; then
+    for s in "${SERVICES[@]}"; do psql_db -c "DROP SCHEMA IF EXISTS \"$PREFIX$s\" CASCADE" >/dev/null 2>&1 || true; done
+    rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_up() { # gateway url
+  for _ in $(seq 1 150); do curl -sf "$1/api/v1/products?limit=1" >/dev/null && return 0; sleep 0.2; done
+  echo "bench: the system at $1 did not come up" >&2; exit 1
+}
+
+# `bazaar up` on a fresh data dir; sets GW.
+embedded_system() {
+  local port; port=$(free_port)
+  "$BIN" up --port "$port" --data-dir "$WORK/data" >"$WORK/up.log" 2>&1 &
+  EXTRA_PIDS+=($!)
+  GW="http://127.0.0.1:$port"
+  wait_up "$GW"
+}
+
+start() { # service
+  "$BIN" serve "$1" --port "${PORT[$1]}" >>"$WORK/$1.log" 2>&1 &
+  PID[$1]=$!
+  for _ in $(seq 1 150); do
+    curl -sf "http://127.0.0.1:${PORT[$1]}/health" >/dev/null && return 0
+    sleep 0.1
+  done
+  echo "bench: $1 did not start" >&2; tail -20 "$WORK/$1.log" >&2; exit 1
+}
+
+# Every service as its own process; sets GW.
+serve_system() {
+  VHOST="bazaar-$PREFIX"
+  rabbitmqctl -q add_vhost "$VHOST" >/dev/null
+  rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
+  export BAZAAR_AMQP_URL="${AMQP%/*}/$VHOST" BAZAAR_DATABASE_URL=$DB BAZAAR_REGISTRY=static
+  export BAZAAR_DATABASE_SCHEMA_PREFIX=$PREFIX
+  for s in "${SERVICES[@]}"; do PORT[$s]=$(free_port); done
+  for s in "${SERVICES[@]}"; do export "BAZAAR_SERVICES__${s^^}=http://127.0.0.1:${PORT[$s]}"; done
+  for s in "${SERVICES[@]}"; do start "$s"; done
+  GW="http://127.0.0.1:${PORT[gateway]}"
+  wait_up "$GW"
+}
