@@ -6,32 +6,39 @@
 #
 # embedded: `bazaar up` (SQLite, in-memory bus). serve: every service as
 # its own `bazaar serve` process on RabbitMQ and PostgreSQL. Each mode runs
-# twice: saturated (SHOPPERS, default 32) for throughput, and light
-# (LIGHT_SHOPPERS, default 2) for latency when not saturated.
-# Env: LOAD_SECONDS (default 20), PROFILE (release|debug).
+# the load at a few fixed order rates (orders/s offered, open loop); each
+# line reports the rate the sagas completed at and the latency from
+# POST /orders to CONFIRMED. Where confirmed_per_s falls below the offered
+# rate (and latency climbs), the system is saturated.
+# Env: LOAD_SECONDS (default 20), SHOPPERS (default 32), PROFILE,
+# EMBEDDED_RATES (default "50 500 800 1000 1200"), SERVE_RATES (default "50 200 300 350").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
 LOAD_SECONDS=${LOAD_SECONDS:-20}
 SHOPPERS=${SHOPPERS:-32}
-LIGHT_SHOPPERS=${LIGHT_SHOPPERS:-2}
+EMBEDDED_RATES=${EMBEDDED_RATES:-50 500 800 1000 1200}
+SERVE_RATES=${SERVE_RATES:-50 200 300 350}
 source bench/lib.sh
 
-measure() { # label
-  for run in "saturated:$SHOPPERS" "light:$LIGHT_SHOPPERS"; do
+measure() { # label, rates...
+  local label=$1; shift
+  for rate in "$@"; do
     local line
-    line=$("$BIN" load --gateway "$GW" --shoppers "${run#*:}" --seconds "$LOAD_SECONDS" \
-      --stock 100000000 2>/dev/null | grep '^load:')
-    printf '%-9s %-10s %s\n' "$1" "${run%%:*}" "$line"
+    line=$("$BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" \
+      --stock 100000000 --rate "$rate" 2>/dev/null | grep '^load:') || true
+    printf '%-9s offered %-5s %s\n' "$label" "$rate" "$line"
   done
 }
 
 if [[ $MODE == embedded || $MODE == all ]]; then
   embedded_system
-  measure embedded
+  # shellcheck disable=SC2086
+  measure embedded $EMBEDDED_RATES
   kill "${EXTRA_PIDS[-1]}"; wait "${EXTRA_PIDS[-1]}" 2>/dev/null || true
 fi
 if [[ $MODE == serve || $MODE == all ]]; then
   serve_system
-  measure serve
+  # shellcheck disable=SC2086
+  measure serve $SERVE_RATES
 fi

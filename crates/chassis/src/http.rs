@@ -139,6 +139,13 @@ pub async fn serve(
             tracing::warn!(error = %e, "deregister failed");
         }
     };
+    // Without TCP_NODELAY a response written in two parts (headers, then a
+    // streamed body) waits on the client's delayed ACK: ~40 ms stalls.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

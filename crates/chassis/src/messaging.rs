@@ -42,8 +42,16 @@ const RELAY_BATCH: usize = 256;
 /// How often the relay looks for rows nobody told it about (other
 /// replicas' leftovers, rows left by a crash).
 const RELAY_POLL: Duration = Duration::from_millis(500);
+/// Relay passes in flight at once on PostgreSQL.
+const RELAY_PASSES: usize = 4;
 /// How long handled message ids are remembered.
 const INBOX_RETENTION: &str = "7 days";
+
+tokio::task_local! {
+    /// Set when a message handler enqueued something, so the inbox pokes
+    /// the relay only when there is something to send.
+    static ENQUEUED: std::cell::Cell<bool>;
+}
 
 /// Puts messages in the outbox inside the caller's transaction.
 pub async fn enqueue(
@@ -82,6 +90,7 @@ pub async fn enqueue(
             .bind(now.clone());
     }
     query.execute(conn).await?;
+    let _ = ENQUEUED.try_with(|e| e.set(true));
     Ok(())
 }
 
@@ -109,33 +118,49 @@ impl Outbox {
 
     /// Starts the relay for a handle made earlier (services that enqueue
     /// before they run, such as catalog seeding).
+    ///
+    /// Passes overlap: a pass holds its rows until the broker confirms
+    /// them, which under steady traffic waits for the broker's disk sync,
+    /// so the next pass starts without waiting for it (on PostgreSQL, up
+    /// to [`RELAY_PASSES`] at once, each taking rows the others have not
+    /// locked; SQLite's single writer allows one).
     pub fn start(&self, db: Db, bus: Bus, shutdown: Shutdown) {
         let wake = Arc::clone(&self.wake);
+        let passes = match db.backend {
+            Backend::Postgres => RELAY_PASSES,
+            Backend::Sqlite => 1,
+        };
+        let slots = Arc::new(tokio::sync::Semaphore::new(passes));
         tokio::spawn(async move {
             let mut pruned = tokio::time::Instant::now();
             loop {
-                let failed = match relay_pass(&db, &bus).await {
-                    Ok(more) if more => continue,
-                    Ok(_) => false,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbox relay pass failed; rows stay for the next");
-                        true
-                    }
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
                 };
+                let (pass_db, pass_bus, again) = (db.clone(), bus.clone(), Arc::clone(&wake));
+                tokio::spawn(async move {
+                    match relay_pass(&pass_db, &pass_bus).await {
+                        // More may be waiting: go again at once.
+                        Ok(Pass::Full) => again.notify_one(),
+                        Ok(Pass::Some | Pass::Empty) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox relay pass failed; rows stay for the next");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    drop(slot);
+                });
                 if pruned.elapsed() > Duration::from_secs(3600) {
                     prune_inbox(&db).await;
                     pruned = tokio::time::Instant::now();
                 }
-                let pause = if failed {
-                    Duration::from_millis(200)
-                } else {
-                    RELAY_POLL
-                };
                 tokio::select! {
-                    () = wake.notified(), if !failed => {}
-                    () = tokio::time::sleep(pause) => {}
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(RELAY_POLL) => {}
                     () = shutdown.wait() => {
-                        // One last pass so messages of the final commits go out.
+                        // Let the passes in flight finish, then one last pass
+                        // so messages of the final commits go out.
+                        let _ = slots.acquire_many(u32::try_from(passes).unwrap_or(1)).await;
                         let _ = relay_pass(&db, &bus).await;
                         return;
                     }
@@ -150,65 +175,55 @@ impl Outbox {
     }
 }
 
-/// Publishes one batch of pending rows; `Ok(true)` if there may be more.
-async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
-    let mut tx = db.write.begin().await?;
-    // On PostgreSQL, replicas of a service share the outbox: each row is
-    // taken by one relay. (SQLite has one writer, so no one else is looking.)
+/// What a relay pass found.
+enum Pass {
+    Empty,
+    Some,
+    /// A full batch: there may be more.
+    Full,
+}
+
+/// Publishes one batch of pending rows.
+async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<Pass> {
+    // Rows are taken (deleted) in a transaction that commits only once the
+    // broker confirmed every one of them; any failure rolls the whole batch
+    // back, to be sent again (the confirmed part twice, which inboxes drop).
+    // On PostgreSQL, replicas of a service share the outbox: SKIP LOCKED
+    // gives each row to one relay. (SQLite has one writer.)
     let lock = match db.backend {
         Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         Backend::Sqlite => "",
     };
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT id, exchange, routing_key, envelope FROM outbox ORDER BY id LIMIT {RELAY_BATCH}{lock}"
+    let mut tx = db.write.begin().await?;
+    let mut rows = sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {RELAY_BATCH}{lock})
+         RETURNING id, exchange, routing_key, envelope"
     )))
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
-        return Ok(false);
+        return Ok(Pass::Empty);
     }
+    rows.sort_by_cached_key(|r| r.try_get::<String, _>("id").unwrap_or_default());
     let mut sends = Vec::with_capacity(rows.len());
     for row in &rows {
-        let id: String = row.try_get("id")?;
         let exchange: String = row.try_get("exchange")?;
         let key: String = row.try_get("routing_key")?;
         let body: String = row.try_get("envelope")?;
-        let msg = match serde_json::from_str::<Envelope>(&body) {
-            Ok(env) => Outgoing::envelope(&env)?,
-            // Written by this code, so never; keep the row rather than lose it.
-            Err(e) => {
-                tracing::error!(id, error = %e, "outbox row is not an envelope");
-                continue;
-            }
-        };
-        sends.push(async move {
-            let sent = bus.transport().publish(&exchange, &key, msg).await;
-            (id, sent)
-        });
+        // Written by this code, so it parses; if not, the batch stays put.
+        let env: Envelope = serde_json::from_str(&body)?;
+        let msg = Outgoing::envelope(&env)?;
+        sends.push(async move { bus.transport().publish(&exchange, &key, msg).await });
     }
-    let outcomes = futures::future::join_all(sends).await;
-    let mut sent = Vec::with_capacity(outcomes.len());
-    let mut failure = None;
-    for (id, outcome) in outcomes {
-        match outcome {
-            Ok(()) => sent.push(id),
-            Err(e) => failure = Some(e),
-        }
-    }
-    for chunk in sent.chunks(RELAY_BATCH) {
-        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!("DELETE FROM outbox WHERE id IN ({})", marks.join(", "));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            query = query.bind(id.clone());
-        }
-        query.execute(&mut *tx).await?;
+    for outcome in futures::future::join_all(sends).await {
+        outcome?;
     }
     tx.commit().await?;
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
-    Ok(rows.len() == RELAY_BATCH)
+    Ok(if rows.len() == RELAY_BATCH {
+        Pass::Full
+    } else {
+        Pass::Some
+    })
 }
 
 async fn prune_inbox(db: &Db) {
@@ -232,6 +247,11 @@ async fn prune_inbox(db: &Db) {
 /// Outgoing messages go through [`enqueue`] on the same connection.
 #[async_trait]
 pub trait Effects: Send + Sync + 'static {
+    /// Whether batches must run one at a time. Set it when messages update
+    /// the same hot rows (stock counts): concurrent batches would queue on
+    /// each other's row locks and, locking in different orders, deadlock.
+    const SERIAL: bool = false;
+
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure>;
 }
 
@@ -303,6 +323,14 @@ pub async fn first_times(
 #[async_trait]
 impl<E: Effects> BatchHandler for Inbox<E> {
     async fn handle(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
+        ENQUEUED
+            .scope(std::cell::Cell::new(false), self.handle_batch(batch))
+            .await
+    }
+}
+
+impl<E: Effects> Inbox<E> {
+    async fn handle_batch(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
         let outcomes = match self.apply_all(batch).await {
             Ok(()) => vec![Ok(()); batch.len()],
             Err(e) if batch.len() == 1 => vec![Err(e)],
@@ -314,7 +342,10 @@ impl<E: Effects> BatchHandler for Inbox<E> {
                 outcomes
             }
         };
-        if outcomes.iter().any(Result::is_ok) {
+        // (A failed batch may have set the flag; a needless poke is harmless.)
+        if outcomes.iter().any(Result::is_ok)
+            && ENQUEUED.try_with(std::cell::Cell::get).unwrap_or(true)
+        {
             self.outbox.poke();
         }
         outcomes
@@ -353,11 +384,8 @@ pub async fn spawn_consumer<E: Effects>(
     effects: E,
     shutdown: &Shutdown,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    // SQLite has one writer, so more batches at once would only queue.
-    let concurrency = match db.backend {
-        Backend::Sqlite => 2,
-        Backend::Postgres => 4,
-    };
+    // Two batches at once: one in the database while the next is taken in.
+    let concurrency = if E::SERIAL { 1 } else { 2 };
     let stop = shutdown.clone();
     let run = bazaar_bus::Consumer::new(ctx.bus.clone(), spec)
         .with_policy(ctx.config.retry_policy())

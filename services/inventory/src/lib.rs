@@ -85,6 +85,9 @@ fn payload<T: serde::de::DeserializeOwned>(msg: &Received) -> Result<T, Failure>
 
 #[async_trait]
 impl Effects for Commands {
+    // Every order touches the same few stock rows.
+    const SERIAL: bool = true;
+
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
         let env = &msg.envelope;
         let answer = match env.kind.as_str() {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{FromRef, Path, State};
@@ -26,6 +27,42 @@ pub struct AppState {
     pub writer: OrderWriter,
     pub discovery: Discovery,
     pub client: reqwest::Client,
+    pub prices: Arc<PriceCache>,
+}
+
+/// How long a product looked up in catalog is reused for pricing.
+const PRICE_TTL: Duration = Duration::from_secs(2);
+
+/// Products recently fetched from catalog: a checkout burst for the same
+/// products costs one catalog call per product every [`PRICE_TTL`], not one
+/// per order. Prices may so lag a catalog change by up to that long.
+#[derive(Default)]
+pub struct PriceCache {
+    products: std::sync::Mutex<HashMap<String, (Instant, Product)>>,
+}
+
+impl PriceCache {
+    fn get(&self, id: &str) -> Option<Product> {
+        let products = self
+            .products
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        products
+            .get(id)
+            .filter(|(at, _)| at.elapsed() < PRICE_TTL)
+            .map(|(_, p)| p.clone())
+    }
+
+    fn put(&self, p: &Product) {
+        let mut products = self
+            .products
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if products.len() > 10_000 {
+            products.retain(|_, (at, _)| at.elapsed() < PRICE_TTL);
+        }
+        products.insert(p.id.clone(), (Instant::now(), p.clone()));
+    }
 }
 
 impl FromRef<AppState> for Arc<Verifier> {
@@ -195,6 +232,17 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
     let mut ids: Vec<&str> = body.items.iter().map(|i| i.product_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
+    let mut known: HashMap<String, Product> = HashMap::new();
+    ids.retain(|id| match s.prices.get(id) {
+        Some(p) => {
+            known.insert(p.id.clone(), p);
+            false
+        }
+        None => true,
+    });
+    if ids.is_empty() {
+        return Ok(known);
+    }
     let catalog = s
         .discovery
         .pick("catalog")
@@ -231,9 +279,9 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
             format!("unknown product ids: {}", unknown.join(", ")),
         ));
     }
-    Ok(found
-        .into_iter()
-        .flatten()
-        .map(|p| (p.id.clone(), p))
-        .collect())
+    for p in found.into_iter().flatten() {
+        s.prices.put(&p);
+        known.insert(p.id.clone(), p);
+    }
+    Ok(known)
 }

@@ -94,6 +94,7 @@ impl Application {
             verifier: ctx.verifier.clone(),
             writer,
             discovery: ctx.discovery.clone(),
+            prices: Default::default(),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_millis(ctx.config.upstream_timeout_ms))
                 .build()?,
