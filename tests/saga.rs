@@ -376,8 +376,7 @@ async fn an_unanswered_step_times_out_and_is_compensated() {
         assert!(Instant::now() < deadline, "no voided payment");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The charge that kept failing waits in the dead-letter queue; a
-    // replay now finds the order voided and charges nothing.
+    // The charge that kept failing waits in the dead-letter queue.
     let letters = system
         .bus
         .dead_letters(topics::PAYMENTS_QUEUE)
@@ -392,14 +391,45 @@ async fn an_unanswered_step_times_out_and_is_compensated() {
             .contains("failed 3 times")
     );
     assert!(letters[0].body.contains(&id));
-    assert_eq!(
-        system
-            .bus
-            .replay(topics::PAYMENTS_QUEUE, None)
-            .await
-            .unwrap(),
-        1
-    );
+    // Operators see it through the gateway (admins only) and with `bazaar dlq`.
+    let (s, _) = shop
+        .api
+        .call("GET", "/admin/dead-letters", Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, listed) = shop
+        .api
+        .call(
+            "GET",
+            "/admin/dead-letters?queue=payments.commands",
+            Some(&shop.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{listed}");
+    assert_eq!(listed[0]["id"].as_str(), letters[0].id.as_deref());
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
+            .args(["dlq"])
+            .args(args)
+            .args(["--gateway", &system.gateway_url])
+            .env("BAZAAR_ADMIN_EMAIL", ADMIN_EMAIL)
+            .env("BAZAAR_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env_remove("BAZAAR_AMQP_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: Value = serde_json::from_str(&cli(&["list"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    // A replay finds the order voided and charges nothing.
+    let id_arg = letters[0].id.clone().unwrap();
+    assert!(cli(&["replay", "--id", &id_arg]).contains("replayed 1"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(shop.payment(&alice, &id).await.1["status"], "VOIDED");
     assert!(
@@ -410,6 +440,16 @@ async fn an_unanswered_step_times_out_and_is_compensated() {
             .unwrap()
             .is_empty()
     );
+    let (s, body) = shop
+        .api
+        .call(
+            "POST",
+            "/admin/dead-letters/replay",
+            Some(&shop.admin),
+            Some(json!({"all": true})),
+        )
+        .await;
+    assert_eq!((s, body), (StatusCode::OK, json!({"replayed": 0})));
     shop.api.assert_no_5xx();
     system.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
