@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use bazaar_bus::Bus;
-use bazaar_contracts::topics::QUEUES;
+use bazaar_contracts::topics;
 use serde_json::{Value, json};
 
 /// Where the dead letters are.
@@ -18,14 +18,7 @@ pub enum Target {
 }
 
 fn known(queue: Option<&str>) -> anyhow::Result<Vec<&'static str>> {
-    match queue {
-        None => Ok(QUEUES.to_vec()),
-        Some(q) => QUEUES
-            .iter()
-            .find(|k| **k == q)
-            .map(|k| vec![*k])
-            .with_context(|| format!("unknown queue {q:?}; expected one of {}", QUEUES.join(", "))),
-    }
+    topics::queues(queue).map_err(anyhow::Error::msg)
 }
 
 impl Target {

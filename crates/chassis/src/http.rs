@@ -224,3 +224,40 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Trace {
         })
     }
 }
+
+/// The state most service routers need: their database and the token
+/// verifier the [`crate::AuthUser`] extractor uses.
+#[derive(Clone)]
+pub struct ServiceState {
+    pub db: crate::db::Db,
+    pub verifier: std::sync::Arc<crate::Verifier>,
+}
+
+impl axum::extract::FromRef<ServiceState> for std::sync::Arc<crate::Verifier> {
+    fn from_ref(s: &ServiceState) -> Self {
+        s.verifier.clone()
+    }
+}
+
+/// Serves `router` (ready when its database and the bus are) until
+/// `shutdown`, then waits for `consumers` to settle the batches in hand.
+pub async fn serve_consuming(
+    ctx: &ServiceContext,
+    db: &crate::db::Db,
+    router: Router,
+    listener: TcpListener,
+    shutdown: Shutdown,
+    consumers: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let ready = Readiness {
+        db: Some(db.read.clone()),
+        bus: Some(ctx.bus.clone()),
+    };
+    let served = serve(ctx, router, listener, ready, shutdown).await;
+    for c in consumers {
+        if let Err(e) = c.await {
+            tracing::error!(service = ctx.name, error = %e, "a consumer crashed");
+        }
+    }
+    served
+}

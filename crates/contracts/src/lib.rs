@@ -52,6 +52,21 @@ pub mod topics {
         PAYMENTS_QUEUE,
         NOTIFICATIONS_QUEUE,
     ];
+
+    /// The queues `name` picks: one of [`QUEUES`], or all of them for `None`;
+    /// `Err` lists the valid names.
+    pub fn queues(name: Option<&str>) -> Result<Vec<&'static str>, String> {
+        match name {
+            None => Ok(QUEUES.to_vec()),
+            Some(q) => QUEUES
+                .iter()
+                .find(|k| **k == q)
+                .map(|k| vec![*k])
+                .ok_or_else(|| {
+                    format!("unknown queue {q:?}; expected one of {}", QUEUES.join(", "))
+                }),
+        }
+    }
 }
 
 /// A product and a number of units: an order line as the buyer asks for it,

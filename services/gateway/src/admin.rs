@@ -9,7 +9,7 @@ use axum::extract::{FromRef, Query, State};
 use axum::routing::{get, post};
 use bazaar_bus::{Bus, DeadLetter};
 use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
-use bazaar_contracts::topics::QUEUES;
+use bazaar_contracts::topics;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone)]
@@ -38,19 +38,7 @@ struct Which {
 
 /// The queues a request names: one known queue, or all of them.
 fn queues(queue: Option<&str>) -> Result<Vec<&'static str>, Problem> {
-    match queue {
-        None => Ok(QUEUES.to_vec()),
-        Some(q) => QUEUES
-            .iter()
-            .find(|k| **k == q)
-            .map(|k| vec![*k])
-            .ok_or_else(|| {
-                Problem::invalid(
-                    "queue",
-                    format!("unknown queue; expected one of {}", QUEUES.join(", ")),
-                )
-            }),
-    }
+    topics::queues(queue).map_err(|e| Problem::invalid("queue", e))
 }
 
 fn unavailable(e: bazaar_bus::BusError) -> Problem {

@@ -1,27 +1,14 @@
 //! The inventory HTTP API: read a product's stock; admins set it.
 
-use std::sync::Arc;
-
 use axum::Router;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{Path, State};
 use axum::routing::get;
-use bazaar_chassis::db::Db;
-use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
+use bazaar_chassis::{AuthUser, Json, Problem};
 use bazaar_contracts::{SetStock, Stock};
 
 use crate::store;
 
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub verifier: Arc<Verifier>,
-}
-
-impl FromRef<AppState> for Arc<Verifier> {
-    fn from_ref(s: &AppState) -> Self {
-        s.verifier.clone()
-    }
-}
+pub use bazaar_chassis::http::ServiceState as AppState;
 
 pub fn router(state: AppState) -> Router {
     Router::new()

@@ -8,7 +8,6 @@ mod store;
 
 use async_trait::async_trait;
 use bazaar_bus::{Failure, QueueSpec, Received};
-use bazaar_chassis::http::Readiness;
 use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
 use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_contracts::topics::{
@@ -59,17 +58,16 @@ impl Application {
             messaging::spawn_consumer(&self.ctx, db, &outbox, products, effects(), &shutdown)
                 .await?,
         ];
-        let ready = Readiness {
-            db: Some(db.read.clone()),
-            bus: Some(self.ctx.bus.clone()),
-        };
-        let router = http::router(self.state);
-        let served =
-            bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await;
-        for c in consumers {
-            let _ = c.await;
-        }
-        served
+        let router = http::router(self.state.clone());
+        bazaar_chassis::http::serve_consuming(
+            &self.ctx,
+            db,
+            router,
+            listener,
+            shutdown,
+            consumers.into(),
+        )
+        .await
     }
 }
 

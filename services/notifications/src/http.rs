@@ -1,27 +1,14 @@
 //! The notifications HTTP API: the caller's notifications, newest first.
 
-use std::sync::Arc;
-
 use axum::Router;
-use axum::extract::{FromRef, State};
+use axum::extract::State;
 use axum::routing::get;
-use bazaar_chassis::db::Db;
 use bazaar_chassis::paging::Paging;
-use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
+use bazaar_chassis::{AuthUser, Json, Problem};
 use bazaar_contracts::{Notification, Page};
 use sqlx::Row;
 
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub verifier: Arc<Verifier>,
-}
-
-impl FromRef<AppState> for Arc<Verifier> {
-    fn from_ref(s: &AppState) -> Self {
-        s.verifier.clone()
-    }
-}
+pub use bazaar_chassis::http::ServiceState as AppState;
 
 pub fn router(state: AppState) -> Router {
     Router::new()

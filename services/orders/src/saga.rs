@@ -107,7 +107,7 @@ fn charge_of(order: &Order) -> ChargePayment {
     }
 }
 
-fn reserve_of(order: &Order) -> ReserveStock {
+pub(crate) fn reserve_of(order: &Order) -> ReserveStock {
     ReserveStock {
         order_id: order.id.clone(),
         items: order

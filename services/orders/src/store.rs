@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use bazaar_bus::Envelope;
 use bazaar_chassis::messaging;
 use bazaar_contracts::topics::{COMMAND_EXCHANGE, INVENTORY_RESERVE, ORDER, ORDER_CREATED};
-use bazaar_contracts::{CreateOrder, Order, OrderItem, ReserveStock, StockLine};
+use bazaar_contracts::{CreateOrder, Order, OrderItem};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
 use crate::saga;
@@ -151,17 +151,7 @@ pub async fn create_batch(
             continue;
         }
         let trace = (new.traceparent.as_deref(), new.http_request_id.as_deref());
-        let reserve = ReserveStock {
-            order_id: order.id.clone(),
-            items: order
-                .items
-                .iter()
-                .map(|i| StockLine {
-                    product_id: i.product_id.clone(),
-                    quantity: i.quantity,
-                })
-                .collect(),
-        };
+        let reserve = saga::reserve_of(order);
         messages.push((
             COMMAND_EXCHANGE,
             INVENTORY_RESERVE,

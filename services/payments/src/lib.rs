@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bazaar_bus::{Failure, QueueSpec, Received};
-use bazaar_chassis::http::Readiness;
 use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
 use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_contracts::topics::{
@@ -66,15 +65,16 @@ impl Application {
             &shutdown,
         )
         .await?;
-        let ready = Readiness {
-            db: Some(db.read.clone()),
-            bus: Some(self.ctx.bus.clone()),
-        };
-        let router = http::router(self.state);
-        let served =
-            bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await;
-        let _ = consumer.await;
-        served
+        let router = http::router(self.state.clone());
+        bazaar_chassis::http::serve_consuming(
+            &self.ctx,
+            db,
+            router,
+            listener,
+            shutdown,
+            vec![consumer],
+        )
+        .await
     }
 }
 
