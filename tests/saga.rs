@@ -166,8 +166,42 @@ async fn every_saga_path_and_idempotent_checkout() {
     let (alice, _) = shop.customer().await;
 
     // Confirmed: stock leaves `available`, nothing stays reserved, one charge.
+    // The trace context and request id of the checkout ride the saga's messages.
     let cheap = shop.product(1_250, 10).await;
-    let id = shop.order(&alice, line(&cheap, 3)).await;
+    let tap = QueueSpec::new(format!("tap.reserve.{}", unique()))
+        .bind(topics::COMMAND_EXCHANGE, topics::INVENTORY_RESERVE)
+        .expires_after(Duration::from_secs(60));
+    let mut reserves = system.bus.subscribe(&tap, 10).await.unwrap();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let res = shop
+        .api
+        .http
+        .post(format!("{}/orders", shop.api.base))
+        .bearer_auth(&alice)
+        .header("traceparent", traceparent)
+        .header("x-request-id", "req-saga-1")
+        .json(&json!({ "items": line(&cheap, 3) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let order: Value = res.json().await.unwrap();
+    let id = order["id"].as_str().unwrap().to_owned();
+    let reserve = tokio::time::timeout(Duration::from_secs(5), reserves.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        reserve.headers.get("traceparent").map(String::as_str),
+        Some(traceparent)
+    );
+    assert_eq!(
+        reserve.headers.get("x-request-id").map(String::as_str),
+        Some("req-saga-1")
+    );
+    let env = reserve.envelope().unwrap();
+    assert_eq!(env.correlation_id.as_deref(), Some(id.as_str()));
+    reserve.ack().await.unwrap();
     let order = shop.settled(&alice, &id).await;
     assert_eq!(order["status"], "CONFIRMED", "{order}");
     assert_eq!(order["cancel_reason"], Value::Null);
