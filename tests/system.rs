@@ -450,6 +450,54 @@ fn real_servers() -> Option<(String, String)> {
     }
 }
 
+/// A RabbitMQ vhost of the test's own (when `rabbitmqctl` is at hand), so
+/// no other run's messages reach its services; deleted on drop.
+struct Vhost {
+    url: String,
+    name: Option<String>,
+}
+
+impl Vhost {
+    fn new(amqp: &str, name: &str) -> Self {
+        let ctl = |args: &[&str]| {
+            Command::new("rabbitmqctl")
+                .arg("-q")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if ctl(&["add_vhost", name])
+            && ctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
+        {
+            let base = amqp.rsplit_once('/').map_or(amqp, |(b, _)| b);
+            Self {
+                url: format!("{base}/{name}"),
+                name: Some(name.to_owned()),
+            }
+        } else {
+            eprintln!("rabbitmqctl unavailable: the serve-mode test shares the given vhost");
+            Self {
+                url: amqp.to_owned(),
+                name: None,
+            }
+        }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        if let Some(name) = &self.name {
+            let _ = Command::new("rabbitmqctl")
+                .args(["-q", "delete_vhost", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -477,6 +525,8 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
     let names = bazaar::SERVICES;
     let ports: HashMap<&str, u16> = names.iter().map(|n| (*n, free_port())).collect();
     let prefix = format!("t{}_", unique());
+    let vhost = Vhost::new(&amqp, &format!("bazaar-{prefix}"));
+    let amqp = vhost.url.clone();
     let mut children = Processes(Vec::new());
     for name in names {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bazaar"));
