@@ -5,6 +5,8 @@
 //! [`StaticRegistry`] takes addresses from configuration (`serve` mode,
 //! Kubernetes Services). [`Discovery`] picks an instance round-robin.
 
+pub mod balance;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
