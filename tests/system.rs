@@ -580,3 +580,57 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
             .unwrap();
     }
 }
+
+/// `bazaar dlq` straight against RabbitMQ: a dead letter is listed, then
+/// replayed by id into its queue, and the dead-letter queue is empty after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_command_against_rabbitmq() {
+    let Some((amqp, _)) = real_servers() else {
+        return;
+    };
+    let vhost = Vhost::new(&amqp, &format!("bazaar-dlq{}", unique()));
+    let bus = bazaar_bus::Bus::connect(&vhost.url).await.unwrap();
+    let queue = bazaar_contracts::topics::PAYMENTS_QUEUE;
+    bus.declare(&bazaar_bus::QueueSpec::new(queue))
+        .await
+        .unwrap();
+    let mut dead = bazaar_bus::Outgoing {
+        body: br#"{"not":"an envelope"}"#.to_vec(),
+        message_id: Some("dead-1".into()),
+        ..Default::default()
+    };
+    dead.headers
+        .insert("x-dead-reason".into(), "failed 5 times".into());
+    bus.transport()
+        .publish("", &bazaar_bus::dead_letter_queue(queue), dead)
+        .await
+        .unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bazaar"))
+            .arg("dlq")
+            .args(args)
+            .args(["--amqp", &vhost.url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: Value = serde_json::from_str(&cli(&["list"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["id"], "dead-1");
+    assert_eq!(listed[0]["reason"], "failed 5 times");
+    assert!(cli(&["replay", "--queue", queue, "--id", "dead-1"]).contains("replayed 1"));
+    let back = bus.transport().browse(queue, 10).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].message_id.as_deref(), Some("dead-1"));
+    assert!(!back[0].headers.contains_key("x-dead-reason"));
+    for d in back {
+        d.ack().await.unwrap();
+    }
+    let listed: Value = serde_json::from_str(&cli(&["list"])).unwrap();
+    assert_eq!(listed, json!([]));
+}

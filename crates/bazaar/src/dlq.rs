@@ -21,6 +21,15 @@ fn known(queue: Option<&str>) -> anyhow::Result<Vec<&'static str>> {
     topics::queues(queue).map_err(anyhow::Error::msg)
 }
 
+/// Declares `queue`'s dead-letter queue as its service would. On RabbitMQ
+/// reading a queue nobody declared yet (its service never ran) is an error
+/// that closes the channel; declared, it is simply empty.
+async fn ensure_dlq(bus: &Bus, queue: &str) -> anyhow::Result<()> {
+    let dlq = bazaar_bus::QueueSpec::new(bazaar_bus::dead_letter_queue(queue));
+    bus.transport().declare_queue(&dlq).await?;
+    Ok(())
+}
+
 impl Target {
     async fn token(&self, http: &reqwest::Client) -> anyhow::Result<(String, String)> {
         let Target::Gateway { url, token, admin } = self else {
@@ -55,6 +64,7 @@ impl Target {
             Target::Bus(bus) => {
                 let mut out = Vec::new();
                 for q in known(queue)? {
+                    ensure_dlq(bus, q).await?;
                     out.extend(bus.dead_letters(q).await?);
                 }
                 Ok(serde_json::to_value(out)?)
@@ -92,6 +102,7 @@ impl Target {
             Target::Bus(bus) => {
                 let mut n = 0;
                 for q in known(queue)? {
+                    ensure_dlq(bus, q).await?;
                     n += bus.replay(q, id).await?;
                 }
                 anyhow::ensure!(id.is_none() || n > 0, "no dead letter with id {id:?}");
