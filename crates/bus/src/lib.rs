@@ -120,19 +120,54 @@ impl Outgoing {
     /// An envelope as a persistent message: its id as the message id, its
     /// trace context and request id as headers.
     pub fn envelope(env: &Envelope) -> Result<Self, BusError> {
+        Ok(Self::with_envelope_headers(
+            serde_json::to_vec(env)?,
+            &env.id,
+            env.traceparent.as_deref(),
+            env.request_id.as_deref(),
+        ))
+    }
+
+    /// Like [`Outgoing::envelope`], for an envelope already serialised
+    /// (an outbox row): the body is sent as it is, only the fields the
+    /// properties need are read.
+    pub fn envelope_json(body: Vec<u8>) -> Result<Self, BusError> {
+        #[derive(serde::Deserialize)]
+        struct Ids {
+            id: String,
+            #[serde(default)]
+            traceparent: Option<String>,
+            #[serde(default)]
+            request_id: Option<String>,
+        }
+        let ids: Ids = serde_json::from_slice(&body)?;
+        Ok(Self::with_envelope_headers(
+            body,
+            &ids.id,
+            ids.traceparent.as_deref(),
+            ids.request_id.as_deref(),
+        ))
+    }
+
+    fn with_envelope_headers(
+        body: Vec<u8>,
+        id: &str,
+        traceparent: Option<&str>,
+        request_id: Option<&str>,
+    ) -> Self {
         let mut headers = Headers::new();
-        if let Some(tp) = &env.traceparent {
-            headers.insert(header::TRACEPARENT.into(), tp.clone());
+        if let Some(tp) = traceparent {
+            headers.insert(header::TRACEPARENT.into(), tp.to_owned());
         }
-        if let Some(id) = &env.request_id {
-            headers.insert(header::REQUEST_ID.into(), id.clone());
+        if let Some(rid) = request_id {
+            headers.insert(header::REQUEST_ID.into(), rid.to_owned());
         }
-        Ok(Self {
-            body: serde_json::to_vec(env)?,
-            message_id: Some(env.id.clone()),
+        Self {
+            body,
+            message_id: Some(id.to_owned()),
             headers,
             ..Self::default()
-        })
+        }
     }
 }
 

@@ -71,6 +71,12 @@ pub fn from_now(after: std::time::Duration) -> String {
     timestamp(time::OffsetDateTime::now_utc().saturating_add(after))
 }
 
+/// `before` ago, in the format of [`now`].
+pub fn ago(before: std::time::Duration) -> String {
+    let before = time::Duration::try_from(before).unwrap_or(time::Duration::MAX);
+    timestamp(time::OffsetDateTime::now_utc().saturating_sub(before))
+}
+
 fn timestamp(t: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"

@@ -45,7 +45,7 @@ const RELAY_POLL: Duration = Duration::from_millis(500);
 /// Relay passes in flight at once on PostgreSQL.
 const RELAY_PASSES: usize = 4;
 /// How long handled message ids are remembered.
-const INBOX_RETENTION: &str = "7 days";
+const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 tokio::task_local! {
     /// Set when a message handler enqueued something, so the inbox pokes
@@ -141,8 +141,8 @@ impl Outbox {
                 tokio::spawn(async move {
                     match relay_pass(&pass_db, &pass_bus).await {
                         // More may be waiting: go again at once.
-                        Ok(Pass::Full) => again.notify_one(),
-                        Ok(Pass::Some | Pass::Empty) => {}
+                        Ok(true) => again.notify_one(),
+                        Ok(false) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "outbox relay pass failed; rows stay for the next");
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -175,16 +175,9 @@ impl Outbox {
     }
 }
 
-/// What a relay pass found.
-enum Pass {
-    Empty,
-    Some,
-    /// A full batch: there may be more.
-    Full,
-}
-
-/// Publishes one batch of pending rows.
-async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<Pass> {
+/// Publishes one batch of pending rows; `true` if the batch was full, so
+/// more may be waiting.
+async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     // Rows are taken (deleted) in a transaction that commits only once the
     // broker confirmed every one of them; any failure rolls the whole batch
     // back, to be sent again (the confirmed part twice, which inboxes drop).
@@ -202,7 +195,7 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<Pass> {
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
-        return Ok(Pass::Empty);
+        return Ok(false);
     }
     rows.sort_by_cached_key(|r| r.try_get::<String, _>("id").unwrap_or_default());
     let mut sends = Vec::with_capacity(rows.len());
@@ -211,35 +204,23 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<Pass> {
         let key: String = row.try_get("routing_key")?;
         let body: String = row.try_get("envelope")?;
         // Written by this code, so it parses; if not, the batch stays put.
-        let env: Envelope = serde_json::from_str(&body)?;
-        let msg = Outgoing::envelope(&env)?;
+        let msg = Outgoing::envelope_json(body.into_bytes())?;
         sends.push(async move { bus.transport().publish(&exchange, &key, msg).await });
     }
     for outcome in futures::future::join_all(sends).await {
         outcome?;
     }
     tx.commit().await?;
-    Ok(if rows.len() == RELAY_BATCH {
-        Pass::Full
-    } else {
-        Pass::Some
-    })
+    Ok(rows.len() == RELAY_BATCH)
 }
 
 async fn prune_inbox(db: &Db) {
-    let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(7);
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    let Ok(cutoff) = cutoff.format(&format) else {
-        return;
-    };
     if let Err(e) = sqlx::query("DELETE FROM inbox WHERE received_at < $1")
-        .bind(cutoff)
+        .bind(crate::ago(INBOX_RETENTION))
         .execute(&db.write)
         .await
     {
-        tracing::warn!(error = %e, retention = INBOX_RETENTION, "pruning the inbox failed");
+        tracing::warn!(error = %e, "pruning the inbox failed");
     }
 }
 

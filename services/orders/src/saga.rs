@@ -303,7 +303,7 @@ async fn sweep(db: &Db, outbox: &Outbox) -> anyhow::Result<()> {
         let mut tx = db.write.begin().await?;
         let mut cancelled = 0;
         for (id, step, traceparent) in &due {
-            let mut cause = message(
+            let cause = message(
                 id,
                 (traceparent.as_deref(), None),
                 "order.timeout",
@@ -311,7 +311,6 @@ async fn sweep(db: &Db, outbox: &Outbox) -> anyhow::Result<()> {
                     order_id: id.clone(),
                 },
             )?;
-            cause.correlation_id = Some(id.clone());
             if cancel(&mut tx, &cause, id, step, "timeout")
                 .await
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?

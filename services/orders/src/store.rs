@@ -170,12 +170,17 @@ pub async fn create_batch(
     tx.commit().await?;
 
     let mut out = Vec::with_capacity(orders.len());
-    let mut conn = db.acquire().await?;
+    // Only repeated request ids need a read, so most batches need no connection.
+    let mut conn = None;
     for (order, new) in orders.into_iter().zip(batch) {
         if inserted.contains(&order.id) {
             out.push((order, true));
         } else {
-            let existing = by_request(&mut conn, &new.request_id)
+            let conn = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(db.acquire().await?),
+            };
+            let existing = by_request(conn, &new.request_id)
                 .await?
                 .ok_or(sqlx::Error::RowNotFound)?;
             out.push((existing, false));
