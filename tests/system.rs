@@ -402,8 +402,10 @@ async fn embedded_with_replicas_spreads_requests() {
     let http = reqwest::Client::new();
     let mut instances = std::collections::HashSet::new();
     for _ in 0..6 {
+        // Past the gateway's cache, or one instance would answer them all.
         let res = http
             .get(format!("{}/api/v1/products?limit=1", system.gateway_url))
+            .header("cache-control", "no-cache")
             .send()
             .await
             .unwrap();

@@ -8,6 +8,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+mod gateway;
+pub use gateway::{GatewayConfig, RateLimitConfig, RouteConfig};
+
 /// Everything a Bazaar process can be told. Each field's unit and default is
 /// documented; `bazaar.toml` at the repository root shows them all.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +95,15 @@ pub struct Config {
     /// Sender address of notification mail. Default `bazaar@localhost`.
     #[serde(deserialize_with = "lenient::text")]
     pub smtp_from: String,
+    /// This instance's share of traffic under the `weighted` strategy
+    /// (registered as a `weight=N` tag). Default 1.
+    pub weight: u32,
+    /// The gateway's routes and edge policies (`[gateway]`).
+    pub gateway: GatewayConfig,
+    /// The file this configuration was read from, if any (the gateway
+    /// watches it and reloads its routes when it changes).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// `[inventory]`.
@@ -143,6 +155,9 @@ impl Default for Config {
             notify_webhook_url: None,
             smtp_url: None,
             smtp_from: "bazaar@localhost".into(),
+            weight: 1,
+            gateway: GatewayConfig::default(),
+            file: None,
         }
     }
 }
@@ -152,8 +167,9 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         let path = file.map_or_else(|| PathBuf::from("bazaar.toml"), Path::to_path_buf);
-        if path.exists() {
-            fig = fig.merge(Toml::file(path));
+        let found = path.exists();
+        if found {
+            fig = fig.merge(Toml::file(&path));
         } else if file.is_some() {
             return Err(Box::new(figment::Error::from(format!(
                 "config file {} does not exist",
@@ -165,7 +181,9 @@ impl Config {
             "test_database_url",
             "test_etcd_url",
         ]));
-        fig.extract().map_err(Box::new)
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        config.file = found.then_some(path);
+        Ok(config)
     }
 
     /// The retry policy of every reliable consumer.

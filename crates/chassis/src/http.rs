@@ -121,7 +121,11 @@ pub async fn serve(
         id: ctx.instance_id.clone(),
         address: format!("http://{addr}"),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        tags: Vec::new(),
+        tags: if ctx.config.weight > 1 {
+            vec![format!("weight={}", ctx.config.weight)]
+        } else {
+            Vec::new()
+        },
     };
     let registry = ctx.discovery.registry().clone();
     registry

@@ -57,10 +57,11 @@ struct Stats {
     current: Mutex<i64>,
 }
 
-/// Picks instances by one strategy, keeping per-instance state.
+/// Picks instances, keeping per-instance state (requests in flight,
+/// latency, weighted round-robin's running weights) shared by every
+/// strategy, so routes with different strategies see the same load.
 #[derive(Default)]
 pub struct Balancer {
-    strategy: Strategy,
     next: AtomicUsize,
     stats: Mutex<HashMap<String, Arc<Stats>>>,
 }
@@ -126,17 +127,6 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 impl Balancer {
-    pub fn new(strategy: Strategy) -> Self {
-        Self {
-            strategy,
-            ..Self::default()
-        }
-    }
-
-    pub fn strategy(&self) -> Strategy {
-        self.strategy
-    }
-
     fn stats(&self, id: &str) -> Arc<Stats> {
         let mut stats = self
             .stats
@@ -145,15 +135,20 @@ impl Balancer {
         Arc::clone(stats.entry(id.to_owned()).or_default())
     }
 
-    /// Chooses one of `instances` for a request from `client`; `None` if
-    /// there are none.
-    pub fn pick(&self, instances: &[Instance], client: Option<IpAddr>) -> Option<Lease> {
+    /// Chooses one of `instances` by `strategy` for a request from
+    /// `client`; `None` if there are none.
+    pub fn pick(
+        &self,
+        strategy: Strategy,
+        instances: &[Instance],
+        client: Option<IpAddr>,
+    ) -> Option<Lease> {
         if instances.is_empty() {
             return None;
         }
         let stats: Vec<Arc<Stats>> = instances.iter().map(|i| self.stats(&i.id)).collect();
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
-        let index = match self.strategy {
+        let index = match strategy {
             Strategy::RoundRobin => rr % instances.len(),
             Strategy::LeastConnections => {
                 // Fewest in flight; ties broken by rotation.
@@ -243,7 +238,7 @@ mod tests {
     }
 
     fn spread(
-        b: &Balancer,
+        b: &Pick,
         list: &[Instance],
         n: usize,
         client: impl Fn(usize) -> Option<IpAddr>,
@@ -257,17 +252,30 @@ mod tests {
         counts
     }
 
+    /// A balancer bound to one strategy.
+    struct Pick(Balancer, Strategy);
+
+    impl Pick {
+        fn new(strategy: Strategy) -> Self {
+            Self(Balancer::default(), strategy)
+        }
+
+        fn pick(&self, list: &[Instance], client: Option<IpAddr>) -> Option<Lease> {
+            self.0.pick(self.1, list, client)
+        }
+    }
+
     #[test]
     fn round_robin_is_even() {
         let list = instances(&[1, 1, 1]);
-        let counts = spread(&Balancer::new(Strategy::RoundRobin), &list, 300, |_| None);
+        let counts = spread(&Pick::new(Strategy::RoundRobin), &list, 300, |_| None);
         assert_eq!(counts, vec![100, 100, 100]);
     }
 
     #[test]
     fn ip_hash_is_sticky_and_spreads_clients() {
         let list = instances(&[1, 1, 1]);
-        let b = Balancer::new(Strategy::IpHash);
+        let b = Pick::new(Strategy::IpHash);
         let one: IpAddr = "10.0.0.7".parse().unwrap();
         let counts = spread(&b, &list, 50, |_| Some(one));
         assert_eq!(counts.iter().filter(|c| **c > 0).count(), 1, "{counts:?}");
@@ -304,7 +312,7 @@ mod tests {
     #[test]
     fn weighted_three_to_one() {
         let list = instances(&[3, 1]);
-        let counts = spread(&Balancer::new(Strategy::Weighted), &list, 400, |_| None);
+        let counts = spread(&Pick::new(Strategy::Weighted), &list, 400, |_| None);
         assert!((270..=330).contains(&counts[0]), "{counts:?}");
         assert!((90..=110).contains(&counts[1]), "{counts:?}");
     }
@@ -312,7 +320,7 @@ mod tests {
     #[test]
     fn least_connections_avoids_a_busy_instance() {
         let list = instances(&[1, 1, 1]);
-        let b = Balancer::new(Strategy::LeastConnections);
+        let b = Pick::new(Strategy::LeastConnections);
         // Instance 0 is slow: five of its requests are still running.
         let held: Vec<Lease> = (0..5).map(|_| b.pick(&list[..1], None).unwrap()).collect();
         let counts = spread(&b, &list, 300, |_| None);
@@ -323,7 +331,7 @@ mod tests {
     #[test]
     fn power_of_two_prefers_the_fast_instances() {
         let list = instances(&[1, 1, 1]);
-        let b = Balancer::new(Strategy::PowerOfTwo);
+        let b = Pick::new(Strategy::PowerOfTwo);
         for _ in 0..30 {
             for (i, _) in list.iter().enumerate() {
                 let lease = b.pick(&[list[i].clone()], None).unwrap();

@@ -6,6 +6,7 @@
 //! Kubernetes Services). [`Discovery`] picks an instance round-robin.
 
 pub mod balance;
+pub mod breaker;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,8 +87,9 @@ impl Registry for MemoryRegistry {
 
 // === impl StaticRegistry ===
 
-/// Addresses from configuration (`name → [base URL]`); registering is a no-op
-/// because something else (Compose, a Kubernetes Service) owns the addresses.
+/// Addresses from configuration (`name → [base URL]`, each optionally
+/// followed by ` weight=N`); registering is a no-op because something else
+/// (Compose, a Kubernetes Service) owns the addresses.
 #[derive(Debug, Default, Clone)]
 pub struct StaticRegistry {
     services: HashMap<String, Vec<Instance>>,
@@ -100,12 +102,18 @@ impl StaticRegistry {
             .map(|(name, urls)| {
                 let instances = urls
                     .iter()
-                    .map(|url| Instance {
-                        name: name.clone(),
-                        id: url.clone(),
-                        address: url.trim_end_matches('/').to_owned(),
-                        version: String::new(),
-                        tags: vec!["static".into()],
+                    .map(|entry| {
+                        let mut words = entry.split_whitespace();
+                        let url = words.next().unwrap_or_default();
+                        let mut tags = vec!["static".to_owned()];
+                        tags.extend(words.map(str::to_owned));
+                        Instance {
+                            name: name.clone(),
+                            id: url.to_owned(),
+                            address: url.trim_end_matches('/').to_owned(),
+                            version: String::new(),
+                            tags,
+                        }
                     })
                     .collect();
                 (name.clone(), instances)
@@ -229,11 +237,16 @@ mod tests {
         let mut m = HashMap::new();
         m.insert(
             "auth".to_string(),
-            vec!["http://127.0.0.1:7001/".to_string()],
+            vec![
+                "http://127.0.0.1:7001/".to_string(),
+                "http://127.0.0.1:7002 weight=3".to_string(),
+            ],
         );
         let r = StaticRegistry::new(&m);
         let list = r.list("auth").await.unwrap();
         assert_eq!(list[0].address, "http://127.0.0.1:7001");
+        assert_eq!(list[1].address, "http://127.0.0.1:7002");
+        assert_eq!(balance::weight(&list[1]), 3);
         r.register(inst("x", "y")).await.unwrap();
         assert!(r.list("x").await.unwrap().is_empty());
     }

@@ -95,3 +95,24 @@ async fn replay(
     }
     Ok(Json(Replayed { replayed }))
 }
+
+/// `GET /_admin/services`: every service's instances with their health
+/// and breaker state. From loopback, or with an admin token.
+pub async fn services(
+    State(g): State<crate::proxy::Shared>,
+    axum::Extension(edge): axum::Extension<crate::edge::Edge>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Vec<crate::upstream::InstanceView>>, Problem> {
+    if !edge.client.is_loopback() {
+        match g.claims(&headers).await? {
+            None => return Err(Problem::unauthorized("an admin token is required")),
+            Some(c) if c.role != "admin" => return Err(Problem::forbidden("admin role required")),
+            Some(_) => {}
+        }
+    }
+    g.pools
+        .view()
+        .await
+        .map(Json)
+        .map_err(|e| Problem::unavailable(e.to_string()))
+}

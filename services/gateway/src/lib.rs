@@ -1,33 +1,42 @@
-//! The gateway: the one public edge. Routes `/api/v1/{auth,products,orders}/…`
-//! to the services found through discovery, verifies tokens at the edge and
-//! forwards the caller's identity, streams bodies both ways, and maps
-//! upstream failures to 503 (unreachable) and 504 (too slow).
+//! The gateway: the one public edge. Routes `/api/<version>/…` by a route
+//! table that is configuration (`[[gateway.routes]]`, reloaded live) to
+//! the instances discovery reports, balanced by a strategy per route and
+//! shielded by health checks and per-instance breakers; verifies tokens
+//! and roles at the edge; limits rates; caches public reads; transforms
+//! v2 bodies; aggregates `/api/v1/me/overview`.
 
 mod admin;
+mod cache;
+mod edge;
+mod limit;
+mod overview;
 mod proxy;
-mod routes;
+mod table;
+mod transform;
+mod upstream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::routing::{any, get};
 use bazaar_chassis::http::Readiness;
 use bazaar_chassis::{ServiceContext, Shutdown};
+use bazaar_mesh::breaker::BreakerSettings;
 use tokio::net::TcpListener;
 
 /// A built gateway, ready to serve.
 pub struct Application {
     ctx: ServiceContext,
-    state: proxy::GatewayState,
+    table: table::Table,
 }
 
 impl Application {
+    /// Checks the route table; a bad one stops the start with its reason.
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let state = proxy::GatewayState::new(
-            ctx.discovery.clone(),
-            ctx.verifier.clone(),
-            Duration::from_millis(ctx.config.upstream_timeout_ms),
-            ctx.config.body_limit,
-        );
-        Ok(Self { ctx, state })
+        let table = table::Table::compile(&ctx.config.gateway, default_timeout(&ctx))
+            .map_err(|e| anyhow::anyhow!("gateway route table: {e}"))?;
+        Ok(Self { ctx, table })
     }
 
     pub async fn run_until_stopped(
@@ -35,12 +44,52 @@ impl Application {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
+        let config = &self.ctx.config;
+        let live = table::Live::new(self.table);
+        if let Some(file) = &config.file {
+            live.watch(
+                file.clone(),
+                config.gateway.clone(),
+                default_timeout(&self.ctx),
+                shutdown.clone(),
+            );
+        }
+        let g = &config.gateway;
+        let pools = upstream::Pools::new(
+            self.ctx.discovery.clone(),
+            upstream::client(),
+            BreakerSettings {
+                consecutive: g.eject_after.max(1),
+                open_for: Duration::from_millis(g.breaker_open_ms),
+                ..BreakerSettings::default()
+            },
+            Duration::from_millis(g.health_interval_ms.max(100)),
+            g.retry_budget_percent,
+            shutdown.clone(),
+        );
+        let state: proxy::Shared = Arc::new(proxy::Gateway {
+            live,
+            pools,
+            verifier: self.ctx.verifier.clone(),
+            buckets: limit::Buckets::default(),
+            cache: cache::Cache::default(),
+            body_limit: config.body_limit,
+        });
         let admin = admin::router(admin::AdminState {
             bus: self.ctx.bus.clone(),
             verifier: self.ctx.verifier.clone(),
         });
-        let router = admin.merge(proxy::router(self.state));
-        bazaar_chassis::http::serve(&self.ctx, router, listener, Readiness::default(), shutdown)
-            .await
+        let edge = Router::new()
+            .route("/api/v1/me/overview", get(overview::overview))
+            .route("/_admin/services", get(admin::services))
+            .route("/api/{*rest}", any(proxy::proxy))
+            .with_state(state.clone())
+            .merge(admin)
+            .layer(axum::middleware::from_fn_with_state(state, edge::edge));
+        bazaar_chassis::http::serve(&self.ctx, edge, listener, Readiness::default(), shutdown).await
     }
+}
+
+fn default_timeout(ctx: &ServiceContext) -> Duration {
+    Duration::from_millis(ctx.config.upstream_timeout_ms)
 }

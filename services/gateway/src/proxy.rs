@@ -1,61 +1,41 @@
-//! The proxy: authenticate, pick an instance, forward, stream back.
+//! The proxy pipeline, per request: route match (method, version, path) →
+//! token check and identity headers → role check → rate limit → body
+//! limit → login guard → cache → transform → pick an instance → forward
+//! (timeout, one retry of idempotent requests elsewhere) → response.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::Router;
+use axum::Extension;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
-use bazaar_chassis::{Problem, Verifier, auth::bearer};
-use bazaar_mesh::Discovery;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use bazaar_chassis::auth::{Claims, bearer};
+use bazaar_chassis::{Problem, Verifier};
+use bazaar_mesh::balance::Strategy;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
 
-use crate::routes;
+use crate::cache::{self, Cache};
+use crate::edge::{Edge, ServedBy};
+use crate::limit::{Buckets, Decision};
+use crate::table::{LimitKey, Live, Route, Transform};
+use crate::transform;
+use crate::upstream::{NoPick, Pools};
 
-#[derive(Clone)]
-pub struct GatewayState {
-    discovery: Discovery,
-    verifier: Arc<Verifier>,
-    client: Client<HttpConnector, Body>,
-    timeout: Duration,
-    body_limit: usize,
+/// Everything the gateway's handlers share.
+pub struct Gateway {
+    pub live: Live,
+    pub pools: Arc<Pools>,
+    pub verifier: Arc<Verifier>,
+    pub buckets: Buckets,
+    pub cache: Cache,
+    pub body_limit: usize,
 }
 
-impl GatewayState {
-    pub fn new(
-        discovery: Discovery,
-        verifier: Arc<Verifier>,
-        timeout: Duration,
-        body_limit: usize,
-    ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        Self {
-            discovery,
-            verifier,
-            client,
-            timeout,
-            body_limit,
-        }
-    }
-}
-
-pub fn router(state: GatewayState) -> Router {
-    Router::new()
-        .route("/api/v1/{*rest}", any(proxy))
-        .with_state(state)
-}
+pub type Shared = Arc<Gateway>;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -70,12 +50,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Most bytes of an oversized body read and discarded before answering 413.
 const DRAIN_CAP: usize = 16 * 1024 * 1024;
+/// Largest upstream answer the gateway buffers to transform or cache.
+const BUFFER_CAP: usize = 8 * 1024 * 1024;
 
-const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
-const X_USER_ROLE: HeaderName = HeaderName::from_static("x-user-role");
-const X_USER_EMAIL: HeaderName = HeaderName::from_static("x-user-email");
+pub const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+pub const X_USER_ROLE: HeaderName = HeaderName::from_static("x-user-role");
+pub const X_USER_EMAIL: HeaderName = HeaderName::from_static("x-user-email");
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -89,18 +75,172 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-async fn proxy(
-    State(s): State<GatewayState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+/// `/api/v1/products/7` → `("v1", "/products/7")`.
+fn split_version(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/api/")?;
+    match rest.split_once('/') {
+        Some((v, _)) => Some((v, &rest[v.len()..])),
+        None => Some((rest, "/")),
+    }
+}
+
+fn is_write(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!("request bodies are limited to {limit} bytes"),
+    )
+}
+
+fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
+    for (name, value) in [
+        ("ratelimit-limit", d.limit.into()),
+        ("ratelimit-remaining", d.remaining.into()),
+        ("ratelimit-reset", d.reset_secs),
+    ] {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
+    }
+}
+
+/// 429 with `Retry-After` and the bucket's `RateLimit-*` headers.
+fn limited(d: &Decision, detail: &str) -> Response {
+    let mut res = Problem::new(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail)
+        .retry_after(d.retry_after_secs)
+        .into_response();
+    rate_headers(res.headers_mut(), d);
+    res
+}
+
+fn no_pick(e: NoPick) -> Problem {
+    Problem::unavailable(e.to_string())
+}
+
+/// The upstream's answer and the instance that gave it.
+pub struct Answer {
+    pub response: hyper::Response<hyper::body::Incoming>,
+    pub instance: String,
+}
+
+/// How one upstream call is made.
+pub struct Call<'a> {
+    pub service: &'a str,
+    pub strategy: Strategy,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl Gateway {
+    /// Verifies the bearer token, if any.
+    pub async fn claims(&self, headers: &HeaderMap) -> Result<Option<Claims>, Problem> {
+        match bearer(headers)? {
+            Some(token) => Ok(Some(self.verifier.verify(token).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends a request to an instance of `call.service`. A connection
+    /// failure of an idempotent request is retried on another instance
+    /// while the retry budget allows. Transport failures and timeouts
+    /// count against the instance's breaker; answers of any status do
+    /// not (a 503 from an instance usually means one of *its*
+    /// dependencies is down, which another instance would not fix).
+    pub async fn send(
+        self: &Arc<Self>,
+        call: &Call<'_>,
+        client: IpAddr,
+        method: &Method,
+        headers: &HeaderMap,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<Answer, Problem> {
+        let attempts = if idempotent(method) {
+            1 + call.retries
+        } else {
+            1
+        };
+        self.pools.deposit(call.service);
+        let mut tried: Vec<String> = Vec::new();
+        let mut failure = Problem::unavailable(format!("{} is unavailable", call.service));
+        for attempt in 0..attempts {
+            if attempt > 0 && !self.pools.withdraw(call.service) {
+                tracing::debug!(service = call.service, "retry budget spent");
+                break;
+            }
+            let pick = match self
+                .pools
+                .pick(call.service, call.strategy, client, &tried)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if attempt == 0 => return Err(no_pick(e)),
+                Err(_) => break,
+            };
+            let id = pick.member.instance.id.clone();
+            let mut req = hyper::Request::new(Body::from(body.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = format!("{}{path_and_query}", pick.member.instance.address)
+                .parse()
+                .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
+            *req.headers_mut() = headers.clone();
+            let started = Instant::now();
+            match tokio::time::timeout(call.timeout, self.pools.client().request(req)).await {
+                Ok(Ok(response)) => {
+                    pick.finish(true, started.elapsed());
+                    return Ok(Answer {
+                        response,
+                        instance: id,
+                    });
+                }
+                Ok(Err(e)) => {
+                    pick.finish(false, started.elapsed());
+                    tracing::warn!(service = call.service, instance = %id, error = %e, "upstream call failed");
+                    failure = if e.is_connect() {
+                        Problem::unavailable(format!("{} is unreachable", call.service))
+                    } else {
+                        Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            "bad-gateway",
+                            format!("{} failed to answer", call.service),
+                        )
+                    };
+                    tried.push(id);
+                }
+                Err(_) => {
+                    pick.finish(false, started.elapsed());
+                    return Err(Problem::timeout(format!(
+                        "{} did not answer in time",
+                        call.service
+                    )));
+                }
+            }
+        }
+        Err(failure)
+    }
+}
+
+pub async fn proxy(
+    State(g): State<Shared>,
+    Extension(edge): Extension<Edge>,
     req: Request,
 ) -> Response {
-    match forward(&s, peer, req).await {
+    match forward(&g, &edge, req).await {
         Ok(res) => res,
         Err(problem) => {
-            let too_large = problem.status == 413;
+            let refused_body = problem.status == 413;
             let mut res = problem.into_response();
-            if too_large {
-                // The body was refused unread: the connection cannot carry
+            if refused_body {
+                // The body may be left unread: the connection cannot carry
                 // another request, so tell the client not to reuse it.
                 res.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -110,125 +250,327 @@ async fn proxy(
     }
 }
 
-async fn forward(s: &GatewayState, peer: SocketAddr, req: Request) -> Result<Response, Problem> {
-    let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path()
-        .strip_prefix("/api/v1")
-        .unwrap_or("")
-        .to_owned();
-    let route =
-        routes::route(&parts.method, &path).ok_or_else(|| Problem::not_found("no such route"))?;
+/// Reads the request body, refusing more than `limit` bytes with 413.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        // Read and discard the body (up to a cap) before answering, so the
+        // client sees the 413 instead of a broken pipe mid-upload.
+        let mut body = body;
+        let mut read = 0usize;
+        while read <= DRAIN_CAP {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
+        }
+        return Err(too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Err(_) => Err(Problem::bad_request("the request body could not be read")),
+    }
+}
 
-    // Identity comes only from a verified token, never from the client's headers.
+/// Identity comes only from a verified token, never from the client.
+fn set_identity(headers: &mut HeaderMap, claims: Option<&Claims>) {
     for h in [X_USER_ID, X_USER_ROLE, X_USER_EMAIL] {
-        parts.headers.remove(h);
+        headers.remove(h);
     }
-    let claims = match bearer(&parts.headers)? {
-        Some(token) => Some(s.verifier.verify(token).await?),
-        None => None,
-    };
-    if !route.public && claims.is_none() {
-        return Err(Problem::unauthorized("missing bearer token"));
-    }
-    if let Some(c) = &claims {
+    if let Some(c) = claims {
         for (name, value) in [
             (X_USER_ID, &c.sub),
             (X_USER_ROLE, &c.role),
             (X_USER_EMAIL, &c.email),
         ] {
             if let Ok(v) = HeaderValue::from_str(value) {
-                parts.headers.insert(name, v);
+                headers.insert(name, v);
             }
         }
     }
-    let too_large = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|n| n > s.body_limit);
-    if too_large {
-        // Read and discard the body (up to a cap) before answering, so the
-        // client sees the 413 instead of a broken pipe mid-upload.
-        let mut body = body;
-        let mut read = 0usize;
-        while read <= DRAIN_CAP {
-            match http_body_util::BodyExt::frame(&mut body).await {
-                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
-                _ => break,
+}
+
+/// Hop-by-hop headers out; `X-Forwarded-*` in. A client's own
+/// `X-Forwarded-For` is kept only when it came through a trusted proxy.
+fn set_forwarding(headers: &mut HeaderMap, edge: &Edge) {
+    strip_hop_by_hop(headers);
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    let peer = edge.peer.to_string();
+    let chain = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if edge.table.trusts(edge.peer) => format!("{prior}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+}
+
+/// The login brute-force keys of a login body: per account (when the
+/// body names one) and per client address.
+fn login_keys(body: &[u8], client: IpAddr) -> (Option<String>, String) {
+    let account = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("email")?.as_str().map(|e| e.trim().to_lowercase()))
+        .filter(|e| !e.is_empty())
+        .map(|e| format!("login-account|{e}"));
+    (account, format!("login-ip|{client}"))
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {
+    let (mut parts, body) = req.into_parts();
+    let full = parts.uri.path().to_owned();
+    let (version, path) =
+        split_version(&full).ok_or_else(|| Problem::not_found("no such route"))?;
+    let table = &edge.table;
+    let route: &Route = table
+        .find(&parts.method, version, path)
+        .ok_or_else(|| Problem::not_found("no such route"))?;
+
+    let claims = g.claims(&parts.headers).await?;
+    if route.auth && claims.is_none() {
+        return Err(Problem::unauthorized("missing bearer token"));
+    }
+    if !route.roles.is_empty() {
+        match &claims {
+            None => return Err(Problem::unauthorized("missing bearer token")),
+            Some(c) if !route.roles.contains(&c.role) => {
+                return Err(Problem::forbidden(format!(
+                    "this call needs the role {}",
+                    route.roles.join(" or ")
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    set_identity(&mut parts.headers, claims.as_ref());
+
+    let mut quota = None;
+    if let Some(rl) = &route.rate_limit {
+        let who = match (rl.key, &claims) {
+            (LimitKey::User, Some(c)) => format!("user:{}", c.sub),
+            _ => format!("ip:{}", edge.client),
+        };
+        let d = g
+            .buckets
+            .take(&format!("{}|{who}", route.name), rl.requests, rl.per, 1.0);
+        if !d.allowed {
+            return Ok(limited(&d, "rate limit reached; try again later"));
+        }
+        quota = Some(d);
+    }
+
+    let mut bytes = read_body(&parts.headers, body, g.body_limit).await?;
+
+    let login = route.login.then(|| login_keys(&bytes, edge.client));
+    if let Some((account, ip)) = &login {
+        let checks = account
+            .iter()
+            .map(|a| (a, table.login_failures_per_account))
+            .chain([(ip, table.login_failures_per_ip)]);
+        for (key, limit) in checks {
+            let d = g.buckets.take(key, limit, MINUTE, 0.0);
+            if !d.allowed {
+                return Ok(limited(&d, "too many failed logins; try again later"));
             }
         }
-        return Err(Problem::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "too-large",
-            format!("request bodies are limited to {} bytes", s.body_limit),
-        ));
     }
 
-    let instance = s
-        .discovery
-        .pick(route.service)
-        .await
-        .map_err(|e| Problem::unavailable(format!("{} is unavailable: {e}", route.service)))?;
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    parts.uri = format!("{}{path}{query}", instance.address)
-        .parse::<Uri>()
-        .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
-
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(host) = parts.headers.remove(header::HOST) {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-forwarded-host"), host);
-    }
-    let forwarded_for = match parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
+    if route.transform == Some(Transform::PriceObject)
+        && is_write(&parts.method)
+        && !bytes.is_empty()
     {
-        Some(prior) => format!("{prior}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Problem::bad_request(format!("malformed JSON: {e}")))?;
+        transform::price_from_object(&mut v).map_err(|e| Problem::invalid("price", e))?;
+        bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
         parts
             .headers
-            .insert(HeaderName::from_static("x-forwarded-for"), v);
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     }
-    parts.headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
 
-    let upstream = Request::from_parts(parts, body);
-    let res = match tokio::time::timeout(s.timeout, s.client.request(upstream)).await {
-        Err(_) => {
-            return Err(Problem::timeout(format!(
-                "{} did not answer in time",
-                route.service
-            )));
-        }
-        Ok(Err(e)) if e.is_connect() => {
-            return Err(Problem::unavailable(format!(
-                "{} is unreachable",
-                route.service
-            )));
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, service = route.service, "upstream call failed");
-            return Err(Problem::new(
-                axum::http::StatusCode::BAD_GATEWAY,
-                "bad-gateway",
-                format!("{} failed to answer", route.service),
-            ));
-        }
-        Ok(Ok(res)) => res,
+    let query = parts.uri.query();
+    let cache_key = (parts.method == Method::GET && !route.auth && !route.cache_ttl.is_zero())
+        .then(|| Cache::key(version, path, query));
+    if let Some(key) = &cache_key
+        && !cache::bypass(&parts.headers)
+        && let Some(entry) = g.cache.get(key)
+    {
+        return Ok(cached(&entry, &parts.headers, quota.as_ref()));
+    }
+
+    let upstream_path = route.upstream_path(path);
+    let path_and_query = match query {
+        Some(q) => format!("{upstream_path}?{q}"),
+        None => upstream_path.into_owned(),
     };
-    let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    let client_headers = parts.headers.clone();
+    set_forwarding(&mut parts.headers, edge);
+    for h in &route.remove_headers {
+        parts.headers.remove(h);
+    }
+    for (k, v) in &route.add_headers {
+        parts.headers.insert(k.clone(), v.clone());
+    }
+    let call = Call {
+        service: &route.service,
+        strategy: route.strategy,
+        timeout: route.timeout,
+        retries: route.retries,
+    };
+    let answer = g
+        .send(
+            &call,
+            edge.client,
+            &parts.method,
+            &parts.headers,
+            &path_and_query,
+            bytes,
+        )
+        .await?;
+    let (mut res_parts, body) = answer.response.into_parts();
+    strip_hop_by_hop(&mut res_parts.headers);
+    let status = res_parts.status;
+
+    if let Some((account, ip)) = &login
+        && status == StatusCode::UNAUTHORIZED
+    {
+        if let Some(a) = account {
+            g.buckets
+                .charge(a, table.login_failures_per_account, MINUTE);
+        }
+        g.buckets.charge(ip, table.login_failures_per_ip, MINUTE);
+    }
+    if is_write(&parts.method) && status.is_success() {
+        g.cache.invalidate(path);
+    }
+
+    let transform = route.transform.filter(|_| status.is_success());
+    let mut res = if cache_key.is_some() || transform.is_some() {
+        let mut bytes = Limited::new(body, BUFFER_CAP)
+            .collect()
+            .await
+            .map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad-gateway",
+                    format!("{} sent an answer that could not be read", route.service),
+                )
+            })?
+            .to_bytes();
+        if transform == Some(Transform::PriceObject)
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        {
+            transform::price_to_object(&mut v);
+            bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+            res_parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        }
+        match cache_key {
+            Some(key) if status == StatusCode::OK && bytes.len() <= cache::MAX_BODY => {
+                let tag = cache::etag(&bytes);
+                res_parts.headers.insert(header::ETAG, tag.clone());
+                let storable = !res_parts
+                    .headers
+                    .get_all(header::CACHE_CONTROL)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("no-store") || v.contains("private"));
+                if storable {
+                    let mut stored = res_parts.headers.clone();
+                    stored.remove(header::SET_COOKIE);
+                    g.cache.put(
+                        key,
+                        path,
+                        status,
+                        stored,
+                        bytes.clone(),
+                        tag.clone(),
+                        route.cache_ttl,
+                    );
+                }
+                res_parts
+                    .headers
+                    .insert(X_CACHE, HeaderValue::from_static("MISS"));
+                if cache::not_modified(&client_headers, &tag) {
+                    not_modified_response(&res_parts.headers)
+                } else {
+                    Response::from_parts(res_parts, Body::from(bytes))
+                }
+            }
+            _ => Response::from_parts(res_parts, Body::from(bytes)),
+        }
+    } else {
+        Response::from_parts(res_parts, Body::new(body))
+    };
+    if let Some(d) = &quota {
+        rate_headers(res.headers_mut(), d);
+    }
+    res.extensions_mut().insert(ServedBy(answer.instance));
+    Ok(res)
+}
+
+/// 304 with the validators and caching headers of the full answer.
+fn not_modified_response(headers: &HeaderMap) -> Response {
+    let mut res = StatusCode::NOT_MODIFIED.into_response();
+    for name in [header::ETAG, header::CACHE_CONTROL, X_CACHE, header::AGE] {
+        if let Some(v) = headers.get(&name) {
+            res.headers_mut().insert(name, v.clone());
+        }
+    }
+    if let Some(v) = headers.get("x-instance-id") {
+        res.headers_mut().insert("x-instance-id", v.clone());
+    }
+    res
+}
+
+/// An answer from the cache: 304 when the client already holds it.
+fn cached(entry: &cache::Entry, request: &HeaderMap, quota: Option<&Decision>) -> Response {
+    let mut headers = entry.headers.clone();
+    headers.insert(X_CACHE, HeaderValue::from_static("HIT"));
+    headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+    let mut res = if cache::not_modified(request, &entry.etag) {
+        not_modified_response(&headers)
+    } else {
+        let mut res = Response::new(Body::from(entry.body.clone()));
+        *res.status_mut() = entry.status;
+        *res.headers_mut() = headers;
+        res
+    };
+    if let Some(d) = quota {
+        rate_headers(res.headers_mut(), d);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_split_from_paths() {
+        assert_eq!(
+            split_version("/api/v1/products/7"),
+            Some(("v1", "/products/7"))
+        );
+        assert_eq!(split_version("/api/v2"), Some(("v2", "/")));
+        assert_eq!(split_version("/other"), None);
+    }
+
+    #[test]
+    fn login_keys_name_the_account_in_lower_case() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let (a, i) = login_keys(br#"{"email":" Ann@X.org ","password":"p"}"#, ip);
+        assert_eq!(a.as_deref(), Some("login-account|ann@x.org"));
+        assert_eq!(i, "login-ip|10.0.0.1");
+        assert_eq!(login_keys(b"not json", ip).0, None);
+    }
 }

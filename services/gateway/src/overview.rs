@@ -1,0 +1,116 @@
+//! Aggregation: `GET /api/v1/me/overview` answers with the caller's
+//! profile, latest orders and notification count, fetched in parallel.
+//! A part that fails is `null` and named in `errors`; the rest still comes.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, Method, header};
+use bazaar_chassis::{Json, Problem};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde_json::{Map, Value, json};
+
+use crate::edge::{Edge, ServedBy};
+use crate::proxy::{Call, Shared, X_USER_EMAIL, X_USER_ID, X_USER_ROLE};
+
+/// The headers each part is called with: the caller's token and identity,
+/// and the request's trace.
+fn part_headers(from: &HeaderMap, claims: &bazaar_chassis::auth::Claims) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for name in [
+        header::AUTHORIZATION,
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("traceparent"),
+    ] {
+        if let Some(v) = from.get(&name) {
+            h.insert(name, v.clone());
+        }
+    }
+    for (name, value) in [
+        (X_USER_ID, &claims.sub),
+        (X_USER_ROLE, &claims.role),
+        (X_USER_EMAIL, &claims.email),
+    ] {
+        if let Ok(v) = value.parse() {
+            h.insert(name, v);
+        }
+    }
+    h
+}
+
+/// One part: the JSON a service answers, or why it could not.
+async fn part(
+    g: &Shared,
+    edge: &Edge,
+    headers: &HeaderMap,
+    service: &str,
+    path: &str,
+) -> Result<Value, String> {
+    let call = Call {
+        service,
+        strategy: Default::default(),
+        timeout: std::time::Duration::from_secs(3),
+        retries: 1,
+    };
+    let answer = g
+        .send(
+            &call,
+            edge.client,
+            &Method::GET,
+            headers,
+            path,
+            Bytes::new(),
+        )
+        .await
+        .map_err(|p| p.detail)?;
+    let status = answer.response.status();
+    let body = Limited::new(answer.response.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|_| format!("{service} sent an answer that could not be read"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("{service} answered {status}"));
+    }
+    serde_json::from_slice(&body).map_err(|_| format!("{service} sent malformed JSON"))
+}
+
+pub async fn overview(
+    State(g): State<Shared>,
+    Extension(edge): Extension<Edge>,
+    headers: HeaderMap,
+) -> Result<(Extension<ServedBy>, Json<Value>), Problem> {
+    let claims = g
+        .claims(&headers)
+        .await?
+        .ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
+    let h = part_headers(&headers, &claims);
+    let (profile, orders, notifications) = tokio::join!(
+        part(&g, &edge, &h, "auth", "/auth/me"),
+        part(&g, &edge, &h, "orders", "/orders?limit=5"),
+        part(&g, &edge, &h, "notifications", "/notifications?limit=1"),
+    );
+    let mut errors = Map::new();
+    let mut take = |name: &str, r: Result<Value, String>| match r {
+        Ok(v) => v,
+        Err(e) => {
+            errors.insert(name.to_owned(), Value::String(e));
+            Value::Null
+        }
+    };
+    let profile = take("profile", profile);
+    let orders = take("orders", orders);
+    let notifications = take("notifications", notifications);
+    let body = json!({
+        "profile": profile,
+        "orders": if orders.is_null() { Value::Null } else {
+            json!({ "latest": orders["items"], "total": orders["total"] })
+        },
+        "notifications": if notifications.is_null() { Value::Null } else {
+            json!({ "total": notifications["total"] })
+        },
+        "partial": !errors.is_empty(),
+        "errors": errors,
+    });
+    Ok((Extension(ServedBy("aggregate".into())), Json(body)))
+}
