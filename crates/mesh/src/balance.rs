@@ -66,11 +66,11 @@ pub struct Balancer {
     stats: Mutex<HashMap<String, Arc<Stats>>>,
 }
 
-/// A chosen instance. Counts as in flight until dropped; call
-/// [`Lease::finish`] with the request's latency to feed the latency-aware
-/// strategies.
+/// A chosen instance (its index in the list picked from). Counts as in
+/// flight until dropped; call [`Lease::finish`] with the request's latency
+/// to feed the latency-aware strategies.
 pub struct Lease {
-    pub instance: Instance,
+    pub index: usize,
     stats: Arc<Stats>,
 }
 
@@ -213,7 +213,7 @@ impl Balancer {
         let chosen = Arc::clone(&stats[index]);
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
-            instance: instances[index].clone(),
+            index,
             stats: chosen,
         })
     }
@@ -246,8 +246,7 @@ mod tests {
         let mut counts = vec![0; list.len()];
         for k in 0..n {
             let lease = b.pick(list, client(k)).unwrap();
-            let i = list.iter().position(|x| x.id == lease.instance.id).unwrap();
-            counts[i] += 1;
+            counts[lease.index] += 1;
         }
         counts
     }
@@ -288,19 +287,20 @@ mod tests {
         // A departing instance moves only its own clients.
         let before: Vec<String> = (0..250)
             .map(|k| {
-                b.pick(&list, Some(IpAddr::from([192, 168, 1, k as u8])))
+                list[b
+                    .pick(&list, Some(IpAddr::from([192, 168, 1, k as u8])))
                     .unwrap()
-                    .instance
+                    .index]
                     .id
                     .clone()
             })
             .collect();
         let fewer = &list[..2];
         for (k, was) in before.iter().enumerate() {
-            let now = b
+            let now = fewer[b
                 .pick(fewer, Some(IpAddr::from([192, 168, 1, k as u8])))
                 .unwrap()
-                .instance
+                .index]
                 .id
                 .clone();
             if *was != list[2].id {

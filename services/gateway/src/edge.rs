@@ -42,7 +42,7 @@ pub async fn edge(
     let table = g.live.current();
     let client = table.client_ip(peer.ip(), req.headers());
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let path = table.access_log.then(|| req.uri().path().to_owned());
     let origin = req.headers().get(header::ORIGIN).cloned();
     let allowed = origin
         .as_ref()
@@ -104,7 +104,7 @@ pub async fn edge(
         tracing::info!(
             target: "access",
             %method,
-            path,
+            path = path.as_deref().unwrap_or(""),
             status = res.status().as_u16(),
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             upstream,

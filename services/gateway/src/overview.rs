@@ -57,7 +57,7 @@ async fn part(
             &call,
             edge.client,
             &Method::GET,
-            headers,
+            headers.clone(),
             path,
             Bytes::new(),
         )

@@ -160,7 +160,7 @@ impl Gateway {
         call: &Call<'_>,
         client: IpAddr,
         method: &Method,
-        headers: &HeaderMap,
+        headers: HeaderMap,
         path_and_query: &str,
         body: Bytes,
     ) -> Result<Answer, Problem> {
@@ -169,7 +169,7 @@ impl Gateway {
         } else {
             1
         };
-        self.pools.deposit(call.service);
+        let mut headers = Some(headers);
         let mut tried: Vec<String> = Vec::new();
         let mut failure = Problem::unavailable(format!("{} is unavailable", call.service));
         for attempt in 0..attempts {
@@ -187,12 +187,21 @@ impl Gateway {
                 Err(_) => break,
             };
             let id = pick.member.instance.id.clone();
-            let mut req = hyper::Request::new(Body::from(body.clone()));
+            let mut req = hyper::Request::new(if body.is_empty() {
+                Body::empty()
+            } else {
+                Body::from(body.clone())
+            });
             *req.method_mut() = method.clone();
             *req.uri_mut() = format!("{}{path_and_query}", pick.member.instance.address)
                 .parse()
                 .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
-            *req.headers_mut() = headers.clone();
+            // The last try takes the headers; earlier ones copy them.
+            *req.headers_mut() = if attempt + 1 < attempts {
+                headers.clone().unwrap_or_default()
+            } else {
+                headers.take().unwrap_or_default()
+            };
             let started = Instant::now();
             match tokio::time::timeout(call.timeout, self.pools.client().request(req)).await {
                 Ok(Ok(response)) => {
@@ -326,9 +335,9 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {
     let (mut parts, body) = req.into_parts();
-    let full = parts.uri.path().to_owned();
+    let uri = parts.uri.clone();
     let (version, path) =
-        split_version(&full).ok_or_else(|| Problem::not_found("no such route"))?;
+        split_version(uri.path()).ok_or_else(|| Problem::not_found("no such route"))?;
     let table = &edge.table;
     let route: &Route = table
         .find(&parts.method, version, path)
@@ -396,7 +405,7 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     }
 
-    let query = parts.uri.query();
+    let query = uri.query();
     let cache_key = (parts.method == Method::GET && !route.auth && !route.cache_ttl.is_zero())
         .then(|| Cache::key(version, path, query));
     if let Some(key) = &cache_key
@@ -411,7 +420,16 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
         Some(q) => format!("{upstream_path}?{q}"),
         None => upstream_path.into_owned(),
     };
-    let client_headers = parts.headers.clone();
+    // The client's validators, for a 304 once the answer is in.
+    let validators: HeaderMap = match cache_key {
+        Some(_) => parts
+            .headers
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .map(|v| (header::IF_NONE_MATCH, v.clone()))
+            .collect(),
+        None => HeaderMap::new(),
+    };
     set_forwarding(&mut parts.headers, edge);
     for h in &route.remove_headers {
         parts.headers.remove(h);
@@ -430,7 +448,7 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
             &call,
             edge.client,
             &parts.method,
-            &parts.headers,
+            std::mem::take(&mut parts.headers),
             &path_and_query,
             bytes,
         )
@@ -500,7 +518,7 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
                 res_parts
                     .headers
                     .insert(X_CACHE, HeaderValue::from_static("MISS"));
-                if cache::not_modified(&client_headers, &tag) {
+                if cache::not_modified(&validators, &tag) {
                     not_modified_response(&res_parts.headers)
                 } else {
                     Response::from_parts(res_parts, Body::from(bytes))

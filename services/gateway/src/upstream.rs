@@ -293,7 +293,8 @@ impl Pools {
     }
 
     /// Chooses an instance of `service` by `strategy`, skipping unhealthy
-    /// and ejected ones and those in `tried`.
+    /// and ejected ones and those in `tried`. A first try (nothing tried
+    /// yet) counts toward the service's retry budget.
     pub async fn pick(
         self: &Arc<Self>,
         service: &str,
@@ -302,6 +303,9 @@ impl Pools {
         tried: &[String],
     ) -> Result<Pick, NoPick> {
         let pool = self.pool(service);
+        if tried.is_empty() {
+            pool.budget.deposit();
+        }
         let snap = self.members(&pool).await?;
         if snap.members.is_empty() {
             return Err(NoPick::None(service.to_owned()));
@@ -327,8 +331,8 @@ impl Pools {
             let Some(lease) = pool.balancer.pick(strategy, list, Some(client)) else {
                 break;
             };
-            let id = lease.instance.id.clone();
-            let Some(member) = snap.members.iter().find(|m| m.instance.id == id) else {
+            let id = &list[lease.index].id;
+            let Some(member) = snap.members.iter().find(|m| &m.instance.id == id) else {
                 break;
             };
             if member.breaker.try_acquire() {
@@ -337,15 +341,10 @@ impl Pools {
                     lease,
                 });
             }
-            let fewer = list.iter().filter(|i| i.id != id).cloned().collect();
+            let fewer = list.iter().filter(|i| &i.id != id).cloned().collect();
             rest = Some(fewer);
         }
         Err(NoPick::AllDown(service.to_owned()))
-    }
-
-    /// Counts a request toward `service`'s retry budget.
-    pub fn deposit(self: &Arc<Self>, service: &str) {
-        self.pool(service).budget.deposit();
     }
 
     /// Spends one retry of `service`'s budget, if there is one left.

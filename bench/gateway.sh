@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The gateway against nginx, on the same upstream, in one run.
+#
+#   bench/gateway.sh
+#
+# One catalog instance (`bazaar serve catalog`, SQLite) is the upstream of
+#   (a) nobody: wrk calls it directly,
+#   (b) nginx: proxy_pass to a keep-alive upstream, worker_processes = cores,
+#       access log off,
+#   (c) the Bazaar gateway: the token verified on every request (the route
+#       requires it), a rate limit checked on every request, metrics on,
+#       cache off for the route, access log off.
+# Each is loaded by wrk for DURATION at CONNECTIONS connections, fetching
+# one product (GET /products/{id}); then each is called at a paced
+# ~1,000 requests/s to compare latency at a moderate load.
+# Prints requests/s, p50 and p99 for each, the throughput ratios
+# gateway/nginx and gateway/direct, and the p99 the gateway adds at
+# ~1,000 requests/s. nginx and wrk are installed with apt-get if missing.
+# Env: DURATION (default 10s), CONNECTIONS (default 64), PROFILE (release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+PROFILE=${PROFILE:-release}
+CORES=$(nproc)
+
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
+  echo "bench: installing nginx and wrk" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk >/dev/null
+fi
+
+if [[ $PROFILE == release ]]; then cargo build --release -q -p bazaar; else cargo build -q -p bazaar; fi
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [[ -f $WORK/nginx.pid ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url name
+  for _ in $(seq 1 150); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "bench: $2 did not come up at $1" >&2; exit 1
+}
+
+AUTH_PORT=$(free_port); CATALOG_PORT=$(free_port); GW_PORT=$(free_port); NGINX_PORT=$(free_port)
+export BAZAAR_DATA_DIR=$WORK/data BAZAAR_REGISTRY=static RUST_LOG=${RUST_LOG:-warn} BAZAAR_LOG_FORMAT=json
+export BAZAAR_SERVICES__AUTH=http://127.0.0.1:$AUTH_PORT BAZAAR_SERVICES__CATALOG=http://127.0.0.1:$CATALOG_PORT
+export BAZAAR_ADMIN_EMAIL=admin@bench.local BAZAAR_ADMIN_PASSWORD=bench-admin-pw
+export BAZAAR_ARGON2_MEMORY_KIB=1024 BAZAAR_ARGON2_ITERATIONS=1
+
+cat >"$WORK/gateway.toml" <<EOF
+[gateway]
+access_log = false
+
+[[gateway.routes]]
+prefix = "/products"
+methods = ["GET"]
+service = "catalog"
+auth = true
+cache_ttl_secs = 0
+rate_limit = { requests = 1000000000, per_secs = 1, key = "user" }
+EOF
+
+"$BIN" serve auth --port "$AUTH_PORT" >"$WORK/auth.log" 2>&1 & PIDS+=($!)
+"$BIN" serve catalog --port "$CATALOG_PORT" >"$WORK/catalog.log" 2>&1 & PIDS+=($!)
+wait_http "http://127.0.0.1:$AUTH_PORT/health" auth
+wait_http "http://127.0.0.1:$CATALOG_PORT/health" catalog
+"$BIN" --config "$WORK/gateway.toml" serve gateway --port "$GW_PORT" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+wait_http "http://127.0.0.1:$GW_PORT/health" gateway
+
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes $CORES;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+daemon on;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream catalog {
+    server 127.0.0.1:$CATALOG_PORT;
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location /api/v1/ {
+      proxy_pass http://catalog/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }
+}
+EOF
+nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log"
+wait_http "http://127.0.0.1:$NGINX_PORT/api/v1/products?limit=1" nginx
+
+GW="http://127.0.0.1:$GW_PORT"
+TOKEN=$(curl -sf -X POST "$GW/api/v1/auth/login" -H 'content-type: application/json' \
+  -d '{"email":"admin@bench.local","password":"bench-admin-pw"}' \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+ID=$(curl -sf "http://127.0.0.1:$CATALOG_PORT/products?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
+curl -sf -H "authorization: Bearer $TOKEN" "$GW/api/v1/products/$ID" >/dev/null \
+  || { echo "bench: the gateway does not serve the product" >&2; tail -5 "$WORK/gateway.log" >&2; exit 1; }
+
+DIRECT="http://127.0.0.1:$CATALOG_PORT/products/$ID"
+NGINX="http://127.0.0.1:$NGINX_PORT/api/v1/products/$ID"
+GATEWAY="$GW/api/v1/products/$ID"
+
+# wrk's latency as milliseconds.
+ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
+
+declare -A RPS P50 P99
+run() { # label url [wrk args...]
+  local label=$1 url=$2; shift 2
+  local out; out=$(wrk "$@" --latency -H "authorization: Bearer $TOKEN" "$url")
+  local bad; bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  [[ -z $bad ]] || { echo "bench: $label had $bad non-2xx answers" >&2; exit 1; }
+  RPS[$label]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  P50[$label]=$(ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
+  P99[$label]=$(ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
+  printf '%-26s %10s req/s   p50 %8s ms   p99 %8s ms\n' "$label" "${RPS[$label]}" "${P50[$label]}" "${P99[$label]}"
+}
+
+echo "== throughput: wrk -t2 -c$CONNECTIONS -d$DURATION, GET one product ($CORES cores shared by everything)"
+for target in direct nginx gateway; do
+  url=$DIRECT; [[ $target == nginx ]] && url=$NGINX; [[ $target == gateway ]] && url=$GATEWAY
+  wrk -t2 -c"$CONNECTIONS" -d2s "$url" -H "authorization: Bearer $TOKEN" >/dev/null # warm-up
+  run "$target" "$url" -t2 -c"$CONNECTIONS" -d"$DURATION"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo "gateway/nginx   $(ratio "${RPS[gateway]}" "${RPS[nginx]}")"
+echo "gateway/direct  $(ratio "${RPS[gateway]}" "${RPS[direct]}")"
+
+# Paced: 10 connections, each waiting 10 ms between requests: ~1,000/s.
+cat >"$WORK/pace.lua" <<'LUA'
+function delay() return 10 end
+LUA
+echo "== latency at ~1,000 requests/s: wrk -t1 -c10, 10 ms between requests per connection"
+for target in direct nginx gateway; do
+  url=$DIRECT; [[ $target == nginx ]] && url=$NGINX; [[ $target == gateway ]] && url=$GATEWAY
+  run "$target @1k/s" "$url" -t1 -c10 -d"$DURATION" -s "$WORK/pace.lua"
+done
+added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
+echo "p99 added by the gateway at ~1k/s: $(added "${P99[gateway @1k/s]}" "${P99[direct @1k/s]}") ms (nginx: $(added "${P99[nginx @1k/s]}" "${P99[direct @1k/s]}") ms)"
+echo "p50 added by the gateway at ~1k/s: $(added "${P50[gateway @1k/s]}" "${P50[direct @1k/s]}") ms (nginx: $(added "${P50[nginx @1k/s]}" "${P50[direct @1k/s]}") ms)"
