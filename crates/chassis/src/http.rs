@@ -61,24 +61,39 @@ pub fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Router {
             "/metrics",
             get(metrics_handler).with_state(ctx.metrics.clone()),
         );
-    app.merge(platform)
+    let routed = app
+        .merge(platform)
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this route")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "method not allowed on this route",
+            )
         })
-        .layer(axum::middleware::from_fn_with_state(ctx.metrics.clone(), metrics::track))
-        .layer(DefaultBodyLimit::max(ctx.config.body_limit))
-        .layer(CatchPanicLayer::custom(|_| {
-            tracing::error!("handler panicked");
-            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred").into_response()
-        }))
+        // Inside the router: it labels requests with the matched route.
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.metrics.clone(),
+            metrics::track,
+        ));
+    // The rest wraps the router once, as one static stack: applied with
+    // `Router::layer`, each layer would box every route's service and
+    // future again, on every request.
+    let stack = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(X_REQUEST_ID, FastRequestId))
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+        .layer(SetResponseHeaderLayer::if_not_present(X_INSTANCE_ID, instance))
         .layer(TraceLayer::new_for_http().make_span_with(move |req: &axum::http::Request<_>| {
             let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
             tracing::info_span!("http", service, method = %req.method(), path = %req.uri().path(), request_id)
         }))
-        .layer(SetResponseHeaderLayer::if_not_present(X_INSTANCE_ID, instance))
-        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
-        .layer(SetRequestIdLayer::new(X_REQUEST_ID, FastRequestId))
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("handler panicked");
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred").into_response()
+        }))
+        .layer(DefaultBodyLimit::max(ctx.config.body_limit))
+        .service(routed);
+    Router::new().fallback_service(stack)
 }
 
 /// Request ids as random UUIDs from the thread's userspace generator:

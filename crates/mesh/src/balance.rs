@@ -146,18 +146,11 @@ impl Balancer {
         if instances.is_empty() {
             return None;
         }
-        let stats: Vec<Arc<Stats>> = instances.iter().map(|i| self.stats(&i.id)).collect();
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
+        // Round-robin and IP-hash need no per-instance state to choose.
         let index = match strategy {
-            Strategy::RoundRobin => rr % instances.len(),
-            Strategy::LeastConnections => {
-                // Fewest in flight; ties broken by rotation.
-                (0..instances.len())
-                    .map(|k| (rr + k) % instances.len())
-                    .min_by_key(|i| stats[*i].in_flight.load(Ordering::Relaxed))
-                    .unwrap_or(0)
-            }
-            Strategy::IpHash => match client {
+            Strategy::RoundRobin => Some(rr % instances.len()),
+            Strategy::IpHash => Some(match client {
                 Some(ip) => {
                     let ip = ip.to_string();
                     (0..instances.len())
@@ -165,7 +158,28 @@ impl Balancer {
                         .unwrap_or(0)
                 }
                 None => rr % instances.len(),
-            },
+            }),
+            _ => None,
+        };
+        if let Some(index) = index {
+            let chosen = self.stats(&instances[index].id);
+            chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Some(Lease {
+                index,
+                stats: chosen,
+            });
+        }
+        let stats: Vec<Arc<Stats>> = instances.iter().map(|i| self.stats(&i.id)).collect();
+        let index = match strategy {
+            // Chosen above.
+            Strategy::RoundRobin | Strategy::IpHash => rr % instances.len(),
+            Strategy::LeastConnections => {
+                // Fewest in flight; ties broken by rotation.
+                (0..instances.len())
+                    .map(|k| (rr + k) % instances.len())
+                    .min_by_key(|i| stats[*i].in_flight.load(Ordering::Relaxed))
+                    .unwrap_or(0)
+            }
             Strategy::Weighted => {
                 // nginx's smooth weighted round-robin: each pick adds every
                 // weight to its running total, takes the largest, and

@@ -100,11 +100,24 @@ async fn replay(
 /// and breaker state. From loopback, or with an admin token.
 pub async fn services(
     State(g): State<crate::proxy::Shared>,
-    axum::Extension(edge): axum::Extension<crate::edge::Edge>,
-    headers: axum::http::HeaderMap,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let g = &g;
+    crate::edge::around(g, peer, req, |edge, req| async move {
+        list_services(g, &edge, req.headers()).await.into_response()
+    })
+    .await
+}
+
+async fn list_services(
+    g: &crate::proxy::Shared,
+    edge: &crate::edge::Edge,
+    headers: &axum::http::HeaderMap,
 ) -> Result<Json<Vec<crate::upstream::InstanceView>>, Problem> {
     if !edge.client.is_loopback() {
-        match g.claims(&headers).await? {
+        match g.claims(headers).await? {
             None => return Err(Problem::unauthorized("an admin token is required")),
             Some(c) if c.role != "admin" => return Err(Problem::forbidden("admin role required")),
             Some(_) => {}

@@ -32,12 +32,28 @@ pub struct ServedBy(pub String);
 const EXPOSED: &str = "x-request-id, x-instance-id, x-cache, etag, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset";
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 
+/// The edge as middleware, for routes that are not the gateway's own
+/// handlers (the admin dead-letter API); the handlers call [`around`].
 pub async fn edge(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
+    req: Request,
     next: Next,
 ) -> Response {
+    around(&g, peer, req, |edge, mut req| {
+        req.extensions_mut().insert(edge);
+        next.run(req)
+    })
+    .await
+}
+
+/// Runs `inner` with the request's [`Edge`], answering CORS preflights
+/// itself and adding CORS headers and the access log line around it.
+pub async fn around<F, Fut>(g: &Shared, peer: SocketAddr, req: Request, inner: F) -> Response
+where
+    F: FnOnce(Edge, Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
     let table = g.live.current();
     let client = table.client_ip(peer.ip(), req.headers());
@@ -79,12 +95,12 @@ pub async fn edge(
             None => Problem::forbidden("this origin may not call the API").into_response(),
         }
     } else {
-        req.extensions_mut().insert(Edge {
+        let edge = Edge {
             table: Arc::clone(&table),
             client,
             peer: peer.ip(),
-        });
-        next.run(req).await
+        };
+        inner(edge, req).await
     };
 
     if let Some(origin) = allowed {

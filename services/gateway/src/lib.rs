@@ -75,17 +75,22 @@ impl Application {
             cache: cache::Cache::default(),
             body_limit: config.body_limit,
         });
+        // The admin API takes the edge as middleware; the gateway's own
+        // handlers call it directly (no extra boxed layer on the hot path).
         let admin = admin::router(admin::AdminState {
             bus: self.ctx.bus.clone(),
             verifier: self.ctx.verifier.clone(),
-        });
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            edge::edge,
+        ));
         let edge = Router::new()
             .route("/api/v1/me/overview", get(overview::overview))
             .route("/_admin/services", get(admin::services))
             .route("/api/{*rest}", any(proxy::proxy))
-            .with_state(state.clone())
-            .merge(admin)
-            .layer(axum::middleware::from_fn_with_state(state, edge::edge));
+            .with_state(state)
+            .merge(admin);
         bazaar_chassis::http::serve(&self.ctx, edge, listener, Readiness::default(), shutdown).await
     }
 }

@@ -2,9 +2,12 @@
 //! profile, latest orders and notification count, fetched in parallel.
 //! A part that fails is `null` and named in `errors`; the rest still comes.
 
+use std::net::SocketAddr;
+
 use axum::Extension;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method, header};
+use axum::response::{IntoResponse, Response};
 use bazaar_chassis::{Json, Problem};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -77,18 +80,31 @@ async fn part(
 
 pub async fn overview(
     State(g): State<Shared>,
-    Extension(edge): Extension<Edge>,
-    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let g = &g;
+    crate::edge::around(g, peer, req, |edge, req| async move {
+        aggregate(g, &edge, req.headers()).await.into_response()
+    })
+    .await
+}
+
+async fn aggregate(
+    g: &Shared,
+    edge: &Edge,
+    headers: &HeaderMap,
 ) -> Result<(Extension<ServedBy>, Json<Value>), Problem> {
+    let g = g.clone();
     let claims = g
-        .claims(&headers)
+        .claims(headers)
         .await?
         .ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
-    let h = part_headers(&headers, &claims);
+    let h = part_headers(headers, &claims);
     let (profile, orders, notifications) = tokio::join!(
-        part(&g, &edge, &h, "auth", "/auth/me"),
-        part(&g, &edge, &h, "orders", "/orders?limit=5"),
-        part(&g, &edge, &h, "notifications", "/notifications?limit=1"),
+        part(&g, edge, &h, "auth", "/auth/me"),
+        part(&g, edge, &h, "orders", "/orders?limit=5"),
+        part(&g, edge, &h, "notifications", "/notifications?limit=1"),
     );
     let mut errors = Map::new();
     let mut take = |name: &str, r: Result<Value, String>| match r {

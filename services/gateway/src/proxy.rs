@@ -3,13 +3,12 @@
 //! limit → login guard → cache → transform → pick an instance → forward
 //! (timeout, one retry of idempotent requests elsewhere) → response.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bazaar_chassis::auth::{Claims, bearer};
@@ -171,7 +170,7 @@ impl Gateway {
         };
         let mut headers = Some(headers);
         let mut tried: Vec<String> = Vec::new();
-        let mut failure = Problem::unavailable(format!("{} is unavailable", call.service));
+        let mut failure = None;
         for attempt in 0..attempts {
             if attempt > 0 && !self.pools.withdraw(call.service) {
                 tracing::debug!(service = call.service, "retry budget spent");
@@ -196,8 +195,8 @@ impl Gateway {
             *req.uri_mut() = format!("{}{path_and_query}", pick.member.instance.address)
                 .parse()
                 .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
-            // The last try takes the headers; earlier ones copy them.
-            *req.headers_mut() = if attempt + 1 < attempts {
+            // The last possible try takes the headers; earlier ones copy them.
+            *req.headers_mut() = if attempt + 1 < attempts && pick.alternatives > 0 {
                 headers.clone().unwrap_or_default()
             } else {
                 headers.take().unwrap_or_default()
@@ -214,7 +213,7 @@ impl Gateway {
                 Ok(Err(e)) => {
                     pick.finish(false, started.elapsed());
                     tracing::warn!(service = call.service, instance = %id, error = %e, "upstream call failed");
-                    failure = if e.is_connect() {
+                    failure = Some(if e.is_connect() {
                         Problem::unavailable(format!("{} is unreachable", call.service))
                     } else {
                         Problem::new(
@@ -222,7 +221,10 @@ impl Gateway {
                             "bad-gateway",
                             format!("{} failed to answer", call.service),
                         )
-                    };
+                    });
+                    if headers.is_none() {
+                        break;
+                    }
                     tried.push(id);
                 }
                 Err(_) => {
@@ -234,16 +236,25 @@ impl Gateway {
                 }
             }
         }
-        Err(failure)
+        Err(failure
+            .unwrap_or_else(|| Problem::unavailable(format!("{} is unavailable", call.service))))
     }
 }
 
 pub async fn proxy(
     State(g): State<Shared>,
-    Extension(edge): Extension<Edge>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    match forward(&g, &edge, req).await {
+    let g = &g;
+    crate::edge::around(g, peer, req, |edge, req| async move {
+        respond(forward(g, &edge, req).await)
+    })
+    .await
+}
+
+fn respond(result: Result<Response, Problem>) -> Response {
+    match result {
         Ok(res) => res,
         Err(problem) => {
             let refused_body = problem.status == 413;
@@ -363,13 +374,11 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
 
     let mut quota = None;
     if let Some(rl) = &route.rate_limit {
-        let who = match (rl.key, &claims) {
-            (LimitKey::User, Some(c)) => format!("user:{}", c.sub),
-            _ => format!("ip:{}", edge.client),
+        let key = match (rl.key, &claims) {
+            (LimitKey::User, Some(c)) => format!("{}|user:{}", route.name, c.sub),
+            _ => format!("{}|ip:{}", route.name, edge.client),
         };
-        let d = g
-            .buckets
-            .take(&format!("{}|{who}", route.name), rl.requests, rl.per, 1.0);
+        let d = g.buckets.take(&key, rl.requests, rl.per, 1.0);
         if !d.allowed {
             return Ok(limited(&d, "rate limit reached; try again later"));
         }

@@ -117,6 +117,8 @@ pub struct Pool {
 pub struct Pick {
     pub member: Arc<Member>,
     lease: Lease,
+    /// Other instances that were fit to choose (0: a retry has nowhere to go).
+    pub alternatives: usize,
 }
 
 impl Pick {
@@ -339,6 +341,7 @@ impl Pools {
                 return Ok(Pick {
                     member: Arc::clone(member),
                     lease,
+                    alternatives: list.len() - 1,
                 });
             }
             let fewer = list.iter().filter(|i| &i.id != id).cloned().collect();
