@@ -11,16 +11,20 @@
 #       requires it), a rate limit checked on every request, metrics on,
 #       cache off for the route, access log off.
 # Each is loaded by wrk for DURATION at CONNECTIONS connections, fetching
-# one product (GET /products/{id}); then each is called at a paced
-# ~1,000 requests/s to compare latency at a moderate load.
+# one product (GET /products/{id}), in ROUNDS interleaved rounds (the
+# median of each is kept: on a small shared machine one run varies by
+# ±10%); then each is called at a paced ~1,000 requests/s to compare
+# latency at a moderate load.
 # Prints requests/s, p50 and p99 for each, the throughput ratios
-# gateway/nginx and gateway/direct, and the p99 the gateway adds at
+# gateway/nginx and gateway/direct, and the p50/p99 the gateway adds at
 # ~1,000 requests/s. nginx and wrk are installed with apt-get if missing.
-# Env: DURATION (default 10s), CONNECTIONS (default 64), PROFILE (release).
+# Env: DURATION (default 10s), CONNECTIONS (default 64), ROUNDS (default 3),
+# PROFILE (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
+ROUNDS=${ROUNDS:-3}
 PROFILE=${PROFILE:-release}
 CORES=$(nproc)
 
@@ -118,23 +122,33 @@ GATEWAY="$GW/api/v1/products/$ID"
 ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
 
 declare -A RPS P50 P99
-run() { # label url [wrk args...]
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+run() { # label url [wrk args...]; appends this run's figures to the label's lists
   local label=$1 url=$2; shift 2
   local out; out=$(wrk "$@" --latency -H "authorization: Bearer $TOKEN" "$url")
   local bad; bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
   [[ -z $bad ]] || { echo "bench: $label had $bad non-2xx answers" >&2; exit 1; }
-  RPS[$label]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-  P50[$label]=$(ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
-  P99[$label]=$(ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
-  printf '%-26s %10s req/s   p50 %8s ms   p99 %8s ms\n' "$label" "${RPS[$label]}" "${P50[$label]}" "${P99[$label]}"
+  RPS[$label]+=" $(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
+  P50[$label]+=" $(ms "$(awk '$1=="50%" {print $2}' <<<"$out")")"
+  P99[$label]+=" $(ms "$(awk '$1=="99%" {print $2}' <<<"$out")")"
 }
+report() { # label
+  local l=$1
+  RPS[$l]=$(median <<<"${RPS[$l]}"); P50[$l]=$(median <<<"${P50[$l]}"); P99[$l]=$(median <<<"${P99[$l]}")
+  printf '%-26s %10s req/s   p50 %8s ms   p99 %8s ms\n' "$l" "${RPS[$l]}" "${P50[$l]}" "${P99[$l]}"
+}
+url_of() { case $1 in direct) echo "$DIRECT" ;; nginx) echo "$NGINX" ;; gateway) echo "$GATEWAY" ;; esac; }
 
-echo "== throughput: wrk -t2 -c$CONNECTIONS -d$DURATION, GET one product ($CORES cores shared by everything)"
+echo "== throughput: wrk -t2 -c$CONNECTIONS -d$DURATION, GET one product, median of $ROUNDS rounds ($CORES cores shared by everything)"
 for target in direct nginx gateway; do
-  url=$DIRECT; [[ $target == nginx ]] && url=$NGINX; [[ $target == gateway ]] && url=$GATEWAY
-  wrk -t2 -c"$CONNECTIONS" -d2s "$url" -H "authorization: Bearer $TOKEN" >/dev/null # warm-up
-  run "$target" "$url" -t2 -c"$CONNECTIONS" -d"$DURATION"
+  wrk -t2 -c"$CONNECTIONS" -d2s "$(url_of $target)" -H "authorization: Bearer $TOKEN" >/dev/null # warm-up
 done
+for _ in $(seq 1 "$ROUNDS"); do
+  for target in direct nginx gateway; do
+    run "$target" "$(url_of $target)" -t2 -c"$CONNECTIONS" -d"$DURATION"
+  done
+done
+for target in direct nginx gateway; do report "$target"; done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "gateway/nginx   $(ratio "${RPS[gateway]}" "${RPS[nginx]}")"
 echo "gateway/direct  $(ratio "${RPS[gateway]}" "${RPS[direct]}")"
@@ -143,11 +157,13 @@ echo "gateway/direct  $(ratio "${RPS[gateway]}" "${RPS[direct]}")"
 cat >"$WORK/pace.lua" <<'LUA'
 function delay() return 10 end
 LUA
-echo "== latency at ~1,000 requests/s: wrk -t1 -c10, 10 ms between requests per connection"
-for target in direct nginx gateway; do
-  url=$DIRECT; [[ $target == nginx ]] && url=$NGINX; [[ $target == gateway ]] && url=$GATEWAY
-  run "$target @1k/s" "$url" -t1 -c10 -d"$DURATION" -s "$WORK/pace.lua"
+echo "== latency at ~1,000 requests/s: wrk -t1 -c10, 10 ms between requests per connection, median of $ROUNDS rounds"
+for _ in $(seq 1 "$ROUNDS"); do
+  for target in direct nginx gateway; do
+    run "$target @1k/s" "$(url_of $target)" -t1 -c10 -d"$DURATION" -s "$WORK/pace.lua"
+  done
 done
+for target in direct nginx gateway; do report "$target @1k/s"; done
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
-echo "p99 added by the gateway at ~1k/s: $(added "${P99[gateway @1k/s]}" "${P99[direct @1k/s]}") ms (nginx: $(added "${P99[nginx @1k/s]}" "${P99[direct @1k/s]}") ms)"
-echo "p50 added by the gateway at ~1k/s: $(added "${P50[gateway @1k/s]}" "${P50[direct @1k/s]}") ms (nginx: $(added "${P50[nginx @1k/s]}" "${P50[direct @1k/s]}") ms)"
+echo "p50 added at ~1k/s: gateway $(added "${P50[gateway @1k/s]}" "${P50[direct @1k/s]}") ms, nginx $(added "${P50[nginx @1k/s]}" "${P50[direct @1k/s]}") ms"
+echo "p99 added at ~1k/s: gateway $(added "${P99[gateway @1k/s]}" "${P99[direct @1k/s]}") ms, nginx $(added "${P99[nginx @1k/s]}" "${P99[direct @1k/s]}") ms"
