@@ -84,10 +84,33 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Counts and times one request.
+    pub fn observe(&self, method: &str, route: &str, status: u16, took: std::time::Duration) {
+        let labels = HttpLabels {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            status_code: status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn active_inc(&self) {
+        self.active.inc();
+    }
+
+    pub fn active_dec(&self) {
+        self.active.dec();
+    }
+}
+
 /// Middleware: counts and times every request by method, matched route and status.
 pub async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = req.method().clone();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -95,14 +118,11 @@ pub async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Respon
     m.active.inc();
     let res = next.run(req).await;
     m.active.dec();
-    let labels = HttpLabels {
-        method,
-        route,
-        status_code: res.status().as_u16(),
-    };
-    m.requests.get_or_create(&labels).inc();
-    m.duration
-        .get_or_create(&labels)
-        .observe(start.elapsed().as_secs_f64());
+    m.observe(
+        method.as_str(),
+        &route,
+        res.status().as_u16(),
+        start.elapsed(),
+    );
     res
 }

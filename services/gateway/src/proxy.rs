@@ -246,11 +246,28 @@ pub async fn proxy(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let g = &g;
+    handle(&g, peer, req).await
+}
+
+/// The proxy without the router: `/api/…` requests the gateway does not
+/// answer itself (see [`owns`]).
+pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     crate::edge::around(g, peer, req, |edge, req| async move {
         respond(forward(g, &edge, req).await)
     })
     .await
+}
+
+/// Whether a path goes straight to the proxy: everything below `/api/`
+/// except the gateway's own endpoints.
+pub fn owns(path: &str) -> bool {
+    path.starts_with("/api/")
+        && !matches!(
+            path,
+            "/api/v1/me/overview"
+                | "/api/v1/admin/dead-letters"
+                | "/api/v1/admin/dead-letters/replay"
+        )
 }
 
 fn respond(result: Result<Response, Problem>) -> Response {
@@ -581,6 +598,16 @@ fn cached(entry: &cache::Entry, request: &HeaderMap, quota: Option<&Decision>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_leaves_the_gateways_own_endpoints_to_the_router() {
+        assert!(owns("/api/v1/products/1"));
+        assert!(owns("/api/v2/products"));
+        assert!(!owns("/api/v1/me/overview"));
+        assert!(!owns("/api/v1/admin/dead-letters"));
+        assert!(!owns("/_admin/services"));
+        assert!(!owns("/health"));
+    }
 
     #[test]
     fn versions_split_from_paths() {
