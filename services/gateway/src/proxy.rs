@@ -305,6 +305,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         }
         return Err(too_large(limit));
     }
+    if axum::body::HttpBody::is_end_stream(&body) {
+        // No body (most GETs): nothing to gather.
+        return Ok(Bytes::new());
+    }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
