@@ -125,6 +125,7 @@ where
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             upstream,
             client = %client,
+            "request"
         );
     }
     res
