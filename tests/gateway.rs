@@ -693,7 +693,17 @@ async fn overview_aggregates_and_degrades_to_a_partial_answer() {
 async fn edge_hygiene_cors_body_limit_and_forwarding() {
     let (system, dir) = embedded_with(|c| {
         c.gateway.cors_origins = vec!["http://shop.example".into()];
-        c.gateway.routes = vec![open_route("/echo", "echo", "round_robin")];
+        c.gateway.routes = vec![
+            RouteConfig {
+                add_headers: [("x-edge".to_owned(), "bazaar".to_owned())].into(),
+                remove_headers: vec!["x-debug".into()],
+                ..open_route("/echo", "echo", "round_robin")
+            },
+            RouteConfig {
+                rewrite: Some("/echo-shop".into()),
+                ..open_route("/shop", "echo", "round_robin")
+            },
+        ];
     })
     .await;
     wait_ready(&system.gateway_url).await;
@@ -797,6 +807,27 @@ async fn edge_hygiene_cors_body_limit_and_forwarding() {
         "{h}"
     );
     assert_eq!(seen["path"], "/echo/headers");
+    // Per-route header edits and path rewrite.
+    let seen: Value = http
+        .get(format!("{gw}/echo/x"))
+        .header("x-debug", "1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["headers"]["x-edge"], "bazaar");
+    assert!(seen["headers"].get("x-debug").is_none(), "{seen}");
+    let seen: Value = http
+        .get(format!("{gw}/shop/7?x=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["path"], "/echo-shop/7?x=1");
     system.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
