@@ -93,20 +93,14 @@ impl tower::Service<axum::extract::Request> for Front {
                 let (mut service, metrics, route) =
                     (fast.service.clone(), self.metrics.clone(), fast.route);
                 futures::future::Either::Left(Box::pin(async move {
-                    let start = std::time::Instant::now();
                     let method = req.method().clone();
-                    metrics.active_inc();
-                    let res = tower::Service::call(&mut service, req).await;
-                    metrics.active_dec();
-                    if let Ok(res) = &res {
-                        metrics.observe(
-                            method.as_str(),
-                            route,
-                            res.status().as_u16(),
-                            start.elapsed(),
-                        );
-                    }
-                    res
+                    let answer = async {
+                        match tower::Service::call(&mut service, req).await {
+                            Ok(res) => res,
+                            Err(never) => match never {},
+                        }
+                    };
+                    Ok(metrics.time(method.as_str(), route, answer).await)
                 }))
             }
             _ => futures::future::Either::Right(tower::Service::call(&mut self.router, req)),

@@ -85,44 +85,37 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// Counts and times one request.
-    pub fn observe(&self, method: &str, route: &str, status: u16, took: std::time::Duration) {
+    /// Counts and times one request: in flight while `answer` runs, then
+    /// labelled with its method, route and status.
+    pub async fn time(
+        &self,
+        method: &str,
+        route: &str,
+        answer: impl Future<Output = Response>,
+    ) -> Response {
+        let start = Instant::now();
+        self.active.inc();
+        let res = answer.await;
+        self.active.dec();
         let labels = HttpLabels {
             method: method.to_owned(),
             route: route.to_owned(),
-            status_code: status,
+            status_code: res.status().as_u16(),
         };
         self.requests.get_or_create(&labels).inc();
         self.duration
             .get_or_create(&labels)
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn active_inc(&self) {
-        self.active.inc();
-    }
-
-    pub fn active_dec(&self) {
-        self.active.dec();
+            .observe(start.elapsed().as_secs_f64());
+        res
     }
 }
 
 /// Middleware: counts and times every request by method, matched route and status.
 pub async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
     let method = req.method().clone();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    m.active.inc();
-    let res = next.run(req).await;
-    m.active.dec();
-    m.observe(
-        method.as_str(),
-        &route,
-        res.status().as_u16(),
-        start.elapsed(),
-    );
-    res
+    m.time(method.as_str(), &route, next.run(req)).await
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request};
-use axum::routing::{any, get};
+use axum::routing::get;
 use bazaar_chassis::http::{FastPath, Readiness};
 use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_mesh::breaker::BreakerSettings;
@@ -92,7 +92,6 @@ impl Application {
         let edge = Router::new()
             .route("/api/v1/me/overview", get(overview::overview))
             .route("/_admin/services", get(admin::services))
-            .route("/api/{*rest}", any(proxy::proxy))
             .with_state(state.clone())
             .merge(admin);
         // The proxied requests skip the router (its per-route machinery

@@ -48,6 +48,18 @@ impl Buckets {
     /// holds `limit` tokens and refills them all over `per`. A request is
     /// allowed while at least one token is left.
     pub fn take(&self, key: &str, limit: u32, per: Duration, cost: f64) -> Decision {
+        self.update(key, limit, per, cost, false)
+    }
+
+    /// Takes one token even when the bucket is empty (it goes no lower
+    /// than empty): counting failures that already happened.
+    pub fn charge(&self, key: &str, limit: u32, per: Duration) {
+        self.update(key, limit, per, 1.0, true);
+    }
+
+    /// Refills the bucket, then takes `cost` if a request is allowed (or
+    /// regardless, with `force`).
+    fn update(&self, key: &str, limit: u32, per: Duration, cost: f64, force: bool) -> Decision {
         let capacity = f64::from(limit.max(1));
         let rate = capacity / per.as_secs_f64().max(0.001);
         let now = Instant::now();
@@ -70,10 +82,10 @@ impl Buckets {
             (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(capacity);
         bucket.at = now;
         let allowed = bucket.tokens >= 1.0;
-        if allowed {
-            bucket.tokens -= cost;
+        if allowed || force {
+            bucket.tokens = (bucket.tokens - cost).max(0.0);
         }
-        let tokens = bucket.tokens.max(0.0);
+        let tokens = bucket.tokens;
         Decision {
             allowed,
             limit,
@@ -84,21 +96,6 @@ impl Buckets {
             } else {
                 ((1.0 - tokens) / rate).ceil().max(1.0) as u64
             },
-        }
-    }
-
-    /// Takes `cost` tokens even when the bucket is empty (it goes no
-    /// lower than empty): counting failures that already happened.
-    pub fn charge(&self, key: &str, limit: u32, per: Duration) {
-        let decision = self.take(key, limit, per, 1.0);
-        if !decision.allowed {
-            let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
-            let mut map = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(b) = map.get_mut(key) {
-                b.tokens = 0.0;
-            }
         }
     }
 }

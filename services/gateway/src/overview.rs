@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::{Map, Value, json};
 
 use crate::edge::{Edge, ServedBy};
-use crate::proxy::{Call, Shared, X_USER_EMAIL, X_USER_ID, X_USER_ROLE};
+use crate::proxy::{Call, Shared, set_identity};
 
 /// The headers each part is called with: the caller's token and identity,
 /// and the request's trace.
@@ -29,15 +29,7 @@ fn part_headers(from: &HeaderMap, claims: &bazaar_chassis::auth::Claims) -> Head
             h.insert(name, v.clone());
         }
     }
-    for (name, value) in [
-        (X_USER_ID, &claims.sub),
-        (X_USER_ROLE, &claims.role),
-        (X_USER_EMAIL, &claims.email),
-    ] {
-        if let Ok(v) = value.parse() {
-            h.insert(name, v);
-        }
-    }
+    set_identity(&mut h, Some(claims));
     h
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bazaar_chassis::auth::{Claims, bearer};
@@ -241,14 +241,6 @@ impl Gateway {
     }
 }
 
-pub async fn proxy(
-    State(g): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    handle(&g, peer, req).await
-}
-
 /// The proxy without the router: `/api/…` requests the gateway does not
 /// answer itself (see [`owns`]).
 pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
@@ -317,7 +309,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 /// Identity comes only from a verified token, never from the client.
-fn set_identity(headers: &mut HeaderMap, claims: Option<&Claims>) {
+pub fn set_identity(headers: &mut HeaderMap, claims: Option<&Claims>) {
     for h in [X_USER_ID, X_USER_ROLE, X_USER_EMAIL] {
         headers.remove(h);
     }
