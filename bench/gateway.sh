@@ -11,20 +11,21 @@
 #       requires it), a rate limit checked on every request, metrics on,
 #       cache off for the route, access log off.
 # Each is loaded by wrk for DURATION at CONNECTIONS connections, fetching
-# one product (GET /products/{id}), in ROUNDS interleaved rounds (the
-# median of each is kept: on a small shared machine one run varies by
-# ±10%); then each is called at a paced ~1,000 requests/s to compare
-# latency at a moderate load.
+# one product (GET /products/{id}), in ROUNDS interleaved rounds whose
+# order alternates (the median of each is kept: on a small shared machine
+# one run varies by ±10% and more); then each is called at a paced ~1,000
+# requests/s to compare latency at a moderate load.
 # Prints requests/s, p50 and p99 for each, the throughput ratios
-# gateway/nginx and gateway/direct, and the p50/p99 the gateway adds at
+# gateway/nginx (of the medians, and the median of each round's own
+# ratio) and gateway/direct, and the p50/p99 the gateway adds at
 # ~1,000 requests/s. nginx and wrk are installed with apt-get if missing.
-# Env: DURATION (default 10s), CONNECTIONS (default 64), ROUNDS (default 3),
+# Env: DURATION (default 10s), CONNECTIONS (default 64), ROUNDS (default 5),
 # PROFILE (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 PROFILE=${PROFILE:-release}
 CORES=$(nproc)
 
@@ -143,14 +144,21 @@ echo "== throughput: wrk -t2 -c$CONNECTIONS -d$DURATION, GET one product, median
 for target in direct nginx gateway; do
   wrk -t2 -c"$CONNECTIONS" -d2s "$(url_of $target)" -H "authorization: Bearer $TOKEN" >/dev/null # warm-up
 done
-for _ in $(seq 1 "$ROUNDS"); do
-  for target in direct nginx gateway; do
+last() { awk '{ print $NF }' <<<"$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+PAIRED=""
+for round in $(seq 1 "$ROUNDS"); do
+  # The order alternates, so a drift in the machine's speed during a
+  # round does not favour whichever always runs first.
+  order="direct nginx gateway"; (( round % 2 == 0 )) && order="gateway nginx direct"
+  for target in $order; do
     run "$target" "$(url_of $target)" -t2 -c"$CONNECTIONS" -d"$DURATION"
   done
+  PAIRED+=" $(ratio "$(last "${RPS[gateway]}")" "$(last "${RPS[nginx]}")")"
+  echo "round $round: direct $(last "${RPS[direct]}")  nginx $(last "${RPS[nginx]}")  gateway $(last "${RPS[gateway]}") req/s"
 done
 for target in direct nginx gateway; do report "$target"; done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-echo "gateway/nginx   $(ratio "${RPS[gateway]}" "${RPS[nginx]}")"
+echo "gateway/nginx   $(ratio "${RPS[gateway]}" "${RPS[nginx]}")   (median of the rounds' own ratios: $(median <<<"$PAIRED"); each:$PAIRED)"
 echo "gateway/direct  $(ratio "${RPS[gateway]}" "${RPS[direct]}")"
 
 # Paced: 10 connections, each waiting 10 ms between requests: ~1,000/s.
@@ -158,8 +166,9 @@ cat >"$WORK/pace.lua" <<'LUA'
 function delay() return 10 end
 LUA
 echo "== latency at ~1,000 requests/s: wrk -t1 -c10, 10 ms between requests per connection, median of $ROUNDS rounds"
-for _ in $(seq 1 "$ROUNDS"); do
-  for target in direct nginx gateway; do
+for round in $(seq 1 "$ROUNDS"); do
+  order="direct nginx gateway"; (( round % 2 == 0 )) && order="gateway nginx direct"
+  for target in $order; do
     run "$target @1k/s" "$(url_of $target)" -t1 -c10 -d"$DURATION" -s "$WORK/pace.lua"
   done
 done

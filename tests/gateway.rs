@@ -65,22 +65,27 @@ struct Plug {
     addr: SocketAddr,
     backend: SocketAddr,
     task: Option<JoinHandle<()>>,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Plug {
     async fn new(backend: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
         Self {
             addr,
             backend,
-            task: Some(tokio::spawn(Self::run(listener, backend))),
+            task: Some(tokio::spawn(Self::run(listener, backend, accepted.clone()))),
+            accepted,
         }
     }
 
-    async fn run(listener: TcpListener, backend: SocketAddr) {
+    async fn run(listener: TcpListener, backend: SocketAddr, accepted: Arc<AtomicUsize>) {
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((mut inbound, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::Relaxed);
             conns.spawn(async move {
                 if let Ok(mut out) = TcpStream::connect(backend).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
@@ -108,7 +113,11 @@ impl Plug {
                 Err(e) => panic!("cannot rebind {}: {e}", self.addr),
             }
         };
-        self.task = Some(tokio::spawn(Self::run(listener, self.backend)));
+        self.task = Some(tokio::spawn(Self::run(
+            listener,
+            self.backend,
+            self.accepted.clone(),
+        )));
     }
 }
 
@@ -145,6 +154,21 @@ async fn upstreams(
         echoes.push(e);
     }
     (plugs, echoes)
+}
+
+/// A system whose gateway routes `/<service>` (no token needed) to one
+/// echo upstream that answers after `delay_ms`.
+async fn one_upstream(
+    service: &str,
+    delay_ms: u64,
+) -> (bazaar::System, std::path::PathBuf, Vec<Plug>, Vec<Echo>) {
+    let prefix = format!("/{service}");
+    let (system, dir) = embedded_with(|c| {
+        c.gateway.routes = vec![open_route(&prefix, service, "round_robin")];
+    })
+    .await;
+    let (plugs, echoes) = upstreams(&system, service, &[&[]], &[delay_ms]).await;
+    (system, dir, plugs, echoes)
 }
 
 fn open_route(prefix: &str, service: &str, balance: &str) -> RouteConfig {
@@ -263,6 +287,73 @@ async fn balancing_strategies_spread_as_configured() {
         assert!(slowed * 3 < fast, "{path}: {counts:?}");
     }
     system.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_connections_are_reused_and_a_restart_loses_no_write() {
+    let (system, dir, mut plugs, echoes) = one_upstream("echo", 0).await;
+    let base = system.gateway_url.clone();
+    let http = reqwest::Client::new();
+
+    for i in 0..30 {
+        let res = http
+            .get(format!("{base}/api/v1/echo/{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    // One client connection, so one upstream connection carries all 30
+    // (a health check may have opened one more).
+    let opened = plugs[0].accepted.load(Ordering::Relaxed);
+    assert!(opened <= 2, "30 calls opened {opened} upstream connections");
+
+    // The upstream restarts: every idle connection to it is dead. A write
+    // then reaches it once, on a new connection.
+    plugs[0].pull();
+    plugs[0].put_back().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = echoes[0].hits.load(Ordering::Relaxed);
+    let res = http
+        .post(format!("{base}/api/v1/echo/orders"))
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(echoes[0].hits.load(Ordering::Relaxed), before + 1);
+    system.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_finishes_requests_in_flight_then_refuses_new_ones() {
+    let (system, dir, _plugs, _echoes) = one_upstream("slow", 800).await;
+    let base = system.gateway_url.clone();
+    let http = reqwest::Client::new();
+
+    let in_flight = tokio::spawn({
+        let (http, url) = (http.clone(), format!("{base}/api/v1/slow/x"));
+        async move { http.get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::spawn(system.stop());
+    let res = in_flight.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(seen["instance"], "slow-0");
+    stopped.await.unwrap().unwrap();
+    assert!(
+        reqwest::Client::new()
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .is_err(),
+        "a stopped gateway still answers"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

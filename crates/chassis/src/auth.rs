@@ -38,7 +38,34 @@ pub struct Verifier {
     /// check costs tens of microseconds and the same token arrives on every
     /// call of a session, at every hop; its bytes decide the outcome, so a
     /// hit needs only the expiry checked again.
-    verified: Mutex<HashMap<String, Claims>>,
+    verified: Mutex<HashMap<String, Arc<Claims>, TailHash>>,
+}
+
+/// Hashes a token by its last bytes only: they are its signature, random
+/// and unique to it, and hashing all ~350 bytes on every call costs more
+/// than the rest of the lookup. Only verified tokens are stored, so the
+/// tails cannot be chosen to collide.
+#[derive(Default, Clone)]
+struct TailHash(std::hash::RandomState);
+
+impl std::hash::BuildHasher for TailHash {
+    type Hasher = TailHasher;
+
+    fn build_hasher(&self) -> TailHasher {
+        TailHasher(self.0.build_hasher())
+    }
+}
+
+struct TailHasher(std::hash::DefaultHasher);
+
+impl std::hash::Hasher for TailHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(&bytes[bytes.len().saturating_sub(16)..]);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
 }
 
 /// Most tokens remembered; the memory is dropped whole when full.
@@ -100,6 +127,11 @@ impl Verifier {
     /// The claims of a valid token; 401 for anything else, 503 when the
     /// keys cannot be fetched.
     pub async fn verify(&self, token: &str) -> Result<Claims, Problem> {
+        self.verify_shared(token).await.map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Verifier::verify`], sharing the remembered claims.
+    pub async fn verify_shared(&self, token: &str) -> Result<Arc<Claims>, Problem> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let remembered = self
             .verified
@@ -110,12 +142,14 @@ impl Verifier {
         if let Some(claims) = remembered.filter(|c| c.exp > now) {
             return Ok(claims);
         }
-        let claims = self.verify_signature(token).await?;
+        // Boxed: the first check of a token (and a key fetch) is rare, and
+        // its future would otherwise swell every caller's.
+        let claims = Arc::new(Box::pin(self.verify_signature(token)).await?);
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if verified.len() >= VERIFIED_CAPACITY {
             verified.clear();
         }
-        verified.insert(token.to_owned(), claims.clone());
+        verified.insert(token.to_owned(), Arc::clone(&claims));
         Ok(claims)
     }
 

@@ -52,69 +52,22 @@ impl Readiness {
 const X_INSTANCE_ID: HeaderName = HeaderName::from_static("x-instance-id");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// A service's front door: every request goes to `router`, except those
-/// `fast.claims` matches, which skip the router's per-route machinery and
-/// go straight to `fast.service` (the gateway's proxy). Both are metered.
+/// Requests a service answers without its router, on event loops of its
+/// own (see [`serve_fast`]).
 #[derive(Clone)]
-struct Front {
-    router: Router,
-    fast: Option<FastPath>,
-    metrics: crate::Metrics,
-}
-
-/// Requests a service answers without its router.
-#[derive(Clone)]
-pub struct FastPath {
+pub struct FastPath<H> {
     /// Which request paths it takes.
     pub claims: fn(&str) -> bool,
     /// The `route` label of its requests in the metrics.
     pub route: &'static str,
-    pub service: BoxCloneSyncService<axum::extract::Request, Response, Infallible>,
-}
-
-impl tower::Service<axum::extract::Request> for Front {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = futures::future::Either<
-        futures::future::BoxFuture<'static, Result<Response, Infallible>>,
-        axum::routing::future::RouteFuture<Infallible>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
-        match &self.fast {
-            Some(fast) if (fast.claims)(req.uri().path()) => {
-                let (mut service, metrics, route) =
-                    (fast.service.clone(), self.metrics.clone(), fast.route);
-                futures::future::Either::Left(Box::pin(async move {
-                    let method = req.method().clone();
-                    let answer = async {
-                        match tower::Service::call(&mut service, req).await {
-                            Ok(res) => res,
-                            Err(never) => match never {},
-                        }
-                    };
-                    Ok(metrics.time(method.as_str(), route, answer).await)
-                }))
-            }
-            _ => futures::future::Either::Right(tower::Service::call(&mut self.router, req)),
-        }
-    }
+    /// Answers a request from the given peer.
+    pub handler: H,
+    /// Event-loop threads (0: one per core).
+    pub threads: usize,
 }
 
 /// Adds `/health`, `/ready`, `/metrics` and the shared layers to a service's routes.
-fn platform(
-    ctx: &ServiceContext,
-    app: Router,
-    ready: Readiness,
-    fast: Option<FastPath>,
-) -> BoxCloneSyncService<axum::extract::Request, Response, Infallible> {
+fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
     let instance =
         HeaderValue::from_str(&ctx.instance_id).unwrap_or(HeaderValue::from_static("unknown"));
     let service = ctx.name;
@@ -157,11 +110,7 @@ fn platform(
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred").into_response()
         }))
         .layer(DefaultBodyLimit::max(ctx.config.body_limit))
-        .service(Front {
-            router: routed,
-            fast,
-            metrics: ctx.metrics.clone(),
-        });
+        .service(routed);
     BoxCloneSyncService::new(stack)
 }
 
@@ -173,11 +122,16 @@ struct FastRequestId;
 
 impl MakeRequestId for FastRequestId {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-        HeaderValue::from_str(&id.hyphenated().to_string())
-            .ok()
-            .map(RequestId::new)
+        Some(RequestId::new(new_request_id()))
     }
+}
+
+/// A random UUID, formatted without a heap string.
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("-"))
 }
 
 async fn ready_handler(State(ready): State<Readiness>) -> Response {
@@ -215,49 +169,9 @@ pub async fn serve(
     ready: Readiness,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    serve_with(ctx, app, None, listener, ready, shutdown).await
-}
-
-/// [`serve`], with some requests answered without the router.
-pub async fn serve_with(
-    ctx: &ServiceContext,
-    app: Router,
-    fast: Option<FastPath>,
-    listener: TcpListener,
-    ready: Readiness,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let app = platform(ctx, app, ready, fast);
-    let instance = Instance {
-        name: ctx.name.to_owned(),
-        id: ctx.instance_id.clone(),
-        address: format!("http://{addr}"),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        tags: if ctx.config.weight > 1 {
-            vec![format!("weight={}", ctx.config.weight)]
-        } else {
-            Vec::new()
-        },
-    };
-    let registry = ctx.discovery.registry().clone();
-    registry
-        .register(instance)
-        .await
-        .context("cannot register")?;
-    tracing::info!(service = ctx.name, %addr, instance = %ctx.instance_id, "listening");
-
-    let (name, id) = (ctx.name, ctx.instance_id.clone());
-    let signal = shutdown.clone();
-    let stopping = async move {
-        signal.wait().await;
-        // Leave the rotation first, so no new calls are routed here.
-        if let Err(e) = registry.deregister(name, &id).await {
-            tracing::warn!(error = %e, "deregister failed");
-        }
-    };
-    // Without TCP_NODELAY a response written in two parts (headers, then a
-    // streamed body) waits on the client's delayed ACK: ~40 ms stalls.
+    let app = platform(ctx, app, ready);
+    let stopping = register(ctx, addr, &shutdown).await?;
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
@@ -279,6 +193,266 @@ pub async fn serve_with(
     }
     tracing::info!(service = ctx.name, "stopped");
     Ok(())
+}
+
+/// Registers the instance serving at `addr`; the future returned resolves
+/// on `shutdown`, once the instance has left discovery.
+async fn register(
+    ctx: &ServiceContext,
+    addr: std::net::SocketAddr,
+    shutdown: &Shutdown,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    let instance = Instance {
+        name: ctx.name.to_owned(),
+        id: ctx.instance_id.clone(),
+        address: format!("http://{addr}"),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        tags: if ctx.config.weight > 1 {
+            vec![format!("weight={}", ctx.config.weight)]
+        } else {
+            Vec::new()
+        },
+    };
+    let registry = ctx.discovery.registry().clone();
+    registry
+        .register(instance)
+        .await
+        .context("cannot register")?;
+    tracing::info!(service = ctx.name, %addr, instance = %ctx.instance_id, "listening");
+    let (name, id) = (ctx.name, ctx.instance_id.clone());
+    let signal = shutdown.clone();
+    Ok(async move {
+        signal.wait().await;
+        // Leave the rotation first, so no new calls are routed here.
+        if let Err(e) = registry.deregister(name, &id).await {
+            tracing::warn!(error = %e, "deregister failed");
+        }
+    })
+}
+
+/// [`serve`] for an edge: requests `fast.claims` go to `fast.handler`
+/// with only the platform's essentials around them (request id, instance
+/// id, trace span, panic guard, metrics), the rest to the router with its
+/// full stack. Accepted connections are dealt in turn to `fast.threads`
+/// event loops, each a single-threaded runtime: a request, its upstream
+/// calls and its answer then stay on one thread, with no hand-over
+/// between threads (the proxy keeps its upstream connections per thread
+/// too). HTTP/1.1 only.
+pub async fn serve_fast<H, Fut>(
+    ctx: &ServiceContext,
+    app: Router,
+    fast: FastPath<H>,
+    listener: TcpListener,
+    ready: Readiness,
+    shutdown: Shutdown,
+) -> anyhow::Result<()>
+where
+    H: Fn(axum::extract::Request, std::net::SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    let addr = listener.local_addr()?;
+    let edge = Edge {
+        router: platform(ctx, app, ready),
+        fast,
+        metrics: ctx.metrics.clone(),
+        service: ctx.name,
+        instance: HeaderValue::from_str(&ctx.instance_id)
+            .unwrap_or(HeaderValue::from_static("unknown")),
+    };
+    let stopping = register(ctx, addr, &shutdown).await?;
+    let stop = Shutdown::default();
+    let grace = Duration::from_millis(ctx.config.shutdown_grace_ms);
+    let threads = match edge.fast.threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    };
+    let mut loops = Vec::with_capacity(threads);
+    let mut deal = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let (edge, stop) = (edge.clone(), stop.clone());
+        let (give, take) = tokio::sync::mpsc::unbounded_channel();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("{}-http-{i}", ctx.name))
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(edge.run(take, stop, grace)));
+                let _ = done.send(served);
+            })
+            .context("cannot start an event loop")?;
+        loops.push(finished);
+        deal.push(give);
+    }
+    // Connections are dealt to the loops in turn: an even spread, where
+    // loops racing to accept would leave it to chance.
+    tokio::pin!(stopping);
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            () = &mut stopping => break,
+            a = listener.accept() => a,
+        };
+        match accepted.and_then(|(tcp, peer)| Ok((tcp.into_std()?, peer))) {
+            Ok(conn) => {
+                if deal[next % threads].send(conn).is_err() {
+                    anyhow::bail!("an event loop stopped early");
+                }
+                next = next.wrapping_add(1);
+            }
+            Err(e) => {
+                // Out of descriptors and the like: wait, then go on.
+                tracing::warn!(service = ctx.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    drop(deal);
+    stop.trigger();
+    for finished in loops {
+        finished.await.context("an event loop died")??;
+    }
+    tracing::info!(service = ctx.name, "stopped");
+    Ok(())
+}
+
+/// A router with the platform's routes and layers.
+type Platform = BoxCloneSyncService<axum::extract::Request, Response, Infallible>;
+
+/// One event loop's share of [`serve_fast`].
+#[derive(Clone)]
+struct Edge<H> {
+    router: Platform,
+    fast: FastPath<H>,
+    metrics: crate::Metrics,
+    service: &'static str,
+    instance: HeaderValue,
+}
+
+impl<H, Fut> Edge<H>
+where
+    H: Fn(axum::extract::Request, std::net::SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    /// Accepts and serves connections until `stop`, then lets them finish
+    /// for at most `grace`.
+    async fn run(
+        self,
+        mut dealt: tokio::sync::mpsc::UnboundedReceiver<(
+            std::net::TcpStream,
+            std::net::SocketAddr,
+        )>,
+        stop: Shutdown,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Some((tcp, peer)) = dealt.recv().await {
+            let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::warn!(service = self.service, error = %e, "cannot serve a connection");
+                    continue;
+                }
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            let (edge, stop) = (self.clone(), stop.clone());
+            conns.spawn(async move {
+                let service = hyper::service::service_fn(move |req| edge.call(req, peer));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                tokio::pin!(conn);
+                let served = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = stop.wait() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            while conns.try_join_next().is_some() {}
+        }
+        let drained = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(
+                service = self.service,
+                "grace period over; dropping in-flight requests"
+            );
+        }
+        Ok(())
+    }
+
+    fn call(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> futures::future::Either<
+        impl Future<Output = Result<Response, Infallible>> + Send + use<H, Fut>,
+        tower::util::Oneshot<Platform, axum::extract::Request>,
+    > {
+        let mut req = req.map(axum::body::Body::new);
+        if !(self.fast.claims)(req.uri().path()) {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            return futures::future::Either::Right(tower::ServiceExt::oneshot(
+                self.router.clone(),
+                req,
+            ));
+        }
+        let request_id = match req.headers().get(X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        let method = req.method().clone();
+        let span = tracing::info_span!(
+            "http",
+            service = self.service,
+            method = %method,
+            path = %req.uri().path(),
+            request_id = request_id.to_str().unwrap_or(""),
+        );
+        let answer = (self.fast.handler)(req, peer);
+        let (metrics, route, instance) =
+            (self.metrics.clone(), self.fast.route, self.instance.clone());
+        futures::future::Either::Left(async move {
+            let answer = async {
+                match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(answer)).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        tracing::error!("handler panicked");
+                        Problem::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "an internal error occurred",
+                        )
+                        .into_response()
+                    }
+                }
+            };
+            let mut res = metrics
+                .time(
+                    &method,
+                    std::borrow::Cow::Borrowed(route),
+                    tracing::Instrument::instrument(answer, span),
+                )
+                .await;
+            let headers = res.headers_mut();
+            headers.entry(X_INSTANCE_ID).or_insert(instance);
+            headers.entry(X_REQUEST_ID).or_insert(request_id);
+            Ok(res)
+        })
+    }
 }
 
 /// The W3C trace context header.
@@ -359,7 +533,10 @@ impl axum::extract::FromRef<ServiceState> for std::sync::Arc<crate::Verifier> {
 }
 
 /// Serves `router` (ready when its database and the bus are) until
-/// `shutdown`, then waits for `consumers` to settle the batches in hand.
+/// `shutdown`, then waits for `consumers` to settle the batches in hand,
+/// for at most the grace period: a consumer that cannot settle (its
+/// broker connection lost mid-batch) must not keep the process from
+/// exiting; what it did not acknowledge is delivered again.
 pub async fn serve_consuming(
     ctx: &ServiceContext,
     db: &crate::db::Db,
@@ -373,10 +550,19 @@ pub async fn serve_consuming(
         bus: Some(ctx.bus.clone()),
     };
     let served = serve(ctx, router, listener, ready, shutdown).await;
-    for c in consumers {
-        if let Err(e) = c.await {
-            tracing::error!(service = ctx.name, error = %e, "a consumer crashed");
+    let settled = async {
+        for c in consumers {
+            if let Err(e) = c.await {
+                tracing::error!(service = ctx.name, error = %e, "a consumer crashed");
+            }
         }
+    };
+    let grace = Duration::from_millis(ctx.config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, settled).await.is_err() {
+        tracing::error!(
+            service = ctx.name,
+            "consumers did not settle within the grace period; what they did not acknowledge will be delivered again"
+        );
     }
     served
 }

@@ -1,10 +1,12 @@
 //! One Prometheus registry per service (never a global recorder), with the
 //! HTTP metrics every service reports and room for its own.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,9 +18,28 @@ use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
-    method: String,
-    route: String,
+    method: Cow<'static, str>,
+    route: Cow<'static, str>,
     status_code: u16,
+}
+
+/// A method's name, without allocating for the standard ones.
+fn method_label(method: &Method) -> Cow<'static, str> {
+    static STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD.iter().find(|m| *m == method).map_or_else(
+        || Cow::Owned(method.as_str().to_owned()),
+        |m| Cow::Borrowed(m.as_str()),
+    )
 }
 
 /// A service's metrics registry and its HTTP instruments.
@@ -89,8 +110,8 @@ impl Metrics {
     /// labelled with its method, route and status.
     pub async fn time(
         &self,
-        method: &str,
-        route: &str,
+        method: &Method,
+        route: Cow<'static, str>,
         answer: impl Future<Output = Response>,
     ) -> Response {
         let start = Instant::now();
@@ -98,8 +119,8 @@ impl Metrics {
         let res = answer.await;
         self.active.dec();
         let labels = HttpLabels {
-            method: method.to_owned(),
-            route: route.to_owned(),
+            method: method_label(method),
+            route,
             status_code: res.status().as_u16(),
         };
         self.requests.get_or_create(&labels).inc();
@@ -116,6 +137,8 @@ pub async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Respon
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    m.time(method.as_str(), &route, next.run(req)).await
+        .map_or(Cow::Borrowed("unmatched"), |p| {
+            Cow::Owned(p.as_str().to_owned())
+        });
+    m.time(&method, route, next.run(req)).await
 }

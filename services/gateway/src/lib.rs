@@ -7,6 +7,7 @@
 
 mod admin;
 mod cache;
+mod conn;
 mod edge;
 mod limit;
 mod overview;
@@ -15,19 +16,17 @@ mod table;
 mod transform;
 mod upstream;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::Request;
 use axum::routing::get;
 use bazaar_chassis::http::{FastPath, Readiness};
 use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_mesh::breaker::BreakerSettings;
 use tokio::net::TcpListener;
-use tower::util::BoxCloneSyncService;
 
 /// A built gateway, ready to serve.
 pub struct Application {
@@ -61,7 +60,6 @@ impl Application {
         let g = &config.gateway;
         let pools = upstream::Pools::new(
             self.ctx.discovery.clone(),
-            upstream::client(),
             BreakerSettings {
                 consecutive: g.eject_after.max(1),
                 open_for: Duration::from_millis(g.breaker_open_ms),
@@ -99,21 +97,18 @@ impl Application {
         let fast = FastPath {
             claims: proxy::owns,
             route: "/api/{*rest}",
-            service: BoxCloneSyncService::new(tower::service_fn(move |req: Request| {
+            handler: move |req: Request, peer: SocketAddr| {
                 let g = state.clone();
-                async move {
-                    let peer = req
-                        .extensions()
-                        .get::<ConnectInfo<SocketAddr>>()
-                        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
-                    Ok::<_, Infallible>(proxy::handle(&g, peer, req).await)
-                }
-            })),
+                // Boxed once here, the proxy's large future is not copied
+                // again on each hand-over on the way into the connection.
+                Box::pin(async move { proxy::handle(&g, peer, req).await })
+            },
+            threads: config.gateway.threads,
         };
-        bazaar_chassis::http::serve_with(
+        bazaar_chassis::http::serve_fast(
             &self.ctx,
             edge,
-            Some(fast),
+            fast,
             listener,
             Readiness::default(),
             shutdown,

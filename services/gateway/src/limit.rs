@@ -72,7 +72,8 @@ impl Buckets {
                 b.tokens + now.duration_since(b.at).as_secs_f64() * rate < b.capacity
             });
         }
-        let bucket = map.entry(key.to_owned()).or_insert(Bucket {
+        // Copied out and back: the key is copied only for a new bucket.
+        let mut bucket = map.get(key).copied().unwrap_or(Bucket {
             tokens: capacity,
             at: now,
             capacity,
@@ -84,6 +85,12 @@ impl Buckets {
         let allowed = bucket.tokens >= 1.0;
         if allowed || force {
             bucket.tokens = (bucket.tokens - cost).max(0.0);
+        }
+        match map.get_mut(key) {
+            Some(b) => *b = bucket,
+            None => {
+                map.insert(key.to_owned(), bucket);
+            }
         }
         let tokens = bucket.tokens;
         Decision {

@@ -3,6 +3,7 @@
 //! A part that fails is `null` and named in `errors`; the rest still comes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Extension;
 use axum::extract::{ConnectInfo, Request, State};
@@ -18,7 +19,7 @@ use crate::proxy::{Call, Shared, set_identity};
 
 /// The headers each part is called with: the caller's token and identity,
 /// and the request's trace.
-fn part_headers(from: &HeaderMap, claims: &bazaar_chassis::auth::Claims) -> HeaderMap {
+fn part_headers(from: &HeaderMap, claims: &Arc<bazaar_chassis::auth::Claims>) -> HeaderMap {
     let mut h = HeaderMap::new();
     for name in [
         header::AUTHORIZATION,
@@ -87,16 +88,15 @@ async fn aggregate(
     edge: &Edge,
     headers: &HeaderMap,
 ) -> Result<(Extension<ServedBy>, Json<Value>), Problem> {
-    let g = g.clone();
     let claims = g
         .claims(headers)
         .await?
         .ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
     let h = part_headers(headers, &claims);
     let (profile, orders, notifications) = tokio::join!(
-        part(&g, edge, &h, "auth", "/auth/me"),
-        part(&g, edge, &h, "orders", "/orders?limit=5"),
-        part(&g, edge, &h, "notifications", "/notifications?limit=1"),
+        part(g, edge, &h, "auth", "/auth/me"),
+        part(g, edge, &h, "orders", "/orders?limit=5"),
+        part(g, edge, &h, "notifications", "/notifications?limit=1"),
     );
     let mut errors = Map::new();
     let mut take = |name: &str, r: Result<Value, String>| match r {

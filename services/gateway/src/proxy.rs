@@ -18,11 +18,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 
 use crate::cache::{self, Cache};
+use crate::conn::{self, SendError};
 use crate::edge::{Edge, ServedBy};
 use crate::limit::{Buckets, Decision};
 use crate::table::{LimitKey, Live, Route, Transform};
 use crate::transform;
-use crate::upstream::{NoPick, Pools};
+use crate::upstream::{Member, NoPick, Pools};
 
 /// Everything the gateway's handlers share.
 pub struct Gateway {
@@ -102,14 +103,14 @@ fn too_large(limit: usize) -> Problem {
     )
 }
 
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
 fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
-    for (name, value) in [
-        ("ratelimit-limit", d.limit.into()),
-        ("ratelimit-remaining", d.remaining.into()),
-        ("ratelimit-reset", d.reset_secs),
-    ] {
-        headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
-    }
+    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(d.limit));
+    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+    headers.insert(RATELIMIT_RESET, HeaderValue::from(d.reset_secs));
 }
 
 /// 429 with `Retry-After` and the bucket's `RateLimit-*` headers.
@@ -127,8 +128,8 @@ fn no_pick(e: NoPick) -> Problem {
 
 /// The upstream's answer and the instance that gave it.
 pub struct Answer {
-    pub response: hyper::Response<hyper::body::Incoming>,
-    pub instance: String,
+    pub response: hyper::Response<conn::Pooled>,
+    pub member: Arc<Member>,
 }
 
 /// How one upstream call is made.
@@ -141,9 +142,9 @@ pub struct Call<'a> {
 
 impl Gateway {
     /// Verifies the bearer token, if any.
-    pub async fn claims(&self, headers: &HeaderMap) -> Result<Option<Claims>, Problem> {
+    pub async fn claims(&self, headers: &HeaderMap) -> Result<Option<Arc<Claims>>, Problem> {
         match bearer(headers)? {
-            Some(token) => Ok(Some(self.verifier.verify(token).await?)),
+            Some(token) => Ok(Some(self.verifier.verify_shared(token).await?)),
             None => Ok(None),
         }
     }
@@ -185,14 +186,13 @@ impl Gateway {
                 Err(e) if attempt == 0 => return Err(no_pick(e)),
                 Err(_) => break,
             };
-            let id = pick.member.instance.id.clone();
             let mut req = hyper::Request::new(if body.is_empty() {
                 Body::empty()
             } else {
                 Body::from(body.clone())
             });
             *req.method_mut() = method.clone();
-            *req.uri_mut() = format!("{}{path_and_query}", pick.member.instance.address)
+            *req.uri_mut() = path_and_query
                 .parse()
                 .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
             // The last possible try takes the headers; earlier ones copy them.
@@ -201,26 +201,29 @@ impl Gateway {
             } else {
                 headers.take().unwrap_or_default()
             };
+            req.headers_mut()
+                .insert(header::HOST, pick.member.host.clone());
             let started = Instant::now();
-            match tokio::time::timeout(call.timeout, self.pools.client().request(req)).await {
+            let sent = conn::send(&pick.member.authority, req);
+            match tokio::time::timeout(call.timeout, sent).await {
                 Ok(Ok(response)) => {
+                    let member = Arc::clone(&pick.member);
                     pick.finish(true, started.elapsed());
-                    return Ok(Answer {
-                        response,
-                        instance: id,
-                    });
+                    return Ok(Answer { response, member });
                 }
                 Ok(Err(e)) => {
+                    let id = pick.member.instance.id.clone();
                     pick.finish(false, started.elapsed());
                     tracing::warn!(service = call.service, instance = %id, error = %e, "upstream call failed");
-                    failure = Some(if e.is_connect() {
-                        Problem::unavailable(format!("{} is unreachable", call.service))
-                    } else {
-                        Problem::new(
+                    failure = Some(match e {
+                        SendError::Connect(..) => {
+                            Problem::unavailable(format!("{} is unreachable", call.service))
+                        }
+                        SendError::Failed(_) => Problem::new(
                             StatusCode::BAD_GATEWAY,
                             "bad-gateway",
                             format!("{} failed to answer", call.service),
-                        )
+                        ),
                     });
                     if headers.is_none() {
                         break;
@@ -309,21 +312,62 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 /// Identity comes only from a verified token, never from the client.
-pub fn set_identity(headers: &mut HeaderMap, claims: Option<&Claims>) {
+pub fn set_identity(headers: &mut HeaderMap, claims: Option<&Arc<Claims>>) {
     for h in [X_USER_ID, X_USER_ROLE, X_USER_EMAIL] {
         headers.remove(h);
     }
     if let Some(c) = claims {
-        for (name, value) in [
-            (X_USER_ID, &c.sub),
-            (X_USER_ROLE, &c.role),
-            (X_USER_EMAIL, &c.email),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                headers.insert(name, v);
-            }
+        for (name, value) in &identity(c).headers {
+            headers.insert(name, value.clone());
         }
     }
+}
+
+/// A caller's identity headers and rate-limit key, made once per verified
+/// token and thread.
+struct Identity {
+    /// The claims that make valid header values.
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// `user:<id>`.
+    key: String,
+}
+
+/// A remembered identity, with the claims it was made from.
+type Known = (Arc<Claims>, Arc<Identity>);
+
+/// Most identities a thread remembers; the memory is dropped whole when full.
+const IDENTITIES: usize = 10_000;
+
+thread_local! {
+    /// By the address of the verifier's shared claims. Each entry holds
+    /// its claims, so the address cannot be reused while it is here.
+    static IDENTITY: std::cell::RefCell<std::collections::HashMap<usize, Known>> =
+        std::cell::RefCell::default();
+}
+
+fn identity(c: &Arc<Claims>) -> Arc<Identity> {
+    let at = Arc::as_ptr(c) as usize;
+    IDENTITY.with_borrow_mut(|known| {
+        if let Some((_, id)) = known.get(&at) {
+            return Arc::clone(id);
+        }
+        if known.len() >= IDENTITIES {
+            known.clear();
+        }
+        let id = Arc::new(Identity {
+            headers: [
+                (X_USER_ID, &c.sub),
+                (X_USER_ROLE, &c.role),
+                (X_USER_EMAIL, &c.email),
+            ]
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, HeaderValue::from_str(value).ok()?)))
+            .collect(),
+            key: format!("user:{}", c.sub),
+        });
+        known.insert(at, (Arc::clone(c), Arc::clone(&id)));
+        id
+    })
 }
 
 /// Hop-by-hop headers out; `X-Forwarded-*` in. A client's own
@@ -333,15 +377,37 @@ fn set_forwarding(headers: &mut HeaderMap, edge: &Edge) {
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    let peer = edge.peer.to_string();
-    let chain = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if edge.table.trusts(edge.peer) => format!("{prior}, {peer}"),
-        _ => peer,
+    let prior = headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| edge.table.trusts(edge.peer));
+    let chain = match prior {
+        Some(prior) => {
+            HeaderValue::from_maybe_shared(Bytes::from(format!("{prior}, {}", edge.peer))).ok()
+        }
+        None => Some(address_value(edge.peer)),
     };
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    if let Some(v) = chain {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+}
+
+/// An address as a header value; the last one is remembered per thread
+/// (a client's requests come one connection, one address, at a time).
+fn address_value(ip: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((at, v)) if *at == ip => v.clone(),
+        _ => {
+            let v = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+                .unwrap_or(HeaderValue::from_static("unknown"));
+            *last = Some((ip, v.clone()));
+            v
+        }
+    })
 }
 
 /// The login brute-force keys of a login body: per account (when the
@@ -388,7 +454,7 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
     let mut quota = None;
     if let Some(rl) = &route.rate_limit {
         let key = match (rl.key, &claims) {
-            (LimitKey::User, Some(c)) => format!("{}|user:{}", route.name, c.sub),
+            (LimitKey::User, Some(c)) => [route.name.as_str(), "|", &identity(c).key].concat(),
             _ => format!("{}|ip:{}", route.name, edge.client),
         };
         let d = g.buckets.take(&key, rl.requests, rl.per, 1.0);
@@ -554,7 +620,10 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
     if let Some(d) = &quota {
         rate_headers(res.headers_mut(), d);
     }
-    res.extensions_mut().insert(ServedBy(answer.instance));
+    if table.access_log {
+        res.extensions_mut()
+            .insert(ServedBy(answer.member.instance.id.clone()));
+    }
     Ok(res)
 }
 

@@ -9,28 +9,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderValue, Request, StatusCode, header};
 use bazaar_chassis::Shutdown;
 use bazaar_mesh::balance::{Balancer, Lease, Strategy};
 use bazaar_mesh::breaker::{Breaker, BreakerSettings, BreakerState};
 use bazaar_mesh::{Discovery, Instance};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
-pub type HttpClient = Client<HttpConnector, Body>;
-
-/// A new pooled HTTP/1 client for upstream calls.
-pub fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build(connector)
-}
+use crate::conn;
 
 /// Failed health checks in a row that mark an instance unhealthy.
 const UNHEALTHY_AFTER: u32 = 2;
@@ -40,12 +26,33 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// One instance and what the gateway knows of it.
 pub struct Member {
     pub instance: Instance,
+    /// `host:port` of the instance's address.
+    pub authority: String,
+    /// The `Host` header for calls to it.
+    pub host: HeaderValue,
     pub breaker: Breaker,
     healthy: AtomicBool,
     failed_checks: AtomicU32,
 }
 
 impl Member {
+    fn new(instance: &Instance, breaker: BreakerSettings) -> Self {
+        let address = &instance.address;
+        let rest = address
+            .split_once("://")
+            .map_or(address.as_str(), |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or(rest).to_owned();
+        Self {
+            host: HeaderValue::from_str(&authority)
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            authority,
+            instance: instance.clone(),
+            breaker: Breaker::new(breaker),
+            healthy: AtomicBool::new(true),
+            failed_checks: AtomicU32::new(0),
+        }
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -153,7 +160,6 @@ pub struct InstanceView {
 /// Every service's pool.
 pub struct Pools {
     discovery: Discovery,
-    client: HttpClient,
     breaker: BreakerSettings,
     health_interval: Duration,
     budget_percent: u32,
@@ -165,7 +171,6 @@ pub struct Pools {
 impl Pools {
     pub fn new(
         discovery: Discovery,
-        client: HttpClient,
         breaker: BreakerSettings,
         health_interval: Duration,
         budget_percent: u32,
@@ -173,7 +178,6 @@ impl Pools {
     ) -> Arc<Self> {
         Arc::new(Self {
             discovery,
-            client,
             breaker,
             health_interval,
             budget_percent,
@@ -181,10 +185,6 @@ impl Pools {
             epoch: Instant::now(),
             pools: RwLock::default(),
         })
-    }
-
-    pub fn client(&self) -> &HttpClient {
-        &self.client
     }
 
     /// The pool of `service`, created (with its health checker) on first use.
@@ -247,17 +247,7 @@ impl Pools {
                 old.members
                     .iter()
                     .find(|m| m.instance.id == i.id && m.instance.address == i.address)
-                    .map_or_else(
-                        || {
-                            Arc::new(Member {
-                                instance: i.clone(),
-                                breaker: Breaker::new(self.breaker),
-                                healthy: AtomicBool::new(true),
-                                failed_checks: AtomicU32::new(0),
-                            })
-                        },
-                        Arc::clone,
-                    )
+                    .map_or_else(|| Arc::new(Member::new(i, self.breaker)), Arc::clone)
             })
             .collect();
         *pool
@@ -279,7 +269,7 @@ impl Pools {
         let stale = self.millis().saturating_sub(at) > REFRESH_EVERY.as_millis() as u64;
         let snap = Self::snapshot(pool);
         if at == 0 || (stale && snap.members.is_empty()) {
-            self.refresh(pool).await?;
+            Box::pin(self.refresh(pool)).await?;
             return Ok(Self::snapshot(pool));
         }
         if stale && !pool.refreshing.swap(true, Ordering::AcqRel) {
@@ -394,9 +384,8 @@ impl Pools {
                 tracing::warn!(service = %pool.service, error = %e, "cannot refresh instances");
             }
             let snap = Self::snapshot(&pool);
-            let me = &self;
             let checks = snap.members.iter().map(|m| async move {
-                let ok = me.probe(&m.instance).await;
+                let ok = Self::probe(m).await;
                 if ok {
                     m.failed_checks.store(0, Ordering::Relaxed);
                     if !m.healthy.swap(true, Ordering::Relaxed) {
@@ -413,14 +402,25 @@ impl Pools {
         }
     }
 
-    async fn probe(&self, instance: &Instance) -> bool {
-        let Ok(req) = Request::get(format!("{}/health", instance.address)).body(Body::empty())
+    async fn probe(member: &Member) -> bool {
+        let Ok(req) = Request::get("/health")
+            .header(header::HOST, member.host.clone())
+            .body(Body::empty())
         else {
             return false;
         };
-        match tokio::time::timeout(Duration::from_secs(1), self.client.request(req)).await {
-            Ok(Ok(res)) => res.status() == StatusCode::OK,
-            _ => false,
-        }
+        let call = async {
+            let res = conn::send(&member.authority, req).await.ok()?;
+            let ok = res.status() == StatusCode::OK;
+            // Read the body, so the connection can be used again.
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .ok()?;
+            Some(ok)
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), call).await,
+            Ok(Some(true))
+        )
     }
 }

@@ -27,7 +27,7 @@ pub struct GatewayConfig {
     pub login_failures_per_ip: u32,
     /// How often each upstream instance's `/health` is polled, in ms. Default 2000.
     pub health_interval_ms: u64,
-    /// Consecutive failures (connection errors, 502/503/504) that eject an
+    /// Consecutive failures (connection errors, timeouts) that eject an
     /// instance: its breaker opens. Default 3.
     pub eject_after: u32,
     /// How long an open breaker keeps its instance out before one probe
@@ -38,6 +38,9 @@ pub struct GatewayConfig {
     pub retry_budget_percent: u32,
     /// One log line per request (target `access`). Default true.
     pub access_log: bool,
+    /// Event-loop threads serving clients; each keeps its own upstream
+    /// connections. 0 (the default): one per core.
+    pub threads: usize,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +52,7 @@ impl Default for GatewayConfig {
             trusted_proxies: Vec::new(),
             login_failures_per_account: 10,
             login_failures_per_ip: 100,
+            threads: 0,
             health_interval_ms: 2000,
             eject_after: 3,
             breaker_open_ms: 5000,

@@ -1,0 +1,191 @@
+//! Upstream HTTP/1 connections, kept idle per thread and per instance.
+//!
+//! The gateway serves each client connection on one thread (see
+//! `bazaar_chassis::http::serve_fast`); a request's upstream connection is
+//! taken from that thread's idle list, so the client side, the proxy and
+//! the upstream side of a call all run on one thread with no hand-over
+//! between threads. A connection goes back to the list when its answer's
+//! body has been read to the end; one dropped half-read is closed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+/// Most idle connections kept per thread and instance.
+const MAX_IDLE: usize = 256;
+/// Instances a thread keeps idle connections to before it forgets those
+/// whose connections have all closed.
+const MAX_INSTANCES: usize = 64;
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Sender = SendRequest<Body>;
+
+thread_local! {
+    static IDLE: RefCell<HashMap<Arc<str>, Vec<Sender>>> = RefCell::default();
+}
+
+/// Why a call got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent.
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, String),
+    /// The connection failed or closed before a whole answer head came.
+    #[error("{0}")]
+    Failed(hyper::Error),
+}
+
+fn take_idle(authority: &str) -> Option<Sender> {
+    IDLE.with_borrow_mut(|idle| {
+        let list = idle.get_mut(authority)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    })
+}
+
+fn put_idle(authority: &str, sender: Sender) {
+    if sender.is_closed() {
+        return;
+    }
+    IDLE.with_borrow_mut(|idle| {
+        if let Some(list) = idle.get_mut(authority) {
+            if list.len() >= MAX_IDLE {
+                list.retain(|s| !s.is_closed());
+            }
+            if list.len() < MAX_IDLE {
+                list.push(sender);
+            }
+        } else {
+            if idle.len() >= MAX_INSTANCES {
+                // Instances come and go (restarts, new ports): forget the
+                // ones with no open connection left.
+                idle.retain(|_, list| {
+                    list.retain(|s| !s.is_closed());
+                    !list.is_empty()
+                });
+            }
+            idle.insert(Arc::from(authority), vec![sender]);
+        }
+    });
+}
+
+async fn connect(authority: &str) -> Result<Sender, SendError> {
+    let refused = |e: String| SendError::Connect(authority.to_owned(), e);
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+        .await
+        .map_err(|_| refused("timed out".into()))?
+        .map_err(|e| refused(e.to_string()))?;
+    // Without TCP_NODELAY a request written in parts waits on delayed ACKs.
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` to `authority` (`host:port`) on an idle connection, or a
+/// new one. A request an idle connection could not take (it had just
+/// closed) goes once more on a fresh connection: nothing was sent yet.
+pub async fn send(
+    authority: &str,
+    req: hyper::Request<Body>,
+) -> Result<hyper::Response<Pooled>, SendError> {
+    let mut req = req;
+    loop {
+        let (mut s, fresh) = match take_idle(authority) {
+            Some(s) => (s, false),
+            // Boxed: connecting is rare, and its future is large.
+            None => (Box::pin(connect(authority)).await?, true),
+        };
+        // An idle connection may still be settling its last answer, or
+        // have been closed by the upstream meanwhile.
+        if !fresh && s.ready().await.is_err() {
+            continue;
+        }
+        match s.try_send_request(req).await {
+            Ok(res) => {
+                let mut body = Pooled {
+                    inner: None,
+                    back: Some((s, Arc::<str>::from(authority))),
+                };
+                let (parts, inner) = res.into_parts();
+                if inner.is_end_stream() {
+                    body.release();
+                }
+                body.inner = Some(inner);
+                return Ok(hyper::Response::from_parts(parts, body));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if !fresh => req = unsent,
+                _ => return Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+}
+
+/// An upstream answer's body; its connection goes back to the idle list
+/// of the thread that reads the body to its end.
+pub struct Pooled {
+    inner: Option<Incoming>,
+    back: Option<(Sender, Arc<str>)>,
+}
+
+impl Pooled {
+    fn release(&mut self) {
+        if let Some((sender, authority)) = self.back.take() {
+            put_idle(&authority, sender);
+        }
+    }
+}
+
+impl hyper::body::Body for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let ended = inner.is_end_stream();
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if ended => self.release(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+    }
+}
