@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 mod common;
 
@@ -555,12 +556,26 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
             .push(cmd.spawn().expect("cannot start bazaar serve"));
     }
     let gateway = format!("http://127.0.0.1:{}", ports["gateway"]);
+    // Every process up (its queues declared) before the walkthrough.
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in names {
+        let url = format!("http://127.0.0.1:{}/ready", ports[name]);
+        while !http
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "{name} did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     wait_ready(&gateway).await;
     walkthrough(&gateway).await;
     concurrent_buyers(&gateway).await;
 
-    // Every process answers /ready against its real dependencies.
-    let http = reqwest::Client::new();
+    // Every process still answers /ready against its real dependencies.
     for name in names {
         let res = http
             .get(format!("http://127.0.0.1:{}/ready", ports[name]))

@@ -240,3 +240,15 @@ pub async fn serve(config: Config, service: &str) -> anyhow::Result<System> {
         tasks: vec![(service.to_owned(), task)],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// Commands must reach a queue only if the bus knows them as commands.
+    #[test]
+    fn contracts_send_commands_on_the_bus_command_exchange() {
+        assert_eq!(
+            bazaar_contracts::topics::COMMAND_EXCHANGE,
+            bazaar_bus::COMMAND_EXCHANGE
+        );
+    }
+}

@@ -21,7 +21,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
+};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -477,16 +479,24 @@ impl AmqpTransport {
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: crate::must_route(exchange, msg),
+                    ..BasicPublishOptions::default()
+                },
                 &msg.body,
                 props,
             )
             .await?
             .await?;
-        if confirm.is_nack() {
-            return Err(BusError::NotConfirmed);
+        match confirm {
+            Confirmation::Nack(_) => Err(BusError::NotConfirmed),
+            // Acked with the message handed back: no queue took it.
+            Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
+                exchange: exchange.to_owned(),
+                key: routing_key.to_owned(),
+            }),
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -521,7 +531,7 @@ impl Transport for AmqpTransport {
                 .map_err(|_| BusError::Unavailable("no connection to RabbitMQ".into()))??;
             let error = match self.publish_once(&link, exchange, routing_key, &msg).await {
                 Ok(()) => return Ok(()),
-                Err(BusError::NotConfirmed) => return Err(BusError::NotConfirmed),
+                Err(e @ (BusError::NotConfirmed | BusError::Unroutable { .. })) => return Err(e),
                 Err(e) => e,
             };
             if Instant::now() >= deadline {

@@ -36,6 +36,10 @@ pub enum BusError {
     /// The broker did not confirm a publish.
     #[error("publish was not confirmed by the broker")]
     NotConfirmed,
+    /// A command or request that no queue is bound for: its service has
+    /// not declared its queue yet (not started, or not on this broker).
+    #[error("no queue takes {key:?} on exchange {exchange:?}; is its service running?")]
+    Unroutable { exchange: String, key: String },
     /// No reply arrived in time.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
@@ -48,6 +52,22 @@ pub enum BusError {
     /// A URL that names no known backend.
     #[error("unknown bus url {0:?}: expected `memory` or `amqp://…`")]
     UnknownUrl(String),
+}
+
+/// The exchange commands travel on. Unlike an event, a command or a
+/// request must reach a queue: publishing one that no queue is bound for
+/// fails with [`BusError::Unroutable`] (RabbitMQ's `mandatory` flag)
+/// instead of vanishing, so the outbox keeps it and a requester can wait
+/// for the service to come up.
+pub const COMMAND_EXCHANGE: &str = "command";
+
+/// How often a request that no queue takes is sent again while it waits.
+const UNROUTABLE_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether a message must reach a queue: a command, or a request (it has
+/// a reply address). Events may go unheard.
+pub fn must_route(exchange: &str, msg: &Outgoing) -> bool {
+    exchange == COMMAND_EXCHANGE || msg.reply_to.is_some()
 }
 
 /// A queue, with the bindings that feed it: `(exchange, pattern)` pairs.
@@ -373,9 +393,21 @@ impl Bus {
             reply_to: Some(reply_to.clone()),
             ..Outgoing::envelope(env)?
         };
+        let deadline = tokio::time::Instant::now() + timeout;
         let outcome = async {
-            self.transport.publish(exchange, key, msg).await?;
-            match tokio::time::timeout(timeout, rx).await {
+            // A service that has not declared its queue yet may be starting:
+            // ask again until the deadline rather than fail at once.
+            loop {
+                match self.transport.publish(exchange, key, msg.clone()).await {
+                    Err(BusError::Unroutable { .. })
+                        if tokio::time::Instant::now() + UNROUTABLE_RETRY < deadline =>
+                    {
+                        tokio::time::sleep(UNROUTABLE_RETRY).await;
+                    }
+                    sent => break sent,
+                }
+            }?;
+            match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(reply)) => Ok(reply),
                 // The sender went away: the reply consumer stopped.
                 Ok(Err(_)) => Err(BusError::Unavailable("reply consumer stopped".into())),

@@ -85,8 +85,15 @@ impl Transport for MemoryTransport {
             t
         };
         let queues = read(&self.queues);
+        // Like RabbitMQ: a message routed to no existing queue is dropped,
+        // or refused when it must reach one.
+        if crate::must_route(exchange, &msg) && !targets.iter().any(|n| queues.contains_key(n)) {
+            return Err(BusError::Unroutable {
+                exchange: exchange.to_owned(),
+                key: routing_key.to_owned(),
+            });
+        }
         for name in targets {
-            // Like RabbitMQ: a message routed to no existing queue is dropped.
             if let Some(q) = queues.get(&name) {
                 let stored = Stored {
                     routing_key: routing_key.to_owned(),

@@ -202,6 +202,58 @@ async fn request_without_responder_times_out(bus: &Bus) {
     assert!(matches!(r, Err(bazaar_bus::BusError::Timeout(_))), "{r:?}");
 }
 
+/// A command no queue takes is refused, not dropped; an event may go unheard.
+async fn unroutable_command_is_refused(bus: &Bus) {
+    let key = unique("nobody.listens");
+    let env = Envelope::new("x", &1).unwrap();
+    let r = bus.publish(bazaar_bus::COMMAND_EXCHANGE, &key, &env).await;
+    assert!(
+        matches!(r, Err(bazaar_bus::BusError::Unroutable { .. })),
+        "{r:?}"
+    );
+    bus.publish(&unique("events"), &key, &env).await.unwrap();
+    // Once a queue is bound, the same command goes through.
+    let spec = test_queue("q.late").bind(bazaar_bus::COMMAND_EXCHANGE, &key);
+    bus.transport().declare_queue(&spec).await.unwrap();
+    bus.publish(bazaar_bus::COMMAND_EXCHANGE, &key, &env)
+        .await
+        .unwrap();
+}
+
+/// A request sent before its service has a queue waits for the service
+/// (until its timeout) instead of vanishing; with no service at all it
+/// fails as unroutable.
+async fn request_waits_for_a_starting_service(bus: &Bus) {
+    let ex = unique("cmd");
+    let r = bus
+        .request(
+            &ex,
+            "late",
+            &Envelope::new("x", &1).unwrap(),
+            Duration::from_millis(300),
+        )
+        .await;
+    assert!(
+        matches!(r, Err(bazaar_bus::BusError::Unroutable { .. })),
+        "{r:?}"
+    );
+    let responder = bus.clone();
+    let spec = test_queue("q.late").bind(&ex, "late");
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut requests = responder.subscribe(&spec, 8).await.unwrap();
+        let d = requests.next().await.unwrap();
+        let reply = d.envelope().unwrap().caused("late.reply", &7).unwrap();
+        responder.reply(&d, &reply).await.unwrap();
+        d.ack().await.unwrap();
+    });
+    let reply = bus
+        .request(&ex, "late", &Envelope::new("x", &1).unwrap(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(reply.payload::<u32>().unwrap(), 7);
+}
+
 /// Fails each message as many times as its payload says (`"fail:N"`), or
 /// rejects it (`"reject"`); records every attempt.
 #[derive(Default)]
@@ -448,6 +500,8 @@ async fn suite(bus: Bus) {
     dropped_delivery_is_redelivered(&bus).await;
     request_reply_matches_every_caller(&bus).await;
     request_without_responder_times_out(&bus).await;
+    unroutable_command_is_refused(&bus).await;
+    request_waits_for_a_starting_service(&bus).await;
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bazaar_bus::{BatchHandler, Bus, Envelope, Failure, Outgoing, Received};
+use bazaar_bus::{BatchHandler, Bus, BusError, Envelope, Failure, Outgoing, Received};
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use tokio::sync::Notify;
 use tracing::Instrument;
@@ -190,7 +190,7 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     let mut tx = db.write.begin().await?;
     let mut rows = sqlx::query(AssertSqlSafe(format!(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {RELAY_BATCH}{lock})
-         RETURNING id, exchange, routing_key, envelope"
+         RETURNING id, exchange, routing_key, envelope, created_at"
     )))
     .fetch_all(&mut *tx)
     .await?;
@@ -207,11 +207,36 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         let msg = Outgoing::envelope_json(body.into_bytes())?;
         sends.push(async move { bus.transport().publish(&exchange, &key, msg).await });
     }
-    for outcome in futures::future::join_all(sends).await {
-        outcome?;
+    let mut kept = 0;
+    for (row, outcome) in rows.iter().zip(futures::future::join_all(sends).await) {
+        match outcome {
+            Ok(()) => {}
+            // A command whose service has not declared its queue yet: it
+            // stays in the outbox for a later pass; the rest are done.
+            Err(e @ BusError::Unroutable { .. }) => {
+                if kept == 0 {
+                    tracing::warn!(error = %e, "commands kept in the outbox until their service is up");
+                }
+                sqlx::query(
+                    "INSERT INTO outbox (id, exchange, routing_key, envelope, created_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(row.try_get::<String, _>("id")?)
+                .bind(row.try_get::<String, _>("exchange")?)
+                .bind(row.try_get::<String, _>("routing_key")?)
+                .bind(row.try_get::<String, _>("envelope")?)
+                .bind(row.try_get::<String, _>("created_at")?)
+                .execute(&mut *tx)
+                .await?;
+                kept += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     tx.commit().await?;
-    Ok(rows.len() == RELAY_BATCH)
+    // Kept rows come first in the next batch: go on at once only when
+    // this batch was full of rows that went out.
+    Ok(kept == 0 && rows.len() == RELAY_BATCH)
 }
 
 async fn prune_inbox(db: &Db) {

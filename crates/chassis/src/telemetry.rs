@@ -7,8 +7,11 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the process's log subscriber once; later calls do nothing.
 pub fn init(format: Option<&str>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
+    // lapin warns with the whole message on each unroutable command; the
+    // bus already reports those (`BusError::Unroutable`).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn")
+    });
     let json = match format {
         Some(f) => f.eq_ignore_ascii_case("json"),
         None => !std::io::stdout().is_terminal(),

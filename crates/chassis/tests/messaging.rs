@@ -114,6 +114,65 @@ async fn outbox_publishes_committed_rows_only(bus: &Bus, db: &Db) {
     shutdown.trigger();
 }
 
+/// A command whose service has not declared its queue yet stays in the
+/// outbox (nothing is lost, nothing else waits for it) and goes out once
+/// the queue exists.
+async fn outbox_keeps_a_command_until_its_queue_exists(bus: &Bus, db: &Db) {
+    let key = format!("late.{}", unique());
+    let ex = format!("ex.events.{}", unique());
+    let mut events = bus
+        .subscribe(&queue("q.events").bind(&ex, "#"), 10)
+        .await
+        .unwrap();
+    let command = Envelope::new("t", &"command").unwrap();
+    let event = Envelope::new("t", &"event").unwrap();
+    let mut tx = db.write.begin().await.unwrap();
+    messaging::enqueue(
+        &mut tx,
+        &[
+            (bazaar_bus::COMMAND_EXCHANGE, key.as_str(), &command),
+            (ex.as_str(), "e", &event),
+        ],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let shutdown = Shutdown::default();
+    let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
+    outbox.poke();
+    let d = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("the event waited for the command")
+        .unwrap();
+    assert_eq!(d.envelope().unwrap().id, event.id);
+    d.ack().await.unwrap();
+    // Several relay passes later the command is still kept.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let kept: Vec<String> = sqlx::query("SELECT id FROM outbox")
+        .fetch_all(&db.read)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get("id").unwrap())
+        .collect();
+    assert_eq!(kept, vec![command.id.clone()]);
+
+    let spec = queue("q.late").bind(bazaar_bus::COMMAND_EXCHANGE, &key);
+    let mut commands = bus.subscribe(&spec, 10).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), commands.next())
+        .await
+        .expect("the kept command was not sent once its queue existed")
+        .unwrap();
+    assert_eq!(d.envelope().unwrap().id, command.id);
+    d.ack().await.unwrap();
+    eventually("outbox emptied", async || {
+        count(db, "SELECT COUNT(*) FROM outbox").await == 0
+    })
+    .await;
+    shutdown.trigger();
+}
+
 /// The inbox: a duplicate id has no second effect; a rejected message goes
 /// to the dead-letter queue with nothing applied; a message whose effects
 /// were committed but whose consumer died before the ack is redelivered
@@ -185,6 +244,7 @@ async fn inbox_applies_each_message_once(bus: &Bus, db: &Db) {
 
 async fn suite(bus: Bus, db: Db) {
     outbox_publishes_committed_rows_only(&bus, &db).await;
+    outbox_keeps_a_command_until_its_queue_exists(&bus, &db).await;
     inbox_applies_each_message_once(&bus, &db).await;
 }
 
@@ -229,4 +289,46 @@ async fn rabbitmq_and_postgres_conform() {
     .execute(&pool)
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_cannot_settle_does_not_keep_the_service_from_stopping() {
+    let dir = std::env::temp_dir().join(format!("bazaar-stuck-{}", unique()));
+    let config = Arc::new(Config {
+        data_dir: dir.clone(),
+        shutdown_grace_ms: 200,
+        ..Config::default()
+    });
+    let db = db::connect(&config, "messaging", &MIGRATOR).await.unwrap();
+    let ctx = bazaar_chassis::ServiceContext::new(
+        "stuck",
+        config,
+        Bus::memory(),
+        bazaar_mesh::Discovery::new(Arc::new(bazaar_mesh::MemoryRegistry::default())),
+    );
+    // A consumer whose batch never settles (as when its broker connection
+    // is lost mid-batch).
+    let stuck = tokio::spawn(std::future::pending::<()>());
+    let listener = bazaar_chassis::http::bind("127.0.0.1", 0).await.unwrap();
+    let shutdown = Shutdown::default();
+    let signal = shutdown.clone();
+    let served = tokio::spawn(async move {
+        bazaar_chassis::http::serve_consuming(
+            &ctx,
+            &db,
+            axum::Router::new(),
+            listener,
+            signal,
+            vec![stuck],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shutdown.trigger();
+    tokio::time::timeout(Duration::from_secs(3), served)
+        .await
+        .expect("the service kept waiting for a consumer that cannot settle")
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(dir);
 }

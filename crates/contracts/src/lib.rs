@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 /// Exchange names and routing keys used on the bus.
 pub mod topics {
-    /// The exchange that carries commands, keyed `<service>.<command>`.
+    /// The exchange that carries commands, keyed `<service>.<command>`;
+    /// the same as `bazaar_bus::COMMAND_EXCHANGE`, so a command that no
+    /// queue takes is refused rather than lost.
     pub const COMMAND_EXCHANGE: &str = "command";
     /// Ask orders to create an order (request/reply).
     pub const ORDERS_CREATE: &str = "orders.create";

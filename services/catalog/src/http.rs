@@ -219,6 +219,9 @@ async fn buy(
         .await
         .map_err(|e| match e {
             BusError::Timeout(_) => Problem::timeout("the orders service did not answer in time"),
+            BusError::Unroutable { .. } => {
+                Problem::unavailable("the orders service is not running")
+            }
             BusError::Unavailable(_) | BusError::NotConfirmed => {
                 Problem::unavailable("the message bus is unavailable")
             }
