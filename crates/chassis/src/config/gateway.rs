@@ -39,7 +39,7 @@ pub struct GatewayConfig {
     /// One log line per request (target `access`). Default true.
     pub access_log: bool,
     /// Event-loop threads serving clients; each keeps its own upstream
-    /// connections. 0 (the default): one per core.
+    /// connections. 0 (the default): one per two cores, at least one.
     pub threads: usize,
 }
 
