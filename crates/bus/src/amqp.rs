@@ -58,6 +58,13 @@ struct Inner {
 
 /// How long one connection attempt (handshake and re-declarations) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one publish waits for the broker's confirm before it is sent
+/// again (on a new connection, if this one is failing). A confirm lost
+/// with its connection must not leave the publisher waiting forever.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an ack or nack may take to go out; past it the delivery is
+/// left unsettled, and the broker delivers it again.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A queue where retried messages wait before going back to `target`.
 #[derive(Clone)]
@@ -474,20 +481,26 @@ impl AmqpTransport {
             }
             props = props.with_headers(table);
         }
-        let confirm = link
-            .publisher
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: crate::must_route(exchange, msg),
-                    ..BasicPublishOptions::default()
-                },
-                &msg.body,
-                props,
-            )
-            .await?
-            .await?;
+        let sent = async {
+            let confirm = link
+                .publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: crate::must_route(exchange, msg),
+                        ..BasicPublishOptions::default()
+                    },
+                    &msg.body,
+                    props,
+                )
+                .await?
+                .await?;
+            Ok::<_, BusError>(confirm)
+        };
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, sent)
+            .await
+            .map_err(|_| BusError::Unavailable("no publisher confirm in time".into()))??;
         match confirm {
             Confirmation::Nack(_) => Err(BusError::NotConfirmed),
             // Acked with the message handed back: no queue took it.
@@ -619,20 +632,30 @@ struct AmqpAcker {
 impl Acker for AmqpAcker {
     async fn ack(&mut self) -> Result<(), BusError> {
         if let Some(a) = self.acker.take() {
-            a.ack(BasicAckOptions::default()).await?;
+            settle(a.ack(BasicAckOptions::default())).await?;
         }
         Ok(())
     }
 
     async fn nack(&mut self, requeue: bool) -> Result<(), BusError> {
         if let Some(a) = self.acker.take() {
-            a.nack(BasicNackOptions {
+            settle(a.nack(BasicNackOptions {
                 requeue,
                 ..BasicNackOptions::default()
-            })
+            }))
             .await?;
         }
         Ok(())
+    }
+}
+
+/// An ack or nack, bounded by [`SETTLE_TIMEOUT`].
+async fn settle<T>(sent: impl Future<Output = Result<T, lapin::Error>>) -> Result<(), BusError> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, sent).await {
+        Ok(done) => done.map(drop).map_err(BusError::from),
+        Err(_) => Err(BusError::Unavailable(
+            "the broker did not take the ack in time; the delivery will come again".into(),
+        )),
     }
 }
 
