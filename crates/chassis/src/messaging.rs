@@ -212,7 +212,9 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         match outcome {
             Ok(()) => {}
             // A command whose service has not declared its queue yet: it
-            // stays in the outbox for a later pass; the rest are done.
+            // stays in the outbox for a later pass, the rest are done. It
+            // goes to the back (a new row id; the message id is in the
+            // envelope), so kept commands never crowd out newer rows.
             Err(e @ BusError::Unroutable { .. }) => {
                 if kept == 0 {
                     tracing::warn!(error = %e, "commands kept in the outbox until their service is up");
@@ -221,7 +223,7 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
                     "INSERT INTO outbox (id, exchange, routing_key, envelope, created_at)
                      VALUES ($1, $2, $3, $4, $5)",
                 )
-                .bind(row.try_get::<String, _>("id")?)
+                .bind(uuid::Uuid::now_v7().to_string())
                 .bind(row.try_get::<String, _>("exchange")?)
                 .bind(row.try_get::<String, _>("routing_key")?)
                 .bind(row.try_get::<String, _>("envelope")?)
@@ -234,8 +236,7 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         }
     }
     tx.commit().await?;
-    // Kept rows come first in the next batch: go on at once only when
-    // this batch was full of rows that went out.
+    // Go on at once only when this batch was full of rows that went out.
     Ok(kept == 0 && rows.len() == RELAY_BATCH)
 }
 

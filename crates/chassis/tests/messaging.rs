@@ -149,14 +149,14 @@ async fn outbox_keeps_a_command_until_its_queue_exists(bus: &Bus, db: &Db) {
     d.ack().await.unwrap();
     // Several relay passes later the command is still kept.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let kept: Vec<String> = sqlx::query("SELECT id FROM outbox")
+    let kept: Vec<String> = sqlx::query("SELECT routing_key FROM outbox")
         .fetch_all(&db.read)
         .await
         .unwrap()
         .iter()
-        .map(|r| r.try_get("id").unwrap())
+        .map(|r| r.try_get("routing_key").unwrap())
         .collect();
-    assert_eq!(kept, vec![command.id.clone()]);
+    assert_eq!(kept, vec![key.clone()]);
 
     let spec = queue("q.late").bind(bazaar_bus::COMMAND_EXCHANGE, &key);
     let mut commands = bus.subscribe(&spec, 10).await.unwrap();
