@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 mod common;
 
@@ -557,25 +556,15 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
     }
     let gateway = format!("http://127.0.0.1:{}", ports["gateway"]);
     // Every process up (its queues declared) before the walkthrough.
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
     for name in names {
-        let url = format!("http://127.0.0.1:{}/ready", ports[name]);
-        while !http
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "{name} did not come up");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_ok(&format!("http://127.0.0.1:{}/ready", ports[name])).await;
     }
     wait_ready(&gateway).await;
     walkthrough(&gateway).await;
     concurrent_buyers(&gateway).await;
 
     // Every process still answers /ready against its real dependencies.
+    let http = reqwest::Client::new();
     for name in names {
         let res = http
             .get(format!("http://127.0.0.1:{}/ready", ports[name]))

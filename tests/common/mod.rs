@@ -130,21 +130,20 @@ impl Api {
 
 /// Waits until the gateway lists products (every service up).
 pub async fn wait_ready(gateway: &str) {
+    wait_ok(&format!("{gateway}/api/v1/products?limit=1")).await;
+}
+
+/// Waits (up to a minute) until `url` answers with a success status.
+pub async fn wait_ok(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let http = reqwest::Client::new();
-    loop {
-        let ok = http
-            .get(format!("{gateway}/api/v1/products?limit=1"))
-            .send()
-            .await
-            .map(|r| r.status().is_success());
-        if ok.unwrap_or(false) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the system did not come up at {gateway}"
-        );
+    while !http
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "nothing came up at {url}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -504,10 +504,7 @@ impl AmqpTransport {
         match confirm {
             Confirmation::Nack(_) => Err(BusError::NotConfirmed),
             // Acked with the message handed back: no queue took it.
-            Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
-                exchange: exchange.to_owned(),
-                key: routing_key.to_owned(),
-            }),
+            Confirmation::Ack(Some(_)) => Err(BusError::unroutable(exchange, routing_key)),
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         }
     }

@@ -54,6 +54,15 @@ pub enum BusError {
     UnknownUrl(String),
 }
 
+impl BusError {
+    fn unroutable(exchange: &str, key: &str) -> Self {
+        Self::Unroutable {
+            exchange: exchange.to_owned(),
+            key: key.to_owned(),
+        }
+    }
+}
+
 /// The exchange commands travel on. Unlike an event, a command or a
 /// request must reach a queue: publishing one that no queue is bound for
 /// fails with [`BusError::Unroutable`] (RabbitMQ's `mandatory` flag)

@@ -88,10 +88,7 @@ impl Transport for MemoryTransport {
         // Like RabbitMQ: a message routed to no existing queue is dropped,
         // or refused when it must reach one.
         if crate::must_route(exchange, &msg) && !targets.iter().any(|n| queues.contains_key(n)) {
-            return Err(BusError::Unroutable {
-                exchange: exchange.to_owned(),
-                key: routing_key.to_owned(),
-            });
+            return Err(BusError::unroutable(exchange, routing_key));
         }
         for name in targets {
             if let Some(q) = queues.get(&name) {

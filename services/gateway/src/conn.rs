@@ -89,8 +89,7 @@ async fn connect(authority: &str) -> Result<Sender, SendError> {
         .await
         .map_err(|_| refused("timed out".into()))?
         .map_err(|e| refused(e.to_string()))?;
-    // Without TCP_NODELAY a request written in parts waits on delayed ACKs.
-    let _ = tcp.set_nodelay(true);
+    bazaar_chassis::http::no_delay(&tcp);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| refused(e.to_string()))?;
