@@ -71,6 +71,10 @@ impl std::hash::Hasher for TailHasher {
 /// Most tokens remembered; the memory is dropped whole when full.
 const VERIFIED_CAPACITY: usize = 10_000;
 
+/// Seconds a token is still accepted after its `exp`, for clocks that
+/// disagree a little.
+const LEEWAY_SECS: i64 = 60;
+
 /// Unknown key ids trigger at most one JWKS fetch per this interval.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -132,15 +136,34 @@ impl Verifier {
 
     /// [`Verifier::verify`], sharing the remembered claims.
     pub async fn verify_shared(&self, token: &str) -> Result<Arc<Claims>, Problem> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.verify_at(token, time::OffsetDateTime::now_utc().unix_timestamp())
+            .await
+    }
+
+    /// [`Verifier::verify_shared`] at the Unix time `now`.
+    async fn verify_at(&self, token: &str, now: i64) -> Result<Arc<Claims>, Problem> {
         let remembered = self
             .verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(token)
             .cloned();
-        if let Some(claims) = remembered.filter(|c| c.exp > now) {
-            return Ok(claims);
+        if let Some(claims) = remembered {
+            // Its bytes were verified: only the time can have changed.
+            return if claims.exp + LEEWAY_SECS >= now {
+                Ok(claims)
+            } else {
+                Err(expired())
+            };
+        }
+        // An expired token is refused before its signature is checked:
+        // clients that keep sending one (a tab left open, a retry loop)
+        // would otherwise cost a signature check on every call. Refusing
+        // on the unverified claims grants nothing.
+        if jsonwebtoken::dangerous::insecure_decode_claims::<Expiry>(token)
+            .is_ok_and(|c| c.exp + LEEWAY_SECS < now)
+        {
+            return Err(expired());
         }
         // Boxed: the first check of a token (and a key fetch) is rare, and
         // its future would otherwise swell every caller's.
@@ -171,6 +194,7 @@ impl Verifier {
             }
         };
         let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = LEEWAY_SECS.unsigned_abs();
         validation.set_required_spec_claims(&["exp", "sub"]);
         jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map(|d| d.claims)
@@ -212,6 +236,16 @@ impl Verifier {
             }
         }
     }
+}
+
+/// The expiry of a token not yet verified.
+#[derive(Deserialize)]
+struct Expiry {
+    exp: i64,
+}
+
+fn expired() -> Problem {
+    Problem::unauthorized("token expired")
 }
 
 /// The caller, from a verified `Authorization: Bearer` token. Rejects with 401.
@@ -274,5 +308,81 @@ where
             email: claims.email,
             role: claims.role,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{EncodingKey, Header};
+
+    use super::*;
+
+    /// A PKCS#8 Ed25519 key from a fixed secret.
+    fn key(secret: u8) -> EncodingKey {
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&[secret; 32]);
+        EncodingKey::from_ed_der(&der)
+    }
+
+    fn verifier() -> Verifier {
+        let mut jwk = Jwk::from_encoding_key(&key(7), Algorithm::EdDSA).expect("jwk");
+        jwk.common.key_id = Some("k1".into());
+        Verifier::local(&JwkSet { keys: vec![jwk] })
+    }
+
+    fn token(secret: u8, exp: i64) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        let claims = Claims {
+            sub: "u1".into(),
+            email: "u1@example.com".into(),
+            role: "customer".into(),
+            iat: exp - 900,
+            exp,
+        };
+        jsonwebtoken::encode(&header, &claims, &key(secret)).expect("sign")
+    }
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_it_expires() {
+        let v = verifier();
+        let exp = now() + 900;
+        let t = token(7, exp);
+        assert_eq!(v.verify(&t).await.expect("valid").sub, "u1");
+        // Within the leeway it still passes; past it, the remembered claims
+        // refuse it (the signature check, run at the real time, would pass).
+        assert!(v.verify_at(&t, exp + LEEWAY_SECS).await.is_ok());
+        let refused = v
+            .verify_at(&t, exp + LEEWAY_SECS + 1)
+            .await
+            .expect_err("expired");
+        assert_eq!(refused.status, 401);
+        assert_eq!(refused.detail, "token expired");
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_is_refused_before_its_signature_is_checked() {
+        let v = verifier();
+        // Signed by another key: a signature check would call it invalid.
+        let forged_and_old = token(9, now() - LEEWAY_SECS - 10);
+        let refused = v.verify(&forged_and_old).await.expect_err("expired");
+        assert_eq!(refused.detail, "token expired");
+        let forged = token(9, now() + 900);
+        let refused = v.verify(&forged).await.expect_err("forged");
+        assert!(
+            refused.detail.starts_with("invalid token"),
+            "{}",
+            refused.detail
+        );
+        // Expired, but within the leeway: still accepted.
+        assert!(v.verify(&token(7, now() - 5)).await.is_ok());
     }
 }
