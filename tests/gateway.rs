@@ -923,6 +923,91 @@ async fn edge_hygiene_cors_body_limit_and_forwarding() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Reads from `tcp` until the peer closes it; what was read, or `None` if
+/// it is still open after `within`.
+async fn read_until_closed(tcp: &mut TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|()| String::from_utf8_lossy(&seen).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let (system, dir) = embedded_with(|c| {
+        c.gateway.routes = vec![open_route("/echo", "echo", "round_robin")];
+        c.gateway.header_timeout_ms = 400;
+    })
+    .await;
+    let _up = upstreams(&system, "echo", &[&[]], &[300]).await;
+    let addr = system.gateway_url.trim_start_matches("http://").to_owned();
+
+    // Slowloris: a head sent a few bytes at a time, never finished. The
+    // bytes keep arriving, yet the connection is closed once the head
+    // has taken longer than the limit.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET /api/v1/echo/x HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow
+                .write_all(format!("x-pad-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    trickle.await;
+    let closed = read_until_closed(&mut slow, Duration::from_secs(3)).await;
+    assert!(closed.is_some(), "a trickled head kept its connection");
+    assert!(
+        started.elapsed() < Duration::from_millis(2_100),
+        "the connection was closed only after {:?}",
+        started.elapsed()
+    );
+
+    // A keep-alive connection: a request that takes longer than the limit
+    // (the upstream answers after 300 ms, the head came at once) is
+    // served in full; left idle afterwards, the connection is closed.
+    let mut kept = TcpStream::connect(&addr).await.unwrap();
+    let request = b"GET /api/v1/echo/y HTTP/1.1\r\nhost: gw\r\n\r\n";
+    kept.write_all(request).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    kept.write_all(request).await.unwrap();
+    let answers = read_until_closed(&mut kept, Duration::from_secs(5))
+        .await
+        .expect("an idle keep-alive connection stayed open");
+    assert_eq!(
+        answers.matches("HTTP/1.1 200 OK").count(),
+        2,
+        "both requests are answered before the idle close: {answers}"
+    );
+
+    // An ordinary client is unaffected.
+    let res = reqwest::get(format!("{}/api/v1/echo/z", system.gateway_url))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    system.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_services_lists_instances_for_admins_and_loopback() {
     let (system, dir) = embedded_with(|c| {

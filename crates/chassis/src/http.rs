@@ -64,6 +64,9 @@ pub struct FastPath<H> {
     pub handler: H,
     /// Event-loop threads (0: one per two cores, at least one).
     pub threads: usize,
+    /// How long a client may take to send a request's head, idle
+    /// keep-alive time included; `None`: no limit.
+    pub header_timeout: Option<Duration>,
 }
 
 /// Adds `/health`, `/ready`, `/metrics` and the shared layers to a service's routes.
@@ -372,9 +375,12 @@ where
             no_delay(&tcp);
             let (edge, stop) = (self.clone(), stop.clone());
             conns.spawn(async move {
+                let mut http = hyper::server::conn::http1::Builder::new();
+                // Without a timer hyper sets no header timeout at all.
+                http.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(edge.fast.header_timeout);
                 let service = hyper::service::service_fn(move |req| edge.call(req, peer));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
                 tokio::pin!(conn);
                 let served = tokio::select! {
                     r = conn.as_mut() => r,

@@ -104,6 +104,8 @@ impl Application {
                 Box::pin(async move { proxy::handle(&g, peer, req).await })
             },
             threads: config.gateway.threads,
+            header_timeout: (config.gateway.header_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.gateway.header_timeout_ms)),
         };
         bazaar_chassis::http::serve_fast(
             &self.ctx,

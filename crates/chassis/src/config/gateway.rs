@@ -41,6 +41,11 @@ pub struct GatewayConfig {
     /// Event-loop threads serving clients; each keeps its own upstream
     /// connections. 0 (the default): one per two cores, at least one.
     pub threads: usize,
+    /// How long a client may take to send a request's head, counted from
+    /// when the gateway starts waiting for it, in ms: a connection that
+    /// trickles its headers (slowloris) or sits idle between requests
+    /// for longer is closed. 0: no limit. Default 30000. Read at start only.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -53,6 +58,7 @@ impl Default for GatewayConfig {
             login_failures_per_account: 10,
             login_failures_per_ip: 100,
             threads: 0,
+            header_timeout_ms: 30_000,
             health_interval_ms: 2000,
             eject_after: 3,
             breaker_open_ms: 5000,
