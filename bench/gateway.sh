@@ -18,7 +18,10 @@
 # Prints requests/s, p50 and p99 for each, the throughput ratios
 # gateway/nginx (of the medians, and the median of each round's own
 # ratio) and gateway/direct, and the p50/p99 the gateway adds at
-# ~1,000 requests/s. nginx and wrk are installed with apt-get if missing.
+# ~1,000 requests/s; with each, the CPU time (user + system) the proxy's
+# processes and the upstream spent per request: on a small shared machine
+# requests/s drift with the machine's speed, CPU per request much less.
+# nginx and wrk are installed with apt-get if missing.
 # Env: DURATION (default 10s), CONNECTIONS (default 64), ROUNDS (default 5),
 # PROFILE (release).
 set -euo pipefail
@@ -73,10 +76,10 @@ rate_limit = { requests = 1000000000, per_secs = 1, key = "user" }
 EOF
 
 "$BIN" serve auth --port "$AUTH_PORT" >"$WORK/auth.log" 2>&1 & PIDS+=($!)
-"$BIN" serve catalog --port "$CATALOG_PORT" >"$WORK/catalog.log" 2>&1 & PIDS+=($!)
+"$BIN" serve catalog --port "$CATALOG_PORT" >"$WORK/catalog.log" 2>&1 & CATALOG_PID=$!; PIDS+=($!)
 wait_http "http://127.0.0.1:$AUTH_PORT/health" auth
 wait_http "http://127.0.0.1:$CATALOG_PORT/health" catalog
-"$BIN" --config "$WORK/gateway.toml" serve gateway --port "$GW_PORT" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+"$BIN" --config "$WORK/gateway.toml" serve gateway --port "$GW_PORT" >"$WORK/gateway.log" 2>&1 & GW_PID=$!; PIDS+=($!)
 wait_http "http://127.0.0.1:$GW_PORT/health" gateway
 
 cat >"$WORK/nginx.conf" <<EOF
@@ -122,11 +125,21 @@ GATEWAY="$GW/api/v1/products/$ID"
 # wrk's latency as milliseconds.
 ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
 
-declare -A RPS P50 P99
+declare -A RPS P50 P99 PROXY_CPU UP_CPU
+# CPU time (user + system, clock ticks) of the given processes.
+TICK=$(getconf CLK_TCK)
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
+proxy_pids() { case $1 in direct) ;; nginx) pgrep -P "$(cat "$WORK/nginx.pid")" ;; gateway) echo "$GW_PID" ;; esac; }
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 run() { # label url [wrk args...]; appends this run's figures to the label's lists
   local label=$1 url=$2; shift 2
+  local proxy; proxy=$(proxy_pids "${label%% *}" | tr '\n' ' ')
+  local p0 u0; p0=$(ticks $proxy); u0=$(ticks "$CATALOG_PID")
   local out; out=$(wrk "$@" --latency -H "authorization: Bearer $TOKEN" "$url")
+  local p1 u1; p1=$(ticks $proxy); u1=$(ticks "$CATALOG_PID")
+  local n; n=$(awk '/requests in/ { print $1 }' <<<"$out")
+  PROXY_CPU[$label]+=" $(awk -v t=$((p1 - p0)) -v n="$n" -v hz="$TICK" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
+  UP_CPU[$label]+=" $(awk -v t=$((u1 - u0)) -v n="$n" -v hz="$TICK" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
   local bad; bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
   [[ -z $bad ]] || { echo "bench: $label had $bad non-2xx answers" >&2; exit 1; }
   RPS[$label]+=" $(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
@@ -136,7 +149,8 @@ run() { # label url [wrk args...]; appends this run's figures to the label's lis
 report() { # label
   local l=$1
   RPS[$l]=$(median <<<"${RPS[$l]}"); P50[$l]=$(median <<<"${P50[$l]}"); P99[$l]=$(median <<<"${P99[$l]}")
-  printf '%-26s %10s req/s   p50 %8s ms   p99 %8s ms\n' "$l" "${RPS[$l]}" "${P50[$l]}" "${P99[$l]}"
+  printf '%-26s %10s req/s   p50 %8s ms   p99 %8s ms   CPU/request: proxy %5s µs, upstream %5s µs\n' \
+    "$l" "${RPS[$l]}" "${P50[$l]}" "${P99[$l]}" "$(median <<<"${PROXY_CPU[$l]}")" "$(median <<<"${UP_CPU[$l]}")"
 }
 url_of() { case $1 in direct) echo "$DIRECT" ;; nginx) echo "$NGINX" ;; gateway) echo "$GATEWAY" ;; esac; }
 
