@@ -75,6 +75,17 @@ const VERIFIED_CAPACITY: usize = 10_000;
 /// disagree a little.
 const LEEWAY_SECS: i64 = 60;
 
+/// Whether a token whose `exp` is `exp` has expired at the Unix time `now`.
+fn expired_at(exp: i64, now: i64) -> bool {
+    exp + LEEWAY_SECS < now
+}
+
+/// The PKCS#8 v1 prefix of an Ed25519 private key; the 32 secret bytes
+/// follow it.
+pub const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 /// Unknown key ids trigger at most one JWKS fetch per this interval.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -150,10 +161,10 @@ impl Verifier {
             .cloned();
         if let Some(claims) = remembered {
             // Its bytes were verified: only the time can have changed.
-            return if claims.exp + LEEWAY_SECS >= now {
-                Ok(claims)
-            } else {
+            return if expired_at(claims.exp, now) {
                 Err(expired())
+            } else {
+                Ok(claims)
             };
         }
         // An expired token is refused before its signature is checked:
@@ -161,7 +172,7 @@ impl Verifier {
         // would otherwise cost a signature check on every call. Refusing
         // on the unverified claims grants nothing.
         if jsonwebtoken::dangerous::insecure_decode_claims::<Expiry>(token)
-            .is_ok_and(|c| c.exp + LEEWAY_SECS < now)
+            .is_ok_and(|c| expired_at(c.exp, now))
         {
             return Err(expired());
         }
@@ -320,10 +331,7 @@ mod tests {
 
     /// A PKCS#8 Ed25519 key from a fixed secret.
     fn key(secret: u8) -> EncodingKey {
-        let mut der = vec![
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
-            0x04, 0x20,
-        ];
+        let mut der = ED25519_PKCS8_PREFIX.to_vec();
         der.extend_from_slice(&[secret; 32]);
         EncodingKey::from_ed_der(&der)
     }

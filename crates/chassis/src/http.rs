@@ -363,6 +363,10 @@ where
         stop: Shutdown,
         grace: Duration,
     ) -> anyhow::Result<()> {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // Without a timer hyper sets no header timeout at all.
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.fast.header_timeout);
         let mut conns = tokio::task::JoinSet::new();
         while let Some((tcp, peer)) = dealt.recv().await {
             let tcp = match tokio::net::TcpStream::from_std(tcp) {
@@ -374,13 +378,9 @@ where
             };
             no_delay(&tcp);
             let (edge, stop) = (self.clone(), stop.clone());
+            let service = hyper::service::service_fn(move |req| edge.call(req, peer));
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
             conns.spawn(async move {
-                let mut http = hyper::server::conn::http1::Builder::new();
-                // Without a timer hyper sets no header timeout at all.
-                http.timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(edge.fast.header_timeout);
-                let service = hyper::service::service_fn(move |req| edge.call(req, peer));
-                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
                 tokio::pin!(conn);
                 let served = tokio::select! {
                     r = conn.as_mut() => r,

@@ -3,14 +3,10 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use bazaar_chassis::auth::ED25519_PKCS8_PREFIX;
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sqlx::{AnyPool, Row};
-
-/// PKCS#8 v1 prefix of an Ed25519 private key; the 32 secret bytes follow.
-const ED25519_PKCS8_PREFIX: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
 
 /// The key this instance signs with.
 pub struct SigningKeys {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::http::{HeaderValue, Request, StatusCode, Uri, header};
 use bazaar_chassis::Shutdown;
 use bazaar_mesh::balance::{Balancer, Lease, Strategy};
 use bazaar_mesh::breaker::{Breaker, BreakerSettings, BreakerState};
@@ -38,10 +38,11 @@ pub struct Member {
 impl Member {
     fn new(instance: &Instance, breaker: BreakerSettings) -> Self {
         let address = &instance.address;
-        let rest = address
-            .split_once("://")
-            .map_or(address.as_str(), |(_, r)| r);
-        let authority = rest.split('/').next().unwrap_or(rest).to_owned();
+        let authority = address
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| Some(u.authority()?.as_str().to_owned()))
+            .unwrap_or_else(|| address.clone());
         Self {
             host: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
