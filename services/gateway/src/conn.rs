@@ -5,14 +5,15 @@
 //! taken from that thread's idle list, so the client side, the proxy and
 //! the upstream side of a call all run on one thread with no hand-over
 //! between threads. A connection goes back to the list when its answer's
-//! body has been read to the end; one dropped half-read is closed.
+//! body has been read to the end; one dropped half-read is closed, and
+//! one left idle longer than [`IDLE_TIMEOUT`] is closed instead of reused.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -27,11 +28,17 @@ const MAX_IDLE: usize = 256;
 const MAX_INSTANCES: usize = 64;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest an upstream connection is kept idle. Middleboxes (NAT, cloud
+/// load balancers: 60 s is common) drop idle connections without a word;
+/// a request written into one would wait out its whole timeout.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 type Sender = SendRequest<Body>;
+/// Idle connections, oldest first, each with when it went idle.
+type IdleList = Vec<(Sender, Instant)>;
 
 thread_local! {
-    static IDLE: RefCell<HashMap<Arc<str>, Vec<Sender>>> = RefCell::default();
+    static IDLE: RefCell<HashMap<Arc<str>, IdleList>> = RefCell::default();
 }
 
 /// Why a call got no answer.
@@ -45,10 +52,16 @@ pub enum SendError {
     Failed(hyper::Error),
 }
 
-fn take_idle(authority: &str) -> Option<Sender> {
+fn take_idle(authority: &str, now: Instant) -> Option<Sender> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.get_mut(authority)?;
-        while let Some(s) = list.pop() {
+        while let Some((s, since)) = list.pop() {
+            if now.saturating_duration_since(since) > IDLE_TIMEOUT {
+                // The newest is too old: so are the rest. Dropping a
+                // sender closes its connection.
+                list.clear();
+                return None;
+            }
             if !s.is_closed() {
                 return Some(s);
             }
@@ -57,28 +70,31 @@ fn take_idle(authority: &str) -> Option<Sender> {
     })
 }
 
-fn put_idle(authority: &str, sender: Sender) {
+fn put_idle(authority: &str, sender: Sender, now: Instant) {
     if sender.is_closed() {
         return;
     }
+    let usable = |(s, since): &(Sender, Instant)| {
+        !s.is_closed() && now.saturating_duration_since(*since) <= IDLE_TIMEOUT
+    };
     IDLE.with_borrow_mut(|idle| {
         if let Some(list) = idle.get_mut(authority) {
             if list.len() >= MAX_IDLE {
-                list.retain(|s| !s.is_closed());
+                list.retain(usable);
             }
             if list.len() < MAX_IDLE {
-                list.push(sender);
+                list.push((sender, now));
             }
         } else {
             if idle.len() >= MAX_INSTANCES {
                 // Instances come and go (restarts, new ports): forget the
-                // ones with no open connection left.
+                // ones with no usable connection left.
                 idle.retain(|_, list| {
-                    list.retain(|s| !s.is_closed());
+                    list.retain(usable);
                     !list.is_empty()
                 });
             }
-            idle.insert(Arc::from(authority), vec![sender]);
+            idle.insert(Arc::from(authority), vec![(sender, now)]);
         }
     });
 }
@@ -110,7 +126,7 @@ pub async fn send(
 ) -> Result<hyper::Response<Pooled>, SendError> {
     let mut req = req;
     loop {
-        let (mut s, fresh) = match take_idle(authority) {
+        let (mut s, fresh) = match take_idle(authority, Instant::now()) {
             Some(s) => (s, false),
             // Boxed: connecting is rare, and its future is large.
             None => (Box::pin(connect(authority)).await?, true),
@@ -151,7 +167,7 @@ pub struct Pooled {
 impl Pooled {
     fn release(&mut self) {
         if let Some((sender, authority)) = self.back.take() {
-            put_idle(&authority, sender);
+            put_idle(&authority, sender, Instant::now());
         }
     }
 }
@@ -186,5 +202,40 @@ impl hyper::body::Body for Pooled {
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_within_the_limit_and_closed_after_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let sender = connect(&authority).await.unwrap();
+        let (mut upstream_side, _) = listener.accept().await.unwrap();
+
+        let t0 = Instant::now();
+        put_idle(&authority, sender, t0);
+        let sender = take_idle(&authority, t0 + IDLE_TIMEOUT).expect("reused at the limit");
+        put_idle(&authority, sender, t0 + IDLE_TIMEOUT);
+        let later = t0 + 2 * IDLE_TIMEOUT + Duration::from_secs(1);
+        assert!(
+            take_idle(&authority, later).is_none(),
+            "a connection idle past the limit was handed out"
+        );
+        assert!(
+            take_idle(&authority, t0).is_none(),
+            "the stale connection stayed in the idle list"
+        );
+        // Dropped, so closed: the upstream reads the end of the stream.
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), upstream_side.read(&mut buf))
+            .await
+            .expect("the stale connection was not closed")
+            .unwrap();
+        assert_eq!(read, 0, "the upstream got bytes instead of a close");
     }
 }
