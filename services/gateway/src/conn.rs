@@ -52,11 +52,16 @@ pub enum SendError {
     Failed(hyper::Error),
 }
 
+/// Whether a connection idle since `since` may still be used at `now`.
+fn not_stale(since: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(since) <= IDLE_TIMEOUT
+}
+
 fn take_idle(authority: &str, now: Instant) -> Option<Sender> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.get_mut(authority)?;
         while let Some((s, since)) = list.pop() {
-            if now.saturating_duration_since(since) > IDLE_TIMEOUT {
+            if !not_stale(since, now) {
                 // The newest is too old: so are the rest. Dropping a
                 // sender closes its connection.
                 list.clear();
@@ -74,9 +79,7 @@ fn put_idle(authority: &str, sender: Sender, now: Instant) {
     if sender.is_closed() {
         return;
     }
-    let usable = |(s, since): &(Sender, Instant)| {
-        !s.is_closed() && now.saturating_duration_since(*since) <= IDLE_TIMEOUT
-    };
+    let usable = |(s, since): &(Sender, Instant)| !s.is_closed() && not_stale(*since, now);
     IDLE.with_borrow_mut(|idle| {
         if let Some(list) = idle.get_mut(authority) {
             if list.len() >= MAX_IDLE {
@@ -118,15 +121,17 @@ async fn connect(authority: &str) -> Result<Sender, SendError> {
 }
 
 /// Sends `req` to `authority` (`host:port`) on an idle connection, or a
-/// new one. A request an idle connection could not take (it had just
-/// closed) goes once more on a fresh connection: nothing was sent yet.
+/// new one; `now` is the caller's clock reading (one fewer per request).
+/// A request an idle connection could not take (it had just closed) goes
+/// once more on a fresh connection: nothing was sent yet.
 pub async fn send(
     authority: &str,
     req: hyper::Request<Body>,
+    now: Instant,
 ) -> Result<hyper::Response<Pooled>, SendError> {
     let mut req = req;
     loop {
-        let (mut s, fresh) = match take_idle(authority, Instant::now()) {
+        let (mut s, fresh) = match take_idle(authority, now) {
             Some(s) => (s, false),
             // Boxed: connecting is rare, and its future is large.
             None => (Box::pin(connect(authority)).await?, true),

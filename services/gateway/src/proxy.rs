@@ -204,7 +204,7 @@ impl Gateway {
             req.headers_mut()
                 .insert(header::HOST, pick.member.host.clone());
             let started = Instant::now();
-            let sent = conn::send(&pick.member.authority, req);
+            let sent = conn::send(&pick.member.authority, req, started);
             match tokio::time::timeout(call.timeout, sent).await {
                 Ok(Ok(response)) => {
                     let member = Arc::clone(&pick.member);

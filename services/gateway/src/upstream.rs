@@ -411,7 +411,9 @@ impl Pools {
             return false;
         };
         let call = async {
-            let res = conn::send(&member.authority, req).await.ok()?;
+            let res = conn::send(&member.authority, req, Instant::now())
+                .await
+                .ok()?;
             let ok = res.status() == StatusCode::OK;
             // Read the body, so the connection can be used again.
             http_body_util::BodyExt::collect(res.into_body())
