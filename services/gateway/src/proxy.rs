@@ -164,12 +164,15 @@ impl Gateway {
         path_and_query: &str,
         body: Bytes,
     ) -> Result<Answer, Problem> {
+        if !conn::valid_target(path_and_query) {
+            return Err(Problem::bad_request("the request path cannot be forwarded"));
+        }
         let attempts = if idempotent(method) {
             1 + call.retries
         } else {
             1
         };
-        let mut headers = Some(headers);
+        let mut headers = headers;
         let mut tried: Vec<String> = Vec::new();
         let mut failure = None;
         for attempt in 0..attempts {
@@ -186,25 +189,16 @@ impl Gateway {
                 Err(e) if attempt == 0 => return Err(no_pick(e)),
                 Err(_) => break,
             };
-            let mut req = hyper::Request::new(if body.is_empty() {
-                Body::empty()
-            } else {
-                Body::from(body.clone())
-            });
-            *req.method_mut() = method.clone();
-            *req.uri_mut() = path_and_query
-                .parse()
-                .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
-            // The last possible try takes the headers; earlier ones copy them.
-            *req.headers_mut() = if attempt + 1 < attempts && pick.alternatives > 0 {
-                headers.clone().unwrap_or_default()
-            } else {
-                headers.take().unwrap_or_default()
+            headers.insert(header::HOST, pick.member.host.clone());
+            let req = conn::Outgoing {
+                method,
+                target: path_and_query,
+                headers: &headers,
+                body: &body,
             };
-            req.headers_mut()
-                .insert(header::HOST, pick.member.host.clone());
+            let alternatives = pick.alternatives;
             let started = Instant::now();
-            let sent = conn::send(&pick.member.authority, req, started);
+            let sent = conn::send(&pick.member.authority, &req, started);
             match tokio::time::timeout(call.timeout, sent).await {
                 Ok(Ok(response)) => {
                     let member = Arc::clone(&pick.member);
@@ -225,7 +219,7 @@ impl Gateway {
                             format!("{} failed to answer", call.service),
                         ),
                     });
-                    if headers.is_none() {
+                    if alternatives == 0 {
                         break;
                     }
                     tried.push(id);

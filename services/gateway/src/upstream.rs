@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{HeaderValue, Request, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use bazaar_chassis::Shutdown;
 use bazaar_mesh::balance::{Balancer, Lease, Strategy};
 use bazaar_mesh::breaker::{Breaker, BreakerSettings, BreakerState};
 use bazaar_mesh::{Discovery, Instance};
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::conn;
@@ -404,14 +404,16 @@ impl Pools {
     }
 
     async fn probe(member: &Member) -> bool {
-        let Ok(req) = Request::get("/health")
-            .header(header::HOST, member.host.clone())
-            .body(Body::empty())
-        else {
-            return false;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, member.host.clone());
+        let req = conn::Outgoing {
+            method: &Method::GET,
+            target: "/health",
+            headers: &headers,
+            body: &Bytes::new(),
         };
         let call = async {
-            let res = conn::send(&member.authority, req, Instant::now())
+            let res = conn::send(&member.authority, &req, Instant::now())
                 .await
                 .ok()?;
             let ok = res.status() == StatusCode::OK;
