@@ -221,8 +221,8 @@ fn encode(req: &Outgoing<'_>) -> Vec<u8> {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let has_body = !req.body.is_empty()
-        || matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
+    let has_body =
+        !req.body.is_empty() || matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
     if has_body {
         // Writing to a Vec cannot fail.
         let _ = write!(out, "content-length: {}\r\n", req.body.len());

@@ -164,7 +164,11 @@ async fn answers_without_a_body_leave_the_connection_in_step() {
         .await
         .unwrap();
     assert_eq!((status, body.len()), (StatusCode::OK, 0));
-    assert_eq!(headers[header::CONTENT_LENGTH], "5", "HEAD keeps the length");
+    assert_eq!(
+        headers[header::CONTENT_LENGTH],
+        "5",
+        "HEAD keeps the length"
+    );
     let (status, _, body) = get(&up.authority).await.unwrap();
     assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
     let (status, _, body) = get(&up.authority).await.unwrap();
@@ -221,14 +225,29 @@ async fn interim_answers_are_skipped() {
 #[tokio::test]
 async fn bad_answers_are_errors() {
     let cases: [(&[&'static [u8]], &str); 8] = [
-        (&[b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n"], "invalid content-length"),
-        (&[b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok"], "invalid content-length"),
-        (&[b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok"], "conflicting"),
+        (
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n"],
+            "invalid content-length",
+        ),
+        (
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok"],
+            "invalid content-length",
+        ),
+        (
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok"],
+            "conflicting",
+        ),
         (&[b"HTTP/1.1 abc OK\r\n\r\n"], "malformed"),
-        (&[b"HTTP/1.1 101 Switching Protocols\r\n\r\n"], "switched protocols"),
+        (
+            &[b"HTTP/1.1 101 Switching Protocols\r\n\r\n"],
+            "switched protocols",
+        ),
         (&[b"HTTP/1.1 200 OK\r\ncontent-le", b""], "cut off"),
         (&[b""], "no answer"),
-        (&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", b""], "mid-answer"),
+        (
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", b""],
+            "mid-answer",
+        ),
     ];
     for (answer, expected) in cases {
         let up = Script::start(vec![answer.to_vec()]).await;
@@ -244,7 +263,12 @@ async fn bad_answers_are_errors() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
     ]])
     .await;
-    assert!(get(&up.authority).await.unwrap_err().contains("longer than"));
+    assert!(
+        get(&up.authority)
+            .await
+            .unwrap_err()
+            .contains("longer than")
+    );
 
     let huge: &'static [u8] = Box::leak(
         [&b"HTTP/1.1 200 OK\r\nx-big: "[..], &[b'a'; 70_000]]
@@ -252,7 +276,12 @@ async fn bad_answers_are_errors() {
             .into_boxed_slice(),
     );
     let up = Script::start(vec![vec![huge]]).await;
-    assert!(get(&up.authority).await.unwrap_err().contains("larger than"));
+    assert!(
+        get(&up.authority)
+            .await
+            .unwrap_err()
+            .contains("larger than")
+    );
 
     let err = get("127.0.0.1:1").await.unwrap_err();
     assert!(err.starts_with("cannot connect"), "{err}");
@@ -284,14 +313,18 @@ async fn requests_go_out_as_given_with_the_bodys_own_length() {
         up.request(0),
         "POST /p?q=1 HTTP/1.1\r\nhost: up\r\nx-a: 1\r\ncontent-length: 3\r\n\r\nabc"
     );
-    call_with(&up.authority, Method::POST, "/e", b"").await.unwrap();
+    call_with(&up.authority, Method::POST, "/e", b"")
+        .await
+        .unwrap();
     assert_eq!(
         up.request(1),
         "POST /e HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
     );
     get(&up.authority).await.unwrap();
     assert_eq!(up.request(2), "GET / HTTP/1.1\r\nhost: up\r\n\r\n");
-    call_with(&up.authority, Method::PUT, "/big", &big).await.unwrap();
+    call_with(&up.authority, Method::PUT, "/big", &big)
+        .await
+        .unwrap();
     assert!(up.request(3).ends_with(std::str::from_utf8(&big).unwrap()));
     assert_eq!(up.connections(), [1, 1, 1, 1]);
 }
