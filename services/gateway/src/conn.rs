@@ -105,7 +105,15 @@ type IdleList = Vec<(Upstream, Instant)>;
 
 thread_local! {
     static IDLE: RefCell<HashMap<Arc<str>, IdleList>> = RefCell::default();
+    /// When this thread's idle lists were last swept.
+    static SWEPT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
+
+/// How often a thread's idle lists are swept of connections the upstream
+/// has closed or that have been idle too long. Idle connections are not
+/// watched (that would take a task each), so without a sweep those of an
+/// instance that went away would stay open.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a call got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +156,16 @@ fn take_idle(authority: &str, now: Instant) -> Option<Upstream> {
 fn put_idle(authority: &str, up: Upstream, now: Instant) {
     let usable = |(up, since): &(Upstream, Instant)| up.usable() && not_stale(*since, now);
     IDLE.with_borrow_mut(|idle| {
+        let swept = SWEPT.get();
+        if swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
+            SWEPT.set(Some(now));
+            if swept.is_some() {
+                idle.retain(|_, list| {
+                    list.retain(usable);
+                    !list.is_empty()
+                });
+            }
+        }
         if let Some(list) = idle.get_mut(authority) {
             if list.len() >= MAX_IDLE {
                 list.retain(usable);
@@ -239,7 +257,7 @@ fn encode(req: &Outgoing<'_>) -> Vec<u8> {
 /// reading (one fewer per request).
 ///
 /// A request that fails on a reused connection before any byte of an
-/// answer came goes once more on a fresh connection when that is safe:
+/// answer came goes once more, on a new connection, when that is safe:
 /// the write itself failed, or the method is idempotent (the upstream
 /// may have closed the idle connection just as the request went out).
 pub async fn send(
@@ -252,21 +270,31 @@ pub async fn send(
         *req.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
+    let mut retried = false;
     loop {
-        let (mut up, reused) = match take_idle(authority, now) {
+        let idle = if retried {
+            None
+        } else {
+            take_idle(authority, now)
+        };
+        let (mut up, reused) = match idle {
             Some(up) => (up, true),
             // Boxed: connecting is rare, and its future is large.
             None => (Box::pin(connect(authority)).await?, false),
         };
         if let Err(e) = write(&mut up, &wire, req).await {
             if reused {
+                retried = true;
                 continue;
             }
             return Err(failed("cannot send the request", e));
         }
         match read_head(&mut up, req.method).await {
             Ok(head) => return Ok(head.into_response(up, authority, now)),
-            Err(HeadError::Nothing(_)) if reused && idempotent => continue,
+            Err(HeadError::Nothing(_)) if reused && idempotent => {
+                retried = true;
+                continue;
+            }
             Err(HeadError::Nothing(e)) => return Err(failed("no answer", e)),
             Err(HeadError::Bad(e)) => return Err(SendError::Failed(e)),
         }

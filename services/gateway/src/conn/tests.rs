@@ -365,3 +365,63 @@ async fn an_idle_connection_is_reused_within_the_limit_and_closed_after_it() {
         .unwrap();
     assert_eq!(read, 0, "the upstream got bytes instead of a close");
 }
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_swept_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = listener.local_addr().unwrap().to_string();
+    let up = connect(&gone).await.unwrap();
+    let (upstream_side, _) = listener.accept().await.unwrap();
+    let other = Script::start(vec![vec![OK]]).await;
+    let kept = connect(&other.authority).await.unwrap();
+
+    let t0 = Instant::now();
+    SWEPT.set(Some(t0));
+    put_idle(&gone, up, t0);
+    // The instance goes away; no request goes to it again.
+    drop(upstream_side);
+    drop(listener);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let count = |authority: &str| IDLE.with_borrow(|idle| idle.get(authority).map_or(0, Vec::len));
+    put_idle(&other.authority, kept, t0 + Duration::from_secs(1));
+    assert_eq!(count(&gone), 1, "swept before its time");
+    let up = take_idle(&other.authority, t0).unwrap();
+    put_idle(
+        &other.authority,
+        up,
+        t0 + SWEEP_EVERY + Duration::from_secs(1),
+    );
+    assert_eq!(count(&gone), 0, "a closed idle connection was kept");
+    assert_eq!(count(&other.authority), 1, "a usable connection was swept");
+}
+
+#[tokio::test]
+async fn a_request_a_reused_connection_drops_goes_once_more_if_idempotent() {
+    // The upstream reads the second request and closes without a word.
+    let up = Script::start(vec![vec![OK], vec![b""], vec![OK]]).await;
+    get(&up.authority).await.unwrap();
+    assert_eq!(get(&up.authority).await.unwrap().2, "ok");
+    assert_eq!(up.connections(), [1, 1, 2]);
+
+    let up = Script::start(vec![vec![OK], vec![b""], vec![OK]]).await;
+    get(&up.authority).await.unwrap();
+    let err = call_with(&up.authority, Method::POST, "/", b"x")
+        .await
+        .unwrap_err();
+    assert!(err.contains("no answer"), "{err}");
+    assert_eq!(up.connections(), [1, 1], "a POST was sent twice");
+
+    // Once, on a new connection, however many are idle; if that fails
+    // too, the call fails.
+    let up = Script::start(vec![vec![OK], vec![OK], vec![b""], vec![b""], vec![OK]]).await;
+    let (a, b) = tokio::join!(get(&up.authority), get(&up.authority));
+    a.unwrap();
+    b.unwrap();
+    assert!(get(&up.authority).await.is_err());
+    let seen = up.connections();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(
+        seen[3], 3,
+        "the retry did not take a new connection: {seen:?}"
+    );
+}
