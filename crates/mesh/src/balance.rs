@@ -132,6 +132,10 @@ impl Balancer {
             .stats
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Looked up first: `entry` would copy the id on every call.
+        if let Some(s) = stats.get(id) {
+            return Arc::clone(s);
+        }
         Arc::clone(stats.entry(id.to_owned()).or_default())
     }
 

@@ -225,7 +225,14 @@ fn encode(req: &Outgoing<'_>) -> Vec<u8> {
     } else {
         0
     };
-    let mut out = Vec::with_capacity(64 + req.target.len() + 32 * req.headers.len() + inline);
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    // Request line, fields, a content-length field, the blank line: one
+    // allocation, never grown.
+    let mut out = Vec::with_capacity(req.target.len() + fields + 64 + inline);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.target.as_bytes());
@@ -426,16 +433,15 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, String> {
     // Values are sliced out of the head after it leaves the buffer (no
     // copies): note where each one lies.
     let start = buf.as_ptr() as usize;
-    let mut fields = Vec::with_capacity(res.headers.len());
-    for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("invalid header name {:?}", h.name))?;
+    let count = res.headers.len();
+    let mut fields = [const { None }; MAX_HEADERS];
+    for (field, h) in fields.iter_mut().zip(res.headers.iter()) {
         let at = h.value.as_ptr() as usize - start;
-        fields.push((name, at, at + h.value.len()));
+        *field = Some((header_name(h.name)?, at, at + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, from, to) in fields {
+    let mut headers = HeaderMap::with_capacity(count);
+    for (name, from, to) in fields.into_iter().take(count).flatten() {
         let value = HeaderValue::from_maybe_shared(head.slice(from..to))
             .map_err(|_| format!("invalid value of header {name}"))?;
         headers.append(name, value);
@@ -489,6 +495,23 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, String> {
         framing,
         keep_alive,
     }))
+}
+
+/// Names Bazaar's services send on every answer; made once, as a name
+/// not in the standard list is otherwise copied each time it is read.
+const OWN_NAMES: [HeaderName; 2] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-instance-id"),
+];
+
+fn header_name(name: &str) -> Result<HeaderName, String> {
+    if let Some(own) = OWN_NAMES
+        .iter()
+        .find(|own| own.as_str().eq_ignore_ascii_case(name))
+    {
+        return Ok(own.clone());
+    }
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))
 }
 
 /// The comma-separated tokens of every value of a header, trimmed; a

@@ -108,9 +108,31 @@ const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remai
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
-    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(d.limit));
-    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
-    headers.insert(RATELIMIT_RESET, HeaderValue::from(d.reset_secs));
+    let [limit, remaining, reset] =
+        numbers([u64::from(d.limit), u64::from(d.remaining), d.reset_secs]);
+    headers.insert(RATELIMIT_LIMIT, limit);
+    headers.insert(RATELIMIT_REMAINING, remaining);
+    headers.insert(RATELIMIT_RESET, reset);
+}
+
+/// Numbers as header values. Each place remembers its last value per
+/// thread: a limit stays the same, and so does its reset time for a
+/// busy client, so most are not made again.
+fn numbers(ns: [u64; 3]) -> [HeaderValue; 3] {
+    thread_local! {
+        static LAST: std::cell::RefCell<[Option<(u64, HeaderValue)>; 3]> =
+            const { std::cell::RefCell::new([None, None, None]) };
+    }
+    LAST.with_borrow_mut(|last| {
+        std::array::from_fn(|i| match &last[i] {
+            Some((n, v)) if *n == ns[i] => v.clone(),
+            _ => {
+                let v = HeaderValue::from(ns[i]);
+                last[i] = Some((ns[i], v.clone()));
+                v
+            }
+        })
+    })
 }
 
 /// 429 with `Retry-After` and the bucket's `RateLimit-*` headers.
@@ -499,8 +521,8 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
 
     let upstream_path = route.upstream_path(path);
     let path_and_query = match query {
-        Some(q) => format!("{upstream_path}?{q}"),
-        None => upstream_path.into_owned(),
+        Some(q) => std::borrow::Cow::Owned(format!("{upstream_path}?{q}")),
+        None => upstream_path,
     };
     // The client's validators, for a 304 once the answer is in.
     let validators: HeaderMap = match cache_key {
@@ -666,6 +688,13 @@ mod tests {
         assert!(!owns("/api/v1/admin/dead-letters"));
         assert!(!owns("/_admin/services"));
         assert!(!owns("/health"));
+    }
+
+    #[test]
+    fn remembered_numbers_follow_their_values() {
+        assert_eq!(numbers([10, 9, 60]), ["10", "9", "60"]);
+        assert_eq!(numbers([10, 8, 60]), ["10", "8", "60"]);
+        assert_eq!(numbers([0, 8, 61]), ["0", "8", "61"]);
     }
 
     #[test]
