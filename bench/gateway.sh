@@ -19,8 +19,9 @@
 # compare latency at a moderate load.
 # Prints requests/s, p50 and p99 for each, the throughput ratios
 # gateway/nginx (of the medians, and the median of each round's own
-# ratio, and in how many rounds it was at least 1.00) and gateway/direct, and the p50/p99 the gateway adds at
-# ~1,000 requests/s; with each, the CPU time (user + system) the proxy's
+# ratio, and in how many rounds it was at least 1.00) and
+# gateway/direct, and the p50/p99 the gateway adds at ~1,000
+# requests/s; with each, the CPU time (user + system) the proxy's
 # processes and the upstream spent per request: on a small shared machine
 # requests/s drift with the machine's speed, CPU per request much less.
 # nginx and wrk are installed with apt-get if missing.

@@ -54,12 +54,8 @@ pub fn etag(body: &[u8]) -> HeaderValue {
 /// Whether `If-None-Match` names `etag` (or is `*`).
 pub fn not_modified(headers: &HeaderMap, etag: &HeaderValue) -> bool {
     let tag = etag.to_str().unwrap_or("");
-    headers
-        .get_all(axum::http::header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().trim_start_matches("W/"))
+    crate::tokens(headers, axum::http::header::IF_NONE_MATCH)
+        .map(|t| t.trim_start_matches("W/"))
         .any(|t| t == "*" || t == tag)
 }
 

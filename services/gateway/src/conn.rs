@@ -24,7 +24,7 @@
 //! answers are skipped; a switch of protocols is refused (the gateway
 //! strips `Upgrade`, so an upstream has no cause to switch).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -106,7 +106,7 @@ type IdleList = Vec<(Upstream, Instant)>;
 thread_local! {
     static IDLE: RefCell<HashMap<Arc<str>, IdleList>> = RefCell::default();
     /// When this thread's idle lists were last swept.
-    static SWEPT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    static SWEPT: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// How often a thread's idle lists are swept of connections the upstream
@@ -212,19 +212,30 @@ pub struct Outgoing<'a> {
     pub body: &'a Bytes,
 }
 
+/// Whether a method may be sent again: repeating it changes nothing
+/// more than sending it once (RFC 9110 section 9.2.2; POST and PATCH
+/// are not).
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
 /// Whether `target` can go on a request line: an origin-form path (and
 /// query) of visible characters.
 pub fn valid_target(target: &str) -> bool {
     target.starts_with('/') && target.bytes().all(|b| b > b' ' && b != 0x7f)
 }
 
+/// Whether the body goes out in the same write as the head.
+fn inline_body(req: &Outgoing<'_>) -> bool {
+    req.body.len() <= INLINE_BODY
+}
+
 /// The request as it goes on the wire; a small body rides along.
 fn encode(req: &Outgoing<'_>) -> Vec<u8> {
-    let inline = if req.body.len() <= INLINE_BODY {
-        req.body.len()
-    } else {
-        0
-    };
+    let inline = if inline_body(req) { req.body.len() } else { 0 };
     let fields: usize = req
         .headers
         .iter()
@@ -273,10 +284,7 @@ pub async fn send(
     now: Instant,
 ) -> Result<hyper::Response<Pooled>, SendError> {
     let wire = encode(req);
-    let idempotent = matches!(
-        *req.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    );
+    let idempotent = idempotent(req.method);
     let mut retried = false;
     loop {
         let idle = if retried {
@@ -310,7 +318,7 @@ pub async fn send(
 
 async fn write(up: &mut Upstream, wire: &[u8], req: &Outgoing<'_>) -> io::Result<()> {
     up.io.write_all(wire).await?;
-    if req.body.len() > INLINE_BODY {
+    if !inline_body(req) {
         up.io.write_all(req.body).await?;
     }
     Ok(())
@@ -448,7 +456,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, String> {
     }
 
     let mut keep_alive = http11;
-    for token in tokens(&headers, &header::CONNECTION) {
+    for token in crate::tokens(&headers, header::CONNECTION) {
         if token.eq_ignore_ascii_case("close") {
             keep_alive = false;
         } else if token.eq_ignore_ascii_case("keep-alive") && !http11 {
@@ -466,13 +474,13 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, String> {
         if headers.contains_key(header::CONTENT_LENGTH) {
             keep_alive = false;
         }
-        match tokens(&headers, &header::TRANSFER_ENCODING).last() {
+        match crate::tokens(&headers, header::TRANSFER_ENCODING).last() {
             Some(last) if last.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
             _ => Framing::Close,
         }
     } else if headers.contains_key(header::CONTENT_LENGTH) {
         let mut length = None;
-        for token in tokens(&headers, &header::CONTENT_LENGTH) {
+        for token in crate::tokens(&headers, header::CONTENT_LENGTH) {
             let n = (!token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| token.parse::<u64>().ok())
                 .flatten()
@@ -512,16 +520,6 @@ fn header_name(name: &str) -> Result<HeaderName, String> {
         return Ok(own.clone());
     }
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))
-}
-
-/// The comma-separated tokens of every value of a header, trimmed; a
-/// value that is not text counts as one empty token.
-fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .map(str::trim)
 }
 
 /// Where a chunked body's reader is.

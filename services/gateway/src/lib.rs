@@ -119,6 +119,19 @@ impl Application {
     }
 }
 
+/// The comma-separated tokens of every value of a header, trimmed; a
+/// value that is not text counts as one empty token.
+fn tokens(
+    headers: &axum::http::HeaderMap,
+    name: impl axum::http::header::AsHeaderName,
+) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+}
+
 fn default_timeout(ctx: &ServiceContext) -> Duration {
     Duration::from_millis(ctx.config.upstream_timeout_ms)
 }

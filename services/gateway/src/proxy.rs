@@ -63,12 +63,8 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = crate::tokens(headers, header::CONNECTION)
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for h in HOP_BY_HOP.iter().chain(named.iter()) {
         headers.remove(h);
@@ -86,13 +82,6 @@ fn split_version(path: &str) -> Option<(&str, &str)> {
 
 fn is_write(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
-}
-
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    )
 }
 
 fn too_large(limit: usize) -> Problem {
@@ -189,7 +178,7 @@ impl Gateway {
         if !conn::valid_target(path_and_query) {
             return Err(Problem::bad_request("the request path cannot be forwarded"));
         }
-        let attempts = if idempotent(method) {
+        let attempts = if conn::idempotent(method) {
             1 + call.retries
         } else {
             1

@@ -337,12 +337,8 @@ impl Table {
         if !self.trusts(peer) {
             return peer;
         }
-        let chain: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse().ok())
+        let chain: Vec<IpAddr> = crate::tokens(headers, "x-forwarded-for")
+            .filter_map(|a| a.parse().ok())
             .collect();
         let mut client = peer;
         for ip in chain.into_iter().rev() {
