@@ -46,6 +46,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (4 KiB pages) past which the writer restarts the WAL.
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const PING_IF_IDLE: Duration = Duration::from_secs(1);
+
 /// Stops the checkpoint task when the last [`Db`] handle goes.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -114,7 +117,23 @@ pub async fn connect(config: &Config, service: &str, migrator: &Migrator) -> any
     let open = |max: u32| {
         let options = AnyPoolOptions::new()
             .max_connections(max)
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings a connection when it is taken and again when it
+            // is given back: two extra round trips per query (to
+            // PostgreSQL over the network; on SQLite to the connection's
+            // worker thread and back, four context switches). The ping
+            // on return stays, and drops a connection that broke in use;
+            // the one on taking is kept only for connections that sat
+            // idle, which is when a restarted server leaves them dead.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            });
         let options = match backend {
             Backend::Sqlite => options.after_connect(|conn, _| {
                 Box::pin(async move {
