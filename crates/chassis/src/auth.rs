@@ -26,11 +26,32 @@ pub struct Claims {
     pub role: String,
     pub iat: i64,
     pub exp: i64,
+    /// Who issued it (`token_issuer`).
+    pub iss: String,
+    /// Whom it is for (`token_audience`).
+    pub aud: String,
+}
+
+/// The `iss` and `aud` every access token must carry.
+#[derive(Debug, Clone)]
+pub struct Audience {
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl Audience {
+    pub fn of(config: &crate::Config) -> Self {
+        Self {
+            issuer: config.token_issuer.clone(),
+            audience: config.token_audience.clone(),
+        }
+    }
 }
 
 /// Checks access tokens.
 pub struct Verifier {
     discovery: Option<Discovery>,
+    validation: Validation,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     http: reqwest::Client,
@@ -91,9 +112,10 @@ const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Verifier {
     /// Keys come from the `auth` service found through `discovery`.
-    pub fn remote(discovery: Discovery) -> Self {
+    pub fn remote(discovery: Discovery, audience: Audience) -> Self {
         Self {
             discovery: Some(discovery),
+            validation: validation(&audience),
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::default(),
@@ -105,9 +127,10 @@ impl Verifier {
     }
 
     /// Keys are given (the auth service verifies its own tokens).
-    pub fn local(jwks: &JwkSet) -> Self {
+    pub fn local(jwks: &JwkSet, audience: Audience) -> Self {
         let v = Self {
             discovery: None,
+            validation: validation(&audience),
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::default(),
@@ -189,27 +212,27 @@ impl Verifier {
 
     async fn verify_signature(&self, token: &str) -> Result<Claims, Problem> {
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| Problem::unauthorized("malformed token"))?;
+            .map_err(|_| Problem::invalid_token("malformed token"))?;
         if header.alg != Algorithm::EdDSA {
-            return Err(Problem::unauthorized("unsupported token algorithm"));
+            return Err(Problem::invalid_token("unsupported token algorithm"));
         }
         let kid = header
             .kid
-            .ok_or_else(|| Problem::unauthorized("token has no key id"))?;
+            .ok_or_else(|| Problem::invalid_token("token has no key id"))?;
         let key = match self.key(&kid) {
             Some(k) => k,
             None => {
                 self.refetch().await?;
                 self.key(&kid)
-                    .ok_or_else(|| Problem::unauthorized("token signed by an unknown key"))?
+                    .ok_or_else(|| Problem::invalid_token("token signed by an unknown key"))?
             }
         };
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = LEEWAY_SECS.unsigned_abs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &key, &validation)
+        jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| Problem::unauthorized(format!("invalid token: {e}")))
+            .map_err(|e| {
+                tracing::debug!(error = %e, "token refused");
+                Problem::invalid_token("invalid token")
+            })
     }
 
     async fn refetch(&self) -> Result<(), Problem> {
@@ -249,6 +272,17 @@ impl Verifier {
     }
 }
 
+/// EdDSA only; `exp`, `sub`, `iss` and `aud` required, the last two equal
+/// to the configured ones.
+fn validation(a: &Audience) -> Validation {
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.leeway = LEEWAY_SECS.unsigned_abs();
+    v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+    v.set_issuer(&[&a.issuer]);
+    v.set_audience(&[&a.audience]);
+    v
+}
+
 /// The expiry of a token not yet verified.
 #[derive(Deserialize)]
 struct Expiry {
@@ -256,7 +290,7 @@ struct Expiry {
 }
 
 fn expired() -> Problem {
-    Problem::unauthorized("token expired")
+    Problem::invalid_token("token expired")
 }
 
 /// The caller, from a verified `Authorization: Bearer` token. Rejects with 401.
@@ -289,7 +323,7 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Problem> 
     };
     let value = value
         .to_str()
-        .map_err(|_| Problem::unauthorized("malformed Authorization header"))?;
+        .map_err(|_| Problem::invalid_token("malformed Authorization header"))?;
     match value.split_once(' ') {
         Some((scheme, token))
             if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
@@ -339,10 +373,21 @@ mod tests {
     fn verifier() -> Verifier {
         let mut jwk = Jwk::from_encoding_key(&key(7), Algorithm::EdDSA).expect("jwk");
         jwk.common.key_id = Some("k1".into());
-        Verifier::local(&JwkSet { keys: vec![jwk] })
+        Verifier::local(&JwkSet { keys: vec![jwk] }, audience())
+    }
+
+    fn audience() -> Audience {
+        Audience {
+            issuer: "bazaar".into(),
+            audience: "bazaar-api".into(),
+        }
     }
 
     fn token(secret: u8, exp: i64) -> String {
+        token_for(secret, exp, "bazaar", "bazaar-api")
+    }
+
+    fn token_for(secret: u8, exp: i64, iss: &str, aud: &str) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some("k1".into());
         let claims = Claims {
@@ -351,6 +396,8 @@ mod tests {
             role: "customer".into(),
             iat: exp - 900,
             exp,
+            iss: iss.into(),
+            aud: aud.into(),
         };
         jsonwebtoken::encode(&header, &claims, &key(secret)).expect("sign")
     }
@@ -392,5 +439,25 @@ mod tests {
         );
         // Expired, but within the leeway: still accepted.
         assert!(v.verify(&token(7, now() - 5)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn tokens_carry_no_iss_or_aud_is_fixed_both_are_checked() {
+        let v = verifier();
+        let exp = now() + 900;
+        assert!(v.verify(&token(7, exp)).await.is_ok());
+        for (iss, aud) in [("evil", "bazaar-api"), ("bazaar", "other-api"), ("", "")] {
+            let refused = v
+                .verify(&token_for(7, exp, iss, aud))
+                .await
+                .expect_err("wrong iss or aud");
+            assert_eq!(refused.status, 401, "{iss}/{aud}");
+        }
+        // A token without the claims at all (as issued before) is refused.
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        let bare = serde_json::json!({"sub": "u1", "email": "e", "role": "admin", "iat": exp - 900, "exp": exp});
+        let bare = jsonwebtoken::encode(&header, &bare, &key(7)).expect("sign");
+        assert_eq!(v.verify(&bare).await.expect_err("bare").status, 401);
     }
 }

@@ -55,6 +55,12 @@ pub struct Config {
     pub access_token_ttl_secs: i64,
     /// Refresh token lifetime in seconds. Default 30 days.
     pub refresh_token_ttl_secs: i64,
+    /// `iss` of access tokens, checked by the gateway and every service. Default `bazaar`.
+    #[serde(deserialize_with = "lenient::text")]
+    pub token_issuer: String,
+    /// `aud` of access tokens, checked by the gateway and every service. Default `bazaar-api`.
+    #[serde(deserialize_with = "lenient::text")]
+    pub token_audience: String,
     /// Argon2id memory cost in KiB. Default 19456 (OWASP); tests use less.
     pub argon2_memory_kib: u32,
     /// Argon2id iterations. Default 2.
@@ -138,6 +144,8 @@ impl Default for Config {
             admin_password: None,
             access_token_ttl_secs: 900,
             refresh_token_ttl_secs: 30 * 24 * 3600,
+            token_issuer: "bazaar".into(),
+            token_audience: "bazaar-api".into(),
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
             upstream_timeout_ms: 10_000,

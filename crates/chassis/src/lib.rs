@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod id;
 pub mod json;
 pub mod messaging;
 pub mod metrics;
@@ -46,7 +47,10 @@ pub struct ServiceContext {
 impl ServiceContext {
     /// A context for service `name` with a fresh instance id and metrics registry.
     pub fn new(name: &'static str, config: Arc<Config>, bus: Bus, discovery: Discovery) -> Self {
-        let verifier = Arc::new(Verifier::remote(discovery.clone()));
+        let verifier = Arc::new(Verifier::remote(
+            discovery.clone(),
+            auth::Audience::of(&config),
+        ));
         Self {
             name,
             instance_id: format!("{name}-{}", uuid::Uuid::now_v7()),

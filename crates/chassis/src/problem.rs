@@ -23,6 +23,10 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
     #[serde(skip)]
     retry_after: Option<u64>,
+    /// A 401 for a token that was sent: its `WWW-Authenticate` says
+    /// `error="invalid_token"` (every 401 carries one, RFC 9110 §11.6.1).
+    #[serde(skip)]
+    invalid_token: bool,
 }
 
 impl Problem {
@@ -35,6 +39,7 @@ impl Problem {
             detail: detail.into(),
             errors: Vec::new(),
             retry_after: None,
+            invalid_token: false,
         }
     }
 
@@ -64,6 +69,14 @@ impl Problem {
 
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+    }
+
+    /// 401 for a bearer token that was sent and is not valid (RFC 6750
+    /// `error="invalid_token"`).
+    pub fn invalid_token(detail: impl Into<String>) -> Self {
+        let mut p = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+        p.invalid_token = true;
+        p
     }
 
     pub fn forbidden(detail: impl Into<String>) -> Self {
@@ -131,9 +144,39 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if self.status == 401 {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(if self.invalid_token {
+                    r#"Bearer error="invalid_token""#
+                } else {
+                    "Bearer"
+                }),
+            );
+        }
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_401_carries_a_bearer_challenge() {
+        let res = Problem::unauthorized("missing bearer token").into_response();
+        assert_eq!(res.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let res = Problem::invalid_token("token expired").into_response();
+        assert_eq!(
+            res.headers()[header::WWW_AUTHENTICATE],
+            r#"Bearer error="invalid_token""#
+        );
+        let res = Problem::new(StatusCode::UNAUTHORIZED, "x", "y").into_response();
+        assert_eq!(res.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let res = Problem::forbidden("no").into_response();
+        assert!(res.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 }

@@ -27,7 +27,7 @@ impl Email {
                     && domain.contains('.')
                     && !domain.contains('@')
             })
-            && !e.chars().any(char::is_whitespace);
+            && !e.chars().any(|c| c.is_whitespace() || c.is_control());
         if valid {
             Ok(Self(e))
         } else {
@@ -80,6 +80,11 @@ impl TryFrom<RegisterBody> for NewUser {
                 field: "name".into(),
                 message: "must be 1 to 200 characters".into(),
             });
+        } else if name.chars().any(char::is_control) {
+            errors.push(FieldError {
+                field: "name".into(),
+                message: "must not hold control characters".into(),
+            });
         }
         match email {
             Ok(email) if errors.is_empty() => Ok(Self {
@@ -114,6 +119,21 @@ mod tests {
             "a@b@c.com",
         ] {
             assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_emails_and_names_are_refused() {
+        for c in ['\0', '\u{7}', '\u{1b}', '\u{7f}', '\u{85}'] {
+            assert!(Email::parse(&format!("a{c}b@x.com")).is_err(), "{c:?}");
+            let body = RegisterBody {
+                email: "a@b.co".into(),
+                password: "12345678".into(),
+                name: format!("Ann{c}Lee"),
+            };
+            let p = NewUser::try_from(body).unwrap_err();
+            assert_eq!(p.status, 422);
+            assert_eq!(p.errors[0].field, "name");
         }
     }
 

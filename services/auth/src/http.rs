@@ -127,6 +127,8 @@ async fn issue(s: &AppState, user: &User) -> Result<TokenPair, AuthError> {
         role: user.role.clone(),
         iat: now,
         exp: now + s.config.access_token_ttl_secs,
+        iss: s.config.token_issuer.clone(),
+        aud: s.config.token_audience.clone(),
     };
     let access_token = s
         .keys

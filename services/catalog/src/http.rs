@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bazaar_bus::{Bus, BusError, Envelope};
 use bazaar_chassis::db::Db;
+use bazaar_chassis::id::PathId;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
 use bazaar_contracts::topics::{COMMAND_EXCHANGE, ORDERS_CREATE};
@@ -74,10 +75,7 @@ async fn list(State(s): State<AppState>, paging: Paging) -> Result<Response, Pro
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn fetch(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Product>, Problem> {
+async fn fetch(State(s): State<AppState>, PathId(id): PathId) -> Result<Json<Product>, Problem> {
     store::get(&s.db.read, &id)
         .await
         .map_err(db_error)?
@@ -112,7 +110,7 @@ async fn create(
 async fn replace(
     State(s): State<AppState>,
     caller: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     Json(body): Json<ProductBody>,
 ) -> Result<Json<Product>, Problem> {
     caller.require_admin()?;
@@ -127,7 +125,7 @@ async fn replace(
 async fn remove(
     State(s): State<AppState>,
     caller: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<StatusCode, Problem> {
     caller.require_admin()?;
     if store::delete(&s.db.write, &id).await.map_err(db_error)? {
@@ -161,10 +159,16 @@ async fn buy(
             format!("at most {MAX_BUY_IDS} ids per purchase"),
         ));
     }
+    let ids = body
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| bazaar_chassis::id::parse(&format!("ids[{i}]"), id))
+        .collect::<Result<Vec<String>, Problem>>()?;
     // Quantity per id, in first-seen order.
     let mut order: Vec<&str> = Vec::new();
     let mut quantity: HashMap<&str, i64> = HashMap::new();
-    for id in &body.ids {
+    for id in &ids {
         *quantity.entry(id.as_str()).or_insert_with(|| {
             order.push(id.as_str());
             0

@@ -21,7 +21,7 @@ use crate::cache::{self, Cache};
 use crate::conn::{self, SendError};
 use crate::edge::{Edge, ServedBy};
 use crate::limit::{Buckets, Decision};
-use crate::table::{LimitKey, Live, Route, Transform};
+use crate::table::{LimitKey, Live, Transform};
 use crate::transform;
 use crate::upstream::{Member, NoPick, Pools};
 
@@ -434,9 +434,9 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
     let (version, path) =
         split_version(uri.path()).ok_or_else(|| Problem::not_found("no such route"))?;
     let table = &edge.table;
-    let route: &Route = table
-        .find(&parts.method, version, path)
-        .ok_or_else(|| Problem::not_found("no such route"))?;
+    let Some(route) = table.find(&parts.method, version, path) else {
+        return Ok(no_route(table, version, path));
+    };
 
     let claims = g.claims(&parts.headers).await?;
     if route.auth && claims.is_none() {
@@ -630,6 +630,29 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
             .insert(ServedBy(answer.member.instance.id.clone()));
     }
     Ok(res)
+}
+
+/// 405 with `Allow` when routes take the path with other methods, else 404.
+fn no_route(table: &crate::table::Table, version: &str, path: &str) -> Response {
+    let allowed = table.allowed(version, path);
+    if allowed.is_empty() {
+        return Problem::not_found("no such route").into_response();
+    }
+    let allow = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut res = Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "method not allowed on this route",
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        res.headers_mut().insert(header::ALLOW, v);
+    }
+    res
 }
 
 /// 304 with the validators and caching headers of the full answer.

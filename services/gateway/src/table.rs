@@ -318,6 +318,23 @@ impl Table {
         best
     }
 
+    /// The methods routes allow for a path no route takes with the
+    /// request's method (for 405 and `Allow`); empty when no route
+    /// matches the path at all.
+    pub fn allowed(&self, version: &str, path: &str) -> Vec<Method> {
+        let mut allowed: Vec<Method> = Vec::new();
+        for r in &self.routes {
+            if r.versions.iter().any(|v| v == version) && under(path, &r.prefix) {
+                for m in &r.methods {
+                    if !allowed.contains(m) {
+                        allowed.push(m.clone());
+                    }
+                }
+            }
+        }
+        allowed
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }

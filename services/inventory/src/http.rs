@@ -1,8 +1,9 @@
 //! The inventory HTTP API: read a product's stock; admins set it.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
+use bazaar_chassis::id::PathId;
 use bazaar_chassis::{AuthUser, Json, Problem};
 use bazaar_contracts::{SetStock, Stock};
 
@@ -16,7 +17,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn fetch(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Stock>, Problem> {
+async fn fetch(State(s): State<AppState>, PathId(id): PathId) -> Result<Json<Stock>, Problem> {
     let mut conn =
         s.db.read
             .acquire()
@@ -32,12 +33,15 @@ async fn fetch(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json
 async fn set(
     State(s): State<AppState>,
     caller: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     Json(body): Json<SetStock>,
 ) -> Result<Json<Stock>, Problem> {
     caller.require_admin()?;
-    if body.available < 0 {
-        return Err(Problem::invalid("available", "must be 0 or more"));
+    if !(0..=store::MAX_STOCK).contains(&body.available) {
+        return Err(Problem::invalid(
+            "available",
+            format!("must be 0 to {}", store::MAX_STOCK),
+        ));
     }
     let mut conn =
         s.db.write

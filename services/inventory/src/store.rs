@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 use bazaar_contracts::{Stock, StockLine};
 use sqlx::{AnyConnection, Row};
 
+/// Most units a product can hold in stock, and most one order can
+/// reserve of it. With every amount below this, no sum of `available`
+/// and `reserved` can leave 64 bits (SQLite would store a float).
+pub const MAX_STOCK: i64 = 1_000_000_000;
+
 /// What became of a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -130,7 +135,15 @@ pub async fn reserve(
     // Sorted by product, so concurrent transactions lock rows in one order.
     let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
     for line in lines {
-        *wanted.entry(line.product_id.as_str()).or_default() += line.quantity;
+        let units = wanted.entry(line.product_id.as_str()).or_default();
+        match units.checked_add(line.quantity) {
+            // More than any stock can hold: it cannot be in stock.
+            Some(sum) if (1..=MAX_STOCK).contains(&sum) => *units = sum,
+            _ => {
+                set_status(conn, order_id, Outcome::Rejected).await?;
+                return Ok(Outcome::Rejected);
+            }
+        }
     }
     let mut taken = Vec::new();
     let mut short = false;
@@ -239,12 +252,18 @@ pub async fn get(conn: &mut AnyConnection, product_id: &str) -> Result<Option<St
     .transpose()
 }
 
-/// Sets the sellable units of a product (creating its row if needed).
+/// Sets the sellable units of a product (creating its row if needed);
+/// `available` is at most [`MAX_STOCK`] (checked at the edge).
 pub async fn set_available(
     conn: &mut AnyConnection,
     product_id: &str,
     available: i64,
 ) -> Result<Stock, sqlx::Error> {
+    if !(0..=MAX_STOCK).contains(&available) {
+        return Err(sqlx::Error::Protocol(format!(
+            "stock {available} is outside 0..={MAX_STOCK}"
+        )));
+    }
     sqlx::query(
         "INSERT INTO stock (product_id, available, reserved, updated_at) VALUES ($1, $2, 0, $3)
          ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, updated_at = excluded.updated_at",
@@ -255,4 +274,62 @@ pub async fn set_available(
     .execute(&mut *conn)
     .await?;
     get(conn, product_id).await?.ok_or(sqlx::Error::RowNotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn db() -> bazaar_chassis::db::Db {
+        let dir = std::env::temp_dir().join(format!("bazaar-inventory-{}", uuid::Uuid::now_v7()));
+        let config = bazaar_chassis::Config {
+            data_dir: dir,
+            ..Default::default()
+        };
+        bazaar_chassis::db::connect(&config, "inventory", &crate::MIGRATOR)
+            .await
+            .expect("db")
+    }
+
+    fn line(product: &str, quantity: i64) -> StockLine {
+        StockLine {
+            product_id: product.into(),
+            quantity,
+        }
+    }
+
+    #[tokio::test]
+    async fn stock_overflow_corrupts_a_row_no_more() {
+        let db = db().await;
+        let mut conn = db.write.acquire().await.expect("conn");
+        assert!(set_available(&mut conn, "p", i64::MAX).await.is_err());
+        set_available(&mut conn, "p", MAX_STOCK).await.expect("max");
+        assert_eq!(
+            reserve(&mut conn, "o1", &[line("p", 1)], 100)
+                .await
+                .expect("r"),
+            Outcome::Reserved
+        );
+        // The admin sets the stock again while one unit is held, then
+        // the hold is released: the row stays integer and readable.
+        set_available(&mut conn, "p", MAX_STOCK).await.expect("max");
+        assert!(release(&mut conn, "o1").await.expect("release"));
+        let s = get(&mut conn, "p").await.expect("get").expect("row");
+        assert_eq!((s.available, s.reserved), (MAX_STOCK + 1, 0));
+        // Quantities past any stock, or summing past 64 bits, are refused
+        // without touching the row.
+        for (order, lines) in [
+            ("o2", vec![line("p", i64::MAX)]),
+            ("o3", vec![line("p", i64::MAX), line("p", 2)]),
+            ("o4", vec![line("p", MAX_STOCK), line("p", 1)]),
+        ] {
+            assert_eq!(
+                reserve(&mut conn, order, &lines, 100).await.expect("r"),
+                Outcome::Rejected,
+                "{order}"
+            );
+        }
+        let s = get(&mut conn, "p").await.expect("get").expect("row");
+        assert_eq!((s.available, s.reserved), (MAX_STOCK + 1, 0));
+    }
 }

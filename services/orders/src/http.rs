@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use bazaar_chassis::db::Db;
 use bazaar_chassis::http::Trace;
+use bazaar_chassis::id::PathId;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
-use bazaar_contracts::{Checkout, CreateOrder, Order, OrderItem, Page, Product};
+use bazaar_contracts::{Checkout, CreateOrder, Order, OrderItem, Page, Product, StockLine};
 use bazaar_mesh::Discovery;
 
 use crate::domain;
@@ -103,7 +104,7 @@ async fn list(
 async fn fetch(
     State(s): State<AppState>,
     caller: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Order>, Problem> {
     let mut conn = s.db.read.acquire().await.map_err(internal)?;
     match store::get(&mut conn, &id).await.map_err(internal)? {
@@ -139,21 +140,12 @@ async fn checkout(
     caller: AuthUser,
     trace: Trace,
     headers: HeaderMap,
-    Json(body): Json<Checkout>,
+    Json(mut body): Json<Checkout>,
 ) -> Result<(StatusCode, Json<Order>), Problem> {
     let key = idempotency_key(&headers)?;
-    let request_id = match &key {
-        Some(key) => format!("key:{}:{key}", caller.id),
-        None => format!("http:{}", uuid::Uuid::now_v7()),
-    };
-    if key.is_some() {
-        let mut conn = s.db.read.acquire().await.map_err(internal)?;
-        if let Some(order) = store::by_request(&mut conn, &request_id)
-            .await
-            .map_err(internal)?
-        {
-            return Ok((StatusCode::OK, Json(order)));
-        }
+    for (i, item) in body.items.iter_mut().enumerate() {
+        item.product_id =
+            bazaar_chassis::id::parse(&format!("items[{i}].product_id"), &item.product_id)?;
     }
     if body.items.is_empty() {
         return Err(Problem::invalid("items", "must hold at least one item"));
@@ -174,6 +166,20 @@ async fn checkout(
             format!("must be 1 to {MAX_QUANTITY}"),
         ));
     }
+    let wanted = merged(&body.items);
+    let request_id = match &key {
+        Some(key) => format!("key:{}:{key}", caller.id),
+        None => format!("http:{}", uuid::Uuid::now_v7()),
+    };
+    if let Some(key) = &key {
+        let mut conn = s.db.read.acquire().await.map_err(internal)?;
+        if let Some(order) = store::by_request(&mut conn, &request_id)
+            .await
+            .map_err(internal)?
+        {
+            return replayed(order, &wanted, key);
+        }
+    }
     let products = price(&s, &body).await?;
     let currency = products
         .values()
@@ -193,7 +199,9 @@ async fn checkout(
             item.quantity += line.quantity;
             continue;
         }
-        let p = &products[&line.product_id];
+        let Some(p) = products.get(&line.product_id) else {
+            return Err(Problem::invalid("items", "a product could not be priced"));
+        };
         items.push(OrderItem {
             product_id: p.id.clone(),
             name: p.name.clone(),
@@ -218,13 +226,54 @@ async fn checkout(
             http_request_id: trace.request_id,
         })
         .await
-        .map_err(|e| Problem::unavailable(format!("the order could not be stored: {e}")))?;
-    let status = if created {
-        StatusCode::CREATED
+        .map_err(|e| {
+            tracing::error!(error = %e, "an order could not be stored");
+            Problem::unavailable("the order could not be stored; try again")
+        })?;
+    match (created, &key) {
+        (true, _) => Ok((StatusCode::CREATED, Json(order))),
+        // The same key came in concurrently and stored first.
+        (false, Some(key)) => replayed(order, &wanted, key),
+        (false, None) => Ok((StatusCode::OK, Json(order))),
+    }
+}
+
+/// The lines of a checkout with each product once, in first-seen order:
+/// what its order's items hold.
+fn merged(lines: &[StockLine]) -> Vec<(&str, i64)> {
+    let mut merged: Vec<(&str, i64)> = Vec::new();
+    for line in lines {
+        match merged.iter_mut().find(|(id, _)| *id == line.product_id) {
+            Some((_, q)) => *q = q.saturating_add(line.quantity),
+            None => merged.push((&line.product_id, line.quantity)),
+        }
+    }
+    merged
+}
+
+/// The order an `Idempotency-Key` already made: 200 when this request
+/// asks for the same items, else 422 naming the key (the IETF
+/// Idempotency-Key draft: a key reused with another payload is a client
+/// error, not a second order and not the first one).
+fn replayed(
+    order: Order,
+    wanted: &[(&str, i64)],
+    key: &str,
+) -> Result<(StatusCode, Json<Order>), Problem> {
+    let same = order.items.len() == wanted.len()
+        && order
+            .items
+            .iter()
+            .zip(wanted)
+            .all(|(i, (id, q))| i.product_id == *id && i.quantity == *q);
+    if same {
+        Ok((StatusCode::OK, Json(order)))
     } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(order)))
+        Err(Problem::invalid(
+            "Idempotency-Key",
+            format!("the key {key:?} was already used for a checkout with other items"),
+        ))
+    }
 }
 
 /// The products of a checkout, from catalog; 422 naming unknown ids.
@@ -243,29 +292,31 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
     if ids.is_empty() {
         return Ok(known);
     }
-    let catalog = s
-        .discovery
-        .pick("catalog")
-        .await
-        .map_err(|e| Problem::unavailable(format!("catalog: {e}")))?;
-    let lookups =
-        ids.iter().map(|id| {
-            let url = format!("{}/products/{id}", catalog.address);
-            let client = &s.client;
-            async move {
-                let response =
-                    client.get(&url).send().await.map_err(|e| {
-                        Problem::unavailable(format!("catalog did not answer: {e}"))
-                    })?;
-                match response.status() {
-                    StatusCode::OK => response.json::<Product>().await.map(Some).map_err(|e| {
-                        Problem::unavailable(format!("unreadable catalog answer: {e}"))
-                    }),
-                    StatusCode::NOT_FOUND => Ok(None),
-                    other => Err(Problem::unavailable(format!("catalog answered {other}"))),
-                }
+    let catalog = s.discovery.pick("catalog").await.map_err(|e| {
+        tracing::warn!(error = %e, "no catalog instance to price a checkout");
+        Problem::unavailable("the catalog is unavailable; try again")
+    })?;
+    let lookups = ids.iter().map(|id| {
+        // `id` is a checked UUID: a single, safe path segment.
+        let url = format!("{}/products/{id}", catalog.address);
+        let client = &s.client;
+        async move {
+            let unavailable = |e: &dyn std::fmt::Display| {
+                tracing::warn!(error = %e, %url, "pricing call to catalog failed");
+                Problem::unavailable("the catalog is unavailable; try again")
+            };
+            let response = client.get(&url).send().await.map_err(|e| unavailable(&e))?;
+            match response.status() {
+                StatusCode::OK => response
+                    .json::<Product>()
+                    .await
+                    .map(Some)
+                    .map_err(|e| unavailable(&e)),
+                StatusCode::NOT_FOUND => Ok(None),
+                other => Err(unavailable(&other)),
             }
-        });
+        }
+    });
     let found = futures::future::try_join_all(lookups).await?;
     let unknown: Vec<&str> = ids
         .iter()
@@ -279,7 +330,15 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
             format!("unknown product ids: {}", unknown.join(", ")),
         ));
     }
-    for p in found.into_iter().flatten() {
+    for (id, p) in ids.iter().zip(found) {
+        let Some(p) = p else { continue };
+        if p.id != *id {
+            // Catalog answered for another product than asked: never price with it.
+            tracing::error!(asked = %id, got = %p.id, "catalog answered with another product");
+            return Err(Problem::unavailable(
+                "the catalog is unavailable; try again",
+            ));
+        }
         s.prices.put(&p);
         known.insert(p.id.clone(), p);
     }

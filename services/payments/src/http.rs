@@ -1,8 +1,9 @@
 //! The payments HTTP API: an order's payment, for its owner or an admin.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
+use bazaar_chassis::id::PathId;
 use bazaar_chassis::{AuthUser, Json, Problem};
 use bazaar_contracts::Payment;
 
@@ -18,7 +19,7 @@ pub fn router(state: AppState) -> Router {
 async fn fetch(
     State(s): State<AppState>,
     caller: AuthUser,
-    Path(order_id): Path<String>,
+    PathId(order_id): PathId,
 ) -> Result<Json<Payment>, Problem> {
     let mut conn =
         s.db.read

@@ -1,0 +1,287 @@
+//! "Hold the edge" (issue 14): one test per defect a hostile client or a
+//! new user found, each named after its item. Every test failed on the
+//! `main` before the fix.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use base64::Engine as _;
+use common::{ADMIN_EMAIL, ADMIN_PASSWORD, Api, embedded, embedded_with, unique, wait_ready};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// The first product of the demo catalog.
+async fn first_product(api: &Api) -> String {
+    let (s, page) = api.call("GET", "/products?limit=1", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    page["items"][0]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn item_05_product_id_is_not_pasted_into_a_url() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let (token, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    let real = first_product(&api).await;
+    for bad in [
+        format!("{real}?x=1"),
+        format!("{real}#f"),
+        format!("./{real}"),
+        "../health".to_owned(),
+        "../../metrics".to_owned(),
+        "%2e%2e/health".to_owned(),
+        String::new(),
+    ] {
+        let (s, p) = api
+            .call(
+                "POST",
+                "/orders",
+                Some(&token),
+                Some(json!({"items": [{"product_id": bad, "quantity": 1}]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {p}");
+        assert_eq!(p["errors"][0]["field"], "items[0].product_id", "{bad}: {p}");
+        assert!(!p.to_string().contains("127.0.0.1"), "{p}");
+    }
+    // Ids in paths and in buy bodies are checked the same way.
+    for path in [
+        "/products/not-an-id".to_owned(),
+        "/inventory/not-an-id".to_owned(),
+    ] {
+        let (s, p) = api.call("GET", &path, None, None).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {p}");
+    }
+    for path in ["/orders/x", "/payments/x"] {
+        let (s, p) = api.call("GET", path, Some(&token), None).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {p}");
+    }
+    let (s, p) = api
+        .call(
+            "POST",
+            "/products/buy",
+            Some(&token),
+            Some(json!({"ids": [real, "../health"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert_eq!(p["errors"][0]["field"], "ids[1]");
+    // The real id still buys.
+    let (s, p) = api
+        .call(
+            "POST",
+            "/orders",
+            Some(&token),
+            Some(json!({"items": [{"product_id": real, "quantity": 1}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    api.assert_no_5xx();
+    system.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_08_stock_overflow_is_refused_at_the_edge() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let p = first_product(&api).await;
+    let path = format!("/inventory/{p}");
+    for bad in [json!(i64::MAX), json!(1_000_000_001_i64), json!(-1)] {
+        let (s, body) = api
+            .call("PUT", &path, Some(&admin), Some(json!({"available": bad})))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        assert_eq!(body["errors"][0]["field"], "available");
+    }
+    let (s, body) = api
+        .call(
+            "PUT",
+            &path,
+            Some(&admin),
+            Some(json!({"available": 1_000_000_000_i64})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = api.call("GET", &path, None, None).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["available"], 1_000_000_000_i64);
+    system.shutdown.trigger();
+}
+
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[tokio::test]
+async fn item_10_tokens_carry_iss_and_aud_and_both_are_checked() {
+    let (system, _dir) = embedded_with(|c| {
+        c.token_issuer = "https://shop.example".into();
+        c.token_audience = "shop-api".into();
+    })
+    .await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let (token, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    let claims = claims_of(&token);
+    assert_eq!(claims["iss"], "https://shop.example", "{claims}");
+    assert_eq!(claims["aud"], "shop-api", "{claims}");
+    let (s, _) = api.call("GET", "/auth/me", Some(&token), None).await;
+    assert_eq!(s, StatusCode::OK);
+    system.shutdown.trigger();
+
+    // Another deployment (other iss and aud, its own keys) refuses it:
+    // at the gateway and at the service.
+    let (other, _dir) = embedded().await;
+    wait_ready(&other.gateway_url).await;
+    let api = Api::new(&other.gateway_url);
+    let (s, _) = api.call("GET", "/orders", Some(&token), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (own, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    assert_eq!(claims_of(&own)["iss"], "bazaar");
+    assert_eq!(claims_of(&own)["aud"], "bazaar-api");
+    other.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_11_control_characters_in_emails_and_names_are_refused() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    for (email, name, field) in [
+        (format!("a\u{0}{}@x.org", unique()), "Ann", "email"),
+        (format!("a\u{7}{}@x.org", unique()), "Ann", "email"),
+        (format!("{}@x.org", unique()), "Ann\u{1b}[31m", "name"),
+        (format!("{}@x.org", unique()), "Ann\u{0}", "name"),
+    ] {
+        let (s, p) = api
+            .call(
+                "POST",
+                "/auth/register",
+                None,
+                Some(json!({"email": email, "password": "password1", "name": name})),
+            )
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{email:?} {name:?}: {p}"
+        );
+        assert_eq!(p["errors"][0]["field"], field);
+    }
+    system.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_12_every_401_says_www_authenticate_bearer() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let challenge = |res: &reqwest::Response| {
+        res.headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    // No token: `Bearer`, at the gateway and at a service's own check.
+    let res = api
+        .http
+        .get(format!("{}/orders", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(challenge(&res).as_deref(), Some("Bearer"));
+    // A bad token: `error="invalid_token"`.
+    let res = api
+        .http
+        .get(format!("{}/auth/me", api.base))
+        .bearer_auth("not.a.token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        challenge(&res).as_deref(),
+        Some(r#"Bearer error="invalid_token""#)
+    );
+    // Wrong credentials.
+    let res = api
+        .http
+        .post(format!("{}/auth/login", api.base))
+        .json(&json!({"email": "nobody@x.org", "password": "password1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(challenge(&res).is_some_and(|c| c.starts_with("Bearer")));
+    system.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_13_an_idempotency_key_reused_with_another_body_is_422() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let (token, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    let (_, page) = api.call("GET", "/products?limit=2", None, None).await;
+    let a = page["items"][0]["id"].as_str().unwrap();
+    let b = page["items"][1]["id"].as_str().unwrap();
+    let checkout = |items: Value| {
+        api.http
+            .post(format!("{}/orders", api.base))
+            .bearer_auth(&token)
+            .header("idempotency-key", "cart-1")
+            .json(&json!({ "items": items }))
+    };
+    let first = json!([{"product_id": a, "quantity": 2}]);
+    let (s, order) = api.send("first", checkout(first.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{order}");
+    let (s, again) = api.send("same", checkout(first)).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], order["id"]);
+    for other in [
+        json!([{"product_id": a, "quantity": 3}]),
+        json!([{"product_id": b, "quantity": 2}]),
+        json!([{"product_id": a, "quantity": 2}, {"product_id": b, "quantity": 1}]),
+    ] {
+        let (s, p) = api.send("other", checkout(other.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{other}: {p}");
+        assert_eq!(p["errors"][0]["field"], "Idempotency-Key");
+    }
+    let (_, mine) = api.call("GET", "/orders", Some(&token), None).await;
+    assert_eq!(mine["total"], 1, "{mine}");
+    system.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_17_a_known_path_with_another_method_is_405_with_allow() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let http = reqwest::Client::new();
+    let res = http
+        .patch(format!("{}/api/v1/products", system.gateway_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let allow = res.headers()["allow"].to_str().unwrap().to_owned();
+    for m in ["GET", "HEAD", "POST", "PUT", "DELETE"] {
+        assert!(allow.contains(m), "{allow}");
+    }
+    assert!(!allow.contains("PATCH"));
+    // An unknown path is still 404.
+    let res = http
+        .get(format!("{}/api/v1/nothing-here", system.gateway_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    system.shutdown.trigger();
+}
