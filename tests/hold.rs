@@ -285,3 +285,50 @@ async fn item_17_a_known_path_with_another_method_is_405_with_allow() {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     system.shutdown.trigger();
 }
+
+async fn refresh(api: &Api, token: String) -> (StatusCode, Option<String>) {
+    let (s, t) = api
+        .call(
+            "POST",
+            "/auth/refresh",
+            None,
+            Some(json!({"refresh_token": token})),
+        )
+        .await;
+    (s, t["refresh_token"].as_str().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn item_09_a_reused_refresh_token_revokes_its_family() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let email = format!("{}@x.org", unique());
+    api.register_and_login(&email).await;
+    let login = || async {
+        let (s, t) = api
+            .call(
+                "POST",
+                "/auth/login",
+                None,
+                Some(json!({"email": email, "password": "password1"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        t["refresh_token"].as_str().unwrap().to_owned()
+    };
+    let r1 = login().await;
+    let other_session = login().await;
+    let (s, r2) = refresh(&api, r1.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    let r2 = r2.unwrap();
+    let (s, r3) = refresh(&api, r2).await;
+    assert_eq!(s, StatusCode::OK);
+    let r3 = r3.unwrap();
+    // r1 again: refused, and r3 (descended from r1's login) dies with it.
+    assert_eq!(refresh(&api, r1).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&api, r3).await.0, StatusCode::UNAUTHORIZED);
+    // Another login's family is untouched.
+    assert_eq!(refresh(&api, other_session).await.0, StatusCode::OK);
+    system.shutdown.trigger();
+}

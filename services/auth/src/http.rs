@@ -81,7 +81,10 @@ async fn login(
     };
     let ok = verify_password(body.password, hash).await?;
     match user {
-        Some(user) if ok => Ok(Json(issue(&s, &user).await?)),
+        // A login starts a new family of refresh tokens.
+        Some(user) if ok => Ok(Json(
+            issue(&s, &user, &uuid::Uuid::now_v7().to_string()).await?,
+        )),
         _ => Err(AuthError::InvalidCredentials.into()),
     }
 }
@@ -96,13 +99,15 @@ async fn refresh(
     Json(body): Json<RefreshBody>,
 ) -> Result<Json<TokenPair>, Problem> {
     let hash = sha256(&body.refresh_token);
-    let user_id = store::consume_refresh(&s.db.write, &hash, unix_now())
-        .await?
-        .ok_or(AuthError::InvalidRefreshToken)?;
+    let store::Refresh::Spent { user_id, family } =
+        store::consume_refresh(&s.db.write, &hash, unix_now()).await?
+    else {
+        return Err(AuthError::InvalidRefreshToken.into());
+    };
     let user = store::by_id(&s.db.read, &user_id)
         .await?
         .ok_or(AuthError::InvalidRefreshToken)?;
-    Ok(Json(issue(&s, &user).await?))
+    Ok(Json(issue(&s, &user, &family).await?))
 }
 
 async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<User>, Problem> {
@@ -119,7 +124,8 @@ async fn jwks(State(s): State<AppState>) -> Result<Json<jsonwebtoken::jwk::JwkSe
         .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
 }
 
-async fn issue(s: &AppState, user: &User) -> Result<TokenPair, AuthError> {
+/// An access token, and a refresh token in `family`.
+async fn issue(s: &AppState, user: &User, family: &str) -> Result<TokenPair, AuthError> {
     let now = unix_now();
     let claims = Claims {
         sub: user.id.clone(),
@@ -139,6 +145,7 @@ async fn issue(s: &AppState, user: &User) -> Result<TokenPair, AuthError> {
         &s.db.write,
         &sha256(&refresh_token),
         &user.id,
+        family,
         now + s.config.refresh_token_ttl_secs,
     )
     .await?;

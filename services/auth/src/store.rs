@@ -78,35 +78,71 @@ pub async fn by_id(db: &AnyPool, id: &str) -> Result<Option<User>, AuthError> {
     Ok(row.map(|r| user_from(&r)).transpose()?)
 }
 
+/// Stores a refresh token (by its hash) in `family`.
 pub async fn insert_refresh(
     db: &AnyPool,
     hash: &str,
     user_id: &str,
+    family: &str,
     expires_at: i64,
 ) -> Result<(), AuthError> {
-    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, expires_at, revoked) VALUES ($1, $2, $3, 0)")
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, expires_at, revoked, family) VALUES ($1, $2, $3, 0, $4)")
         .bind(hash)
         .bind(user_id)
         .bind(expires_at)
+        .bind(family)
         .execute(db)
         .await?;
     Ok(())
 }
 
-/// Revokes a live refresh token and returns its user: each token works once.
-pub async fn consume_refresh(
-    db: &AnyPool,
-    hash: &str,
-    now: i64,
-) -> Result<Option<String>, AuthError> {
-    let row = sqlx::query(
-        "UPDATE refresh_tokens SET revoked = 1 WHERE token_hash = $1 AND revoked = 0 AND expires_at > $2 RETURNING user_id",
+/// What presenting a refresh token did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// It was live; now it is spent. The next token joins its family.
+    Spent { user_id: String, family: String },
+    /// It was spent before: it leaked. Its whole family is revoked.
+    Reused,
+    /// Unknown or expired.
+    Invalid,
+}
+
+/// Spends a live refresh token: each token works once, and presenting a
+/// spent one revokes every token descended from the same login.
+pub async fn consume_refresh(db: &AnyPool, hash: &str, now: i64) -> Result<Refresh, AuthError> {
+    let spent = sqlx::query(
+        "UPDATE refresh_tokens SET revoked = 1 WHERE token_hash = $1 AND revoked = 0 AND expires_at > $2 RETURNING user_id, family",
     )
     .bind(hash)
     .bind(now)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|r| r.try_get("user_id")).transpose()?)
+    if let Some(r) = spent {
+        return Ok(Refresh::Spent {
+            user_id: r.try_get("user_id")?,
+            family: r.try_get("family")?,
+        });
+    }
+    let reused =
+        sqlx::query("SELECT family FROM refresh_tokens WHERE token_hash = $1 AND revoked = 1")
+            .bind(hash)
+            .fetch_optional(db)
+            .await?;
+    let Some(row) = reused else {
+        return Ok(Refresh::Invalid);
+    };
+    let family: String = row.try_get("family")?;
+    let revoked =
+        sqlx::query("UPDATE refresh_tokens SET revoked = 1 WHERE family = $1 AND revoked = 0")
+            .bind(&family)
+            .execute(db)
+            .await?
+            .rows_affected();
+    tracing::warn!(
+        revoked,
+        "a spent refresh token was presented again; its family is revoked"
+    );
+    Ok(Refresh::Reused)
 }
 
 /// Creates the admin account on first start. Without a configured password
