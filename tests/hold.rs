@@ -332,3 +332,108 @@ async fn item_09_a_reused_refresh_token_revokes_its_family() {
     assert_eq!(refresh(&api, other_session).await.0, StatusCode::OK);
     system.shutdown.trigger();
 }
+
+/// `promtool`, or `None` when it is missing (a failure when `CI=true`).
+fn promtool() -> Option<&'static str> {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is missing (Debian package prometheus)"
+        );
+        eprintln!("skipped: promtool is not installed");
+        return None;
+    }
+    Some("promtool")
+}
+
+#[tokio::test]
+async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
+    let Some(promtool) = promtool() else { return };
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    // Some traffic, so that every family has samples.
+    let (token, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    let p = first_product(&api).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/orders",
+            Some(&token),
+            Some(json!({"items": [{"product_id": p, "quantity": 1}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let instances = system.discovery.registry().all().await.unwrap();
+    let names: std::collections::HashSet<&str> =
+        instances.iter().map(|i| i.name.as_str()).collect();
+    for service in [
+        "gateway",
+        "auth",
+        "catalog",
+        "orders",
+        "inventory",
+        "payments",
+        "notifications",
+    ] {
+        assert!(names.contains(service), "{service} is not registered");
+    }
+    let http = reqwest::Client::new();
+    for i in &instances {
+        let res = http
+            .get(format!("{}/metrics", i.address))
+            .header("accept", "text/plain")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            res.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let text = res.text().await.unwrap();
+        if ["gateway", "orders"].contains(&i.name.as_str()) {
+            assert!(text.contains("# HELP http_requests_total "), "{}", i.name);
+        }
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed for {}: {}{}",
+            i.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // OpenMetrics when asked.
+        let res = http
+            .get(format!("{}/metrics", i.address))
+            .header("accept", "application/openmetrics-text; version=1.0.0")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            res.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        assert!(res.text().await.unwrap().ends_with("# EOF\n"));
+    }
+    system.shutdown.trigger();
+}

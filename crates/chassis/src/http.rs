@@ -156,15 +156,18 @@ async fn ready_handler(State(ready): State<Readiness>) -> Response {
     }
 }
 
-async fn metrics_handler(State(m): State<crate::Metrics>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
-        .into_response()
+/// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus
+/// does), the classic text format 0.0.4 otherwise.
+async fn metrics_handler(
+    State(m): State<crate::Metrics>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (text, kind) = m.exposition(accept);
+    ([(header::CONTENT_TYPE, kind)], text).into_response()
 }
 
 /// Binds `host:port` (0 = a free port).

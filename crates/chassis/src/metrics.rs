@@ -94,7 +94,19 @@ impl Metrics {
             .register(name, help, metric);
     }
 
-    /// The Prometheus text exposition of everything registered.
+    /// Everything registered, in the format `accept` asks for: OpenMetrics
+    /// when it names `application/openmetrics-text`, else the classic
+    /// Prometheus text format 0.0.4. Returns the text and its content type.
+    pub fn exposition(&self, accept: &str) -> (String, &'static str) {
+        let text = self.encode();
+        if accept.contains("application/openmetrics-text") {
+            (text, OPENMETRICS)
+        } else {
+            (classic(&text), CLASSIC)
+        }
+    }
+
+    /// The OpenMetrics text exposition of everything registered.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -103,6 +115,85 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Content type of the OpenMetrics text format.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the classic Prometheus text format.
+pub const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as the classic Prometheus text format 0.0.4: a
+/// counter's `HELP` and `TYPE` name its `_total` samples, an info metric
+/// is a gauge named `…_info`, types 0.0.4 lacks are `untyped`; `_created`
+/// samples, exemplars, `# UNIT` and `# EOF` are dropped.
+pub fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    // The family being written: its OpenMetrics name and type.
+    let mut family: (&str, &str) = ("", "");
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ').or(Some((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            family = (name, kind);
+            let (exposed, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+                "stateset" => (name.to_owned(), "gauge"),
+                _ => (name.to_owned(), "untyped"),
+            };
+            if let Some((h, text)) = help.take()
+                && h == name
+            {
+                out.push_str(&format!("# HELP {exposed} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {exposed} {kind}\n"));
+            continue;
+        }
+        if line.starts_with('#') {
+            // `# UNIT`, `# EOF`.
+            continue;
+        }
+        let sample = without_exemplar(line);
+        let name = sample
+            .split(|c: char| c == '{' || c == ' ')
+            .next()
+            .unwrap_or("");
+        if name.strip_prefix(family.0) == Some("_created") {
+            continue;
+        }
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
+/// A sample line without its exemplar (` # {…} value`), which may follow
+/// the value; a `#` inside a quoted label value is not one.
+fn without_exemplar(line: &str) -> &str {
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut labels_done = !line.contains('{');
+    for (i, c) in line.char_indices() {
+        if labels_done {
+            if c == '#' {
+                return line[..i].trim_end();
+            }
+            continue;
+        }
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => labels_done = true,
+            _ => {}
+        }
+    }
+    line
 }
 
 impl Metrics {
@@ -141,4 +232,49 @@ pub async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Respon
             Cow::Owned(p.as_str().to_owned())
         });
     m.time(&method, route, next.run(req)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_fail_promtool_check_no_more_the_classic_format_names_counters_by_their_samples() {
+        let m = Metrics::new("svc");
+        let info = prometheus_client::metrics::info::Info::new(vec![("version", "1")]);
+        m.register("build", "Build of the binary", info);
+        let text = m.exposition("text/plain").0;
+        let m2 = Metrics::new("svc");
+        m2.requests
+            .get_or_create(&HttpLabels {
+                method: "GET".into(),
+                route: "/a#b".into(),
+                status_code: 200,
+            })
+            .inc();
+        let (counted, kind) = m2.exposition("*/*");
+        assert_eq!(kind, CLASSIC);
+        assert!(
+            counted.contains("# HELP http_requests_total HTTP requests served"),
+            "{counted}"
+        );
+        assert!(counted.contains("# TYPE http_requests_total counter\n"));
+        assert!(counted.contains(r#"route="/a#b""#), "{counted}");
+        assert!(!counted.contains("# EOF"));
+        assert!(text.contains("# TYPE build_info gauge"), "{text}");
+        assert!(text.contains("# HELP build_info Build of the binary"));
+        let (om, kind) =
+            m2.exposition("application/openmetrics-text;version=1.0.0,text/plain;q=0.5");
+        assert_eq!(kind, OPENMETRICS);
+        assert!(om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn exemplars_and_created_samples_are_dropped() {
+        let om = "# HELP c Calls.\n# TYPE c counter\nc_total{a=\"x # y\"} 3 # {trace_id=\"1\"} 1.0\nc_created{a=\"x\"} 17\n# EOF\n";
+        assert_eq!(
+            classic(om),
+            "# HELP c_total Calls.\n# TYPE c_total counter\nc_total{a=\"x # y\"} 3\n"
+        );
+    }
 }
