@@ -437,3 +437,118 @@ async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
     }
     system.shutdown.trigger();
 }
+
+/// This process's resident memory, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+#[tokio::test]
+async fn item_02_login_limiter_memory_stays_bounded_under_huge_emails() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let url = format!("{}/auth/login", api.base);
+    // Warm up: the first large bodies size the allocator's pools.
+    let body = |i: usize| {
+        let email = format!("{i:06}{}@x.org", "a".repeat(500 * 1024));
+        json!({"email": email, "password": "password1"}).to_string()
+    };
+    for i in 0..32 {
+        let res = api.http.post(&url).body(body(i)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    let before = rss_mib();
+    let statuses = futures::future::join_all((0..8).map(|worker| {
+        let (http, url) = (api.http.clone(), url.clone());
+        async move {
+            let mut statuses = Vec::new();
+            for i in (worker..2000).step_by(8) {
+                let res = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body(1000 + i))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(res.status());
+            }
+            statuses
+        }
+    }))
+    .await;
+    let grown = rss_mib() - before;
+    let all: Vec<StatusCode> = statuses.into_iter().flatten().collect();
+    assert_eq!(all.len(), 2000);
+    assert!(
+        all.iter().all(|s| *s == StatusCode::UNPROCESSABLE_ENTITY),
+        "{:?}",
+        all.iter().find(|s| **s != StatusCode::UNPROCESSABLE_ENTITY)
+    );
+    eprintln!("RSS grew {grown:.1} MiB over 2,000 logins with 500 KB emails");
+    assert!(grown < 50.0, "RSS grew {grown:.1} MiB");
+    // A real login still works, and still counts failures.
+    let (s, _) = api
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    system.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_04_registrations_are_limited_per_address() {
+    let (system, _dir) = embedded_with(|c| {
+        c.gateway.trusted_proxies = vec!["127.0.0.1".into()];
+        c.gateway.registrations_per_address_per_minute = 3;
+    })
+    .await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let register = |from: Option<&'static str>| {
+        let mut req = api.http.post(format!("{}/auth/register", api.base)).json(
+            &json!({"email": format!("{}@x.org", unique()), "password": "password1", "name": "N"}),
+        );
+        if let Some(ip) = from {
+            req = req.header("x-forwarded-for", ip);
+        }
+        req.send()
+    };
+    // Loopback clients (tests, `bazaar load`) are exempt.
+    for _ in 0..6 {
+        assert_eq!(register(None).await.unwrap().status(), StatusCode::CREATED);
+    }
+    // An address a trusted proxy names is limited, loopback or not.
+    for ip in ["203.0.113.7", "127.0.0.9"] {
+        for _ in 0..3 {
+            assert_eq!(
+                register(Some(ip)).await.unwrap().status(),
+                StatusCode::CREATED
+            );
+        }
+        let refused = register(Some(ip)).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS, "{ip}");
+        let wait: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+    // Another address has its own allowance.
+    assert_eq!(
+        register(Some("198.51.100.1")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    system.shutdown.trigger();
+}

@@ -1,5 +1,10 @@
 //! Token buckets: route rate limits (per client address or user) and the
 //! login brute-force guard (failures per account and per address).
+//!
+//! What a client sends can become a key (an email it tries to log in
+//! as), so a key is kept as a fixed-size digest, never as its text, and a
+//! shard holds at most [`SHARD_CAP`] buckets: past it, full buckets (the
+//! same as none) go first, then the least recently used.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -9,6 +14,10 @@ use std::time::{Duration, Instant};
 const SHARDS: usize = 16;
 /// Buckets per shard before full (idle) ones are dropped.
 const SHARD_CAP: usize = 8192;
+
+/// A key's digest: 128 bits of two independently keyed SipHashes, so
+/// that keys a client picks cannot be made to share a bucket.
+type Digest = u128;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -30,14 +39,14 @@ pub struct Decision {
 }
 
 pub struct Buckets {
-    hasher: RandomState,
-    shards: Vec<Mutex<HashMap<String, Bucket>>>,
+    hashers: [RandomState; 2],
+    shards: Vec<Mutex<HashMap<Digest, Bucket>>>,
 }
 
 impl Default for Buckets {
     fn default() -> Self {
         Self {
-            hasher: RandomState::new(),
+            hashers: [RandomState::new(), RandomState::new()],
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
@@ -63,17 +72,16 @@ impl Buckets {
         let capacity = f64::from(limit.max(1));
         let rate = capacity / per.as_secs_f64().max(0.001);
         let now = Instant::now();
-        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let key = (u128::from(self.hashers[0].hash_one(key)) << 64)
+            | u128::from(self.hashers[1].hash_one(key));
+        let shard = &self.shards[(key as usize) % SHARDS];
         let mut map = shard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= SHARD_CAP && !map.contains_key(key) {
-            map.retain(|_, b| {
-                b.tokens + now.duration_since(b.at).as_secs_f64() * rate < b.capacity
-            });
+        if map.len() >= SHARD_CAP && !map.contains_key(&key) {
+            evict(&mut map, now, rate);
         }
-        // Copied out and back: the key is copied only for a new bucket.
-        let mut bucket = map.get(key).copied().unwrap_or(Bucket {
+        let mut bucket = map.get(&key).copied().unwrap_or(Bucket {
             tokens: capacity,
             at: now,
             capacity,
@@ -86,12 +94,7 @@ impl Buckets {
         if allowed || force {
             bucket.tokens = (bucket.tokens - cost).max(0.0);
         }
-        match map.get_mut(key) {
-            Some(b) => *b = bucket,
-            None => {
-                map.insert(key.to_owned(), bucket);
-            }
-        }
+        map.insert(key, bucket);
         let tokens = bucket.tokens;
         Decision {
             allowed,
@@ -104,6 +107,21 @@ impl Buckets {
                 ((1.0 - tokens) / rate).ceil().max(1.0) as u64
             },
         }
+    }
+}
+
+/// Makes room in a full shard: drops the buckets that have refilled
+/// (forgetting them changes nothing), then, if a quarter is still not
+/// free, the least recently used down to three quarters.
+fn evict(map: &mut HashMap<Digest, Bucket>, now: Instant, rate: f64) {
+    map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < b.capacity);
+    let keep = SHARD_CAP * 3 / 4;
+    if map.len() > keep {
+        let mut ages: Vec<Instant> = map.values().map(|b| b.at).collect();
+        let cut = ages.len() - keep;
+        let (_, oldest_kept, _) = ages.select_nth_unstable(cut);
+        let oldest_kept = *oldest_kept;
+        map.retain(|_, b| b.at >= oldest_kept);
     }
 }
 
@@ -142,5 +160,33 @@ mod tests {
         assert!(!b.take("f", 1, fast, 0.0).allowed);
         std::thread::sleep(Duration::from_millis(30));
         assert!(b.take("f", 1, fast, 0.0).allowed, "refills");
+    }
+
+    #[test]
+    fn login_limiter_memory_is_bounded_the_oldest_keys_go_first() {
+        let b = Buckets::default();
+        let per = Duration::from_secs(3600);
+        // A key an attacker keeps using, then far more new ones than fit.
+        b.charge("hot", 5, per);
+        for i in 0..SHARDS * SHARD_CAP * 3 {
+            if i % 1000 == 0 {
+                b.charge("hot", 5, per);
+            }
+            b.charge(&format!("login-account|{i}{}", "x".repeat(64)), 5, per);
+        }
+        let held: usize = b
+            .shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(held <= SHARDS * SHARD_CAP, "{held} buckets");
+        // The recently used key kept its count.
+        assert!(b.take("hot", 5, per, 0.0).remaining < 5);
+        // Recent keys are still limited; the oldest were forgotten.
+        let last = SHARDS * SHARD_CAP * 3 - 1;
+        let recent = format!("login-account|{last}{}", "x".repeat(64));
+        assert_eq!(b.take(&recent, 5, per, 0.0).remaining, 4);
+        let first = format!("login-account|0{}", "x".repeat(64));
+        assert_eq!(b.take(&first, 5, per, 0.0).remaining, 5);
     }
 }

@@ -415,15 +415,49 @@ fn address_value(ip: IpAddr) -> HeaderValue {
     })
 }
 
+/// Longest email address (RFC 5321's path limit): a longer one is no
+/// account, and must not become a limiter key.
+const MAX_EMAIL: usize = 254;
+
 /// The login brute-force keys of a login body: per account (when the
-/// body names one) and per client address.
-fn login_keys(body: &[u8], client: IpAddr) -> (Option<String>, String) {
-    let account = serde_json::from_slice::<serde_json::Value>(body)
+/// body names one) and per client address; 422 for an email too long to
+/// be one.
+fn login_keys(body: &[u8], client: IpAddr) -> Result<(Option<String>, String), Problem> {
+    let email = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("email")?.as_str().map(|e| e.trim().to_lowercase()))
+        .and_then(|v| v.get("email")?.as_str().map(|e| e.trim().to_owned()));
+    if email.as_ref().is_some_and(|e| e.len() > MAX_EMAIL) {
+        return Err(Problem::invalid(
+            "email",
+            format!("must be at most {MAX_EMAIL} bytes"),
+        ));
+    }
+    let account = email
         .filter(|e| !e.is_empty())
-        .map(|e| format!("login-account|{e}"));
-    (account, format!("login-ip|{client}"))
+        .map(|e| format!("login-account|{}", e.to_lowercase()));
+    Ok((account, format!("login-ip|{client}")))
+}
+
+/// Registrations per client address (loopback clients exempt, unless a
+/// trusted proxy named the address).
+fn registration_limit(g: &Gateway, edge: &Edge) -> Option<Response> {
+    let direct_loopback = edge.client == edge.peer && edge.peer.is_loopback();
+    if direct_loopback {
+        return None;
+    }
+    let key = format!("register|{}", edge.client);
+    let d = g.buckets.take(
+        &key,
+        edge.table.registrations_per_address_per_minute,
+        MINUTE,
+        1.0,
+    );
+    (!d.allowed).then(|| {
+        limited(
+            &d,
+            "too many registrations from this address; try again later",
+        )
+    })
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -469,9 +503,18 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
         quota = Some(d);
     }
 
+    if route.register
+        && let Some(refused) = registration_limit(g, edge)
+    {
+        return Ok(refused);
+    }
+
     let mut bytes = read_body(&parts.headers, body, g.body_limit).await?;
 
-    let login = route.login.then(|| login_keys(&bytes, edge.client));
+    let login = match route.login {
+        true => Some(login_keys(&bytes, edge.client)?),
+        false => None,
+    };
     if let Some((account, ip)) = &login {
         let checks = account
             .iter()
@@ -722,9 +765,12 @@ mod tests {
     #[test]
     fn login_keys_name_the_account_in_lower_case() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let (a, i) = login_keys(br#"{"email":" Ann@X.org ","password":"p"}"#, ip);
+        let (a, i) = login_keys(br#"{"email":" Ann@X.org ","password":"p"}"#, ip).unwrap();
         assert_eq!(a.as_deref(), Some("login-account|ann@x.org"));
         assert_eq!(i, "login-ip|10.0.0.1");
-        assert_eq!(login_keys(b"not json", ip).0, None);
+        assert_eq!(login_keys(b"not json", ip).unwrap().0, None);
+        let long = serde_json::json!({"email": format!("{}@x.org", "a".repeat(250))});
+        let refused = login_keys(long.to_string().as_bytes(), ip).unwrap_err();
+        assert_eq!(refused.status, 422);
     }
 }

@@ -59,6 +59,7 @@ pub struct Route {
     rewrite: Option<String>,
     pub transform: Option<Transform>,
     pub login: bool,
+    pub register: bool,
 }
 
 impl Route {
@@ -152,6 +153,8 @@ pub struct Table {
     trusted: Vec<Net>,
     pub login_failures_per_account: u32,
     pub login_failures_per_ip: u32,
+    pub registrations_per_address_per_minute: u32,
+    pub body_timeout: Duration,
     pub access_log: bool,
 }
 
@@ -270,6 +273,7 @@ fn compile_route(r: &RouteConfig, default_timeout: Duration) -> Result<Route, St
         rewrite: r.rewrite.clone(),
         transform,
         login: r.login,
+        register: r.register,
     })
 }
 
@@ -300,6 +304,8 @@ impl Table {
             trusted,
             login_failures_per_account: g.login_failures_per_account,
             login_failures_per_ip: g.login_failures_per_ip,
+            registrations_per_address_per_minute: g.registrations_per_address_per_minute,
+            body_timeout: Duration::from_millis(g.body_timeout_ms.max(1)),
             access_log: g.access_log,
         })
     }

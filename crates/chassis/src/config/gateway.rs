@@ -25,6 +25,18 @@ pub struct GatewayConfig {
     pub login_failures_per_account: u32,
     /// Failed logins allowed per client address per minute. Default 100.
     pub login_failures_per_ip: u32,
+    /// Registrations allowed per client address per minute before 429.
+    /// Loopback clients are exempt (tests, `bazaar load`); an address a
+    /// trusted proxy names in `X-Forwarded-For` is not. Default 20.
+    pub registrations_per_address_per_minute: u32,
+    /// How long a client may take to send a whole request body, counted
+    /// from when its head arrived, in ms; past it, 408 and the connection
+    /// is closed. Default 30000.
+    pub body_timeout_ms: u64,
+    /// Connections one client address may hold open at once; past it,
+    /// new ones from that address are closed at once. Trusted proxies
+    /// are exempt. 0: no limit. Default 512. Read at start only.
+    pub max_connections_per_address: usize,
     /// How often each upstream instance's `/health` is polled, in ms. Default 2000.
     pub health_interval_ms: u64,
     /// Consecutive failures (connection errors, timeouts) that eject an
@@ -57,6 +69,9 @@ impl Default for GatewayConfig {
             trusted_proxies: Vec::new(),
             login_failures_per_account: 10,
             login_failures_per_ip: 100,
+            registrations_per_address_per_minute: 20,
+            body_timeout_ms: 30_000,
+            max_connections_per_address: 512,
             threads: 0,
             header_timeout_ms: 30_000,
             health_interval_ms: 2000,
@@ -119,6 +134,9 @@ pub struct RouteConfig {
     /// Failed answers (401) count toward the login brute-force limits.
     #[serde(default)]
     pub login: bool,
+    /// Requests count toward `registrations_per_address_per_minute`.
+    #[serde(default)]
+    pub register: bool,
 }
 
 impl RouteConfig {
@@ -142,6 +160,7 @@ impl RouteConfig {
             rewrite: None,
             transform: None,
             login: false,
+            register: false,
         }
     }
 }
