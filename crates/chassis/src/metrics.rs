@@ -159,10 +159,7 @@ pub fn classic(openmetrics: &str) -> String {
             continue;
         }
         let sample = without_exemplar(line);
-        let name = sample
-            .split(|c: char| c == '{' || c == ' ')
-            .next()
-            .unwrap_or("");
+        let name = sample.split(['{', ' ']).next().unwrap_or("");
         if name.strip_prefix(family.0) == Some("_created") {
             continue;
         }
