@@ -552,3 +552,153 @@ async fn item_04_registrations_are_limited_per_address() {
     );
     system.shutdown.trigger();
 }
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+fn gateway_addr(system: &bazaar::System) -> std::net::SocketAddr {
+    system
+        .gateway_url
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn item_01_bodies_that_never_finish_are_cut_off_and_others_are_served() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    bazaar_chassis::http::raise_open_files_limit();
+    let body_timeout = Duration::from_secs(2);
+    let (system, _dir) = embedded_with(|c| {
+        c.gateway.body_timeout_ms = body_timeout.as_millis() as u64;
+    })
+    .await;
+    wait_ready(&system.gateway_url).await;
+    let addr = gateway_addr(&system);
+    let started = Instant::now();
+    // 1,000 clients, from four addresses (each under the per-address cap),
+    // each announcing a huge body and trickling it a byte at a time.
+    let trickles: Vec<_> = (0..1000u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let from = [127, 0, 0, 2 + (i % 4) as u8];
+                let mut tcp = connect_from(from, addr).await;
+                let opened = Instant::now();
+                tcp.write_all(
+                    b"POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 999999999\r\n\r\n{",
+                )
+                .await
+                .unwrap();
+                let mut answer = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    tokio::select! {
+                        read = tcp.read(&mut buf) => match read {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        },
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {
+                            if tcp.write_all(b" ").await.is_err() {
+                                // Closed by the server; read what it said.
+                                while let Ok(n) = tcp.read(&mut buf).await {
+                                    if n == 0 { break; }
+                                    answer.extend_from_slice(&buf[..n]);
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    assert!(opened.elapsed() < Duration::from_secs(60), "never closed");
+                }
+                (opened.elapsed(), String::from_utf8_lossy(&answer).into_owned())
+            })
+        })
+        .collect();
+    // Meanwhile, a normal client is served throughout.
+    let http = reqwest::Client::new();
+    let mut slowest = Duration::ZERO;
+    let mut gets = 0;
+    while started.elapsed() < body_timeout + Duration::from_secs(3) {
+        let t = Instant::now();
+        let res = http
+            .get(format!("{}/api/v1/products?limit=1", system.gateway_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        slowest = slowest.max(t.elapsed());
+        gets += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut latest = Duration::ZERO;
+    for t in trickles {
+        let (lived, answer) = t.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        latest = latest.max(lived);
+    }
+    eprintln!(
+        "1,000 trickling connections closed after at most {latest:?}; {gets} GETs meanwhile, slowest {slowest:?}"
+    );
+    assert!(latest < body_timeout + Duration::from_secs(5), "{latest:?}");
+    // A wall-clock bound only against hanging: the figure is printed above.
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    system.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn item_01_connections_per_address_are_capped_trusted_proxies_excepted() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (system, _dir) = embedded_with(|c| {
+        c.gateway.max_connections_per_address = 20;
+        c.gateway.trusted_proxies = vec!["127.0.0.4".into()];
+    })
+    .await;
+    wait_ready(&system.gateway_url).await;
+    let addr = gateway_addr(&system);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(connect_from([127, 0, 0, 3], addr).await);
+    }
+    // Let the gateway count them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = connect_from([127, 0, 0, 3], addr).await;
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the 21st connection was not closed: {closed:?}"
+    );
+    // Other clients are served meanwhile.
+    let res = reqwest::get(format!("{}/api/v1/products?limit=1", system.gateway_url))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // A held connection still works; once some close, the address may open more.
+    let get = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+    held[0].write_all(get).await.unwrap();
+    let n = held[0].read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    held.truncate(10);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from([127, 0, 0, 3], addr).await;
+    again.write_all(get).await.unwrap();
+    let n = again.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // A trusted proxy is not capped.
+    let mut proxied = Vec::new();
+    for _ in 0..30 {
+        proxied.push(connect_from([127, 0, 0, 4], addr).await);
+    }
+    for tcp in &mut proxied {
+        tcp.write_all(get).await.unwrap();
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    system.shutdown.trigger();
+}

@@ -122,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config =
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     bazaar_chassis::telemetry::init(config.log_format.as_deref());
+    bazaar_chassis::http::raise_open_files_limit();
     let system = match cli.command {
         Command::Load {
             gateway,

@@ -67,6 +67,78 @@ pub struct FastPath<H> {
     /// How long a client may take to send a request's head, idle
     /// keep-alive time included; `None`: no limit.
     pub header_timeout: Option<Duration>,
+    /// Connections one client address may hold open at once (0: any);
+    /// past it, a new one from that address is closed at once.
+    pub max_connections_per_address: usize,
+    /// Addresses exempt from that cap (trusted proxies).
+    pub exempt: std::sync::Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
+}
+
+/// Open connections per client address, for
+/// [`FastPath::max_connections_per_address`].
+#[derive(Clone, Default)]
+struct PerAddress(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+);
+
+/// One connection's place in [`PerAddress`], given back when it closes.
+struct Slot {
+    counts: PerAddress,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    /// A place for one more connection from `ip`, if it holds fewer than `max`.
+    fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<Slot> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = counts.entry(ip).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(Slot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = counts.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit: a
+/// server holding many client connections must not run out of
+/// descriptors at the soft default (often 1,024).
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(limit = ?limit.maximum, "raised the open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
 }
 
 /// Adds `/health`, `/ready`, `/metrics` and the shared layers to a service's routes.
@@ -308,14 +380,29 @@ where
     // loops racing to accept would leave it to chance.
     tokio::pin!(stopping);
     let mut next = 0usize;
+    let per_address = PerAddress::default();
     loop {
         let accepted = tokio::select! {
             () = &mut stopping => break,
             a = listener.accept() => a,
         };
         match accepted.and_then(|(tcp, peer)| Ok((tcp.into_std()?, peer))) {
-            Ok(conn) => {
-                if deal[next % threads].send(conn).is_err() {
+            Ok((tcp, peer)) => {
+                let max = edge.fast.max_connections_per_address;
+                let slot = if max == 0 || (edge.fast.exempt)(peer.ip()) {
+                    None
+                } else {
+                    match per_address.take(peer.ip(), max) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            // Closed at once (dropped): one address may not
+                            // take every descriptor while others wait.
+                            tracing::debug!(service = ctx.name, client = %peer.ip(), "too many connections from one address");
+                            continue;
+                        }
+                    }
+                };
+                if deal[next % threads].send((tcp, peer, slot)).is_err() {
                     anyhow::bail!("an event loop stopped early");
                 }
                 next = next.wrapping_add(1);
@@ -362,6 +449,7 @@ where
         mut dealt: tokio::sync::mpsc::UnboundedReceiver<(
             std::net::TcpStream,
             std::net::SocketAddr,
+            Option<Slot>,
         )>,
         stop: Shutdown,
         grace: Duration,
@@ -371,7 +459,7 @@ where
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.fast.header_timeout);
         let mut conns = tokio::task::JoinSet::new();
-        while let Some((tcp, peer)) = dealt.recv().await {
+        while let Some((tcp, peer, slot)) = dealt.recv().await {
             let tcp = match tokio::net::TcpStream::from_std(tcp) {
                 Ok(tcp) => tcp,
                 Err(e) => {
@@ -384,6 +472,8 @@ where
             let service = hyper::service::service_fn(move |req| edge.call(req, peer));
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
             conns.spawn(async move {
+                // Held while the connection lives.
+                let _slot = slot;
                 tokio::pin!(conn);
                 let served = tokio::select! {
                     r = conn.as_mut() => r,

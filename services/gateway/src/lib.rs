@@ -94,6 +94,7 @@ impl Application {
             .merge(admin);
         // The proxied requests skip the router (its per-route machinery
         // costs several boxed futures per request).
+        let trusted = state.live.clone();
         let fast = FastPath {
             claims: proxy::owns,
             route: "/api/{*rest}",
@@ -106,6 +107,8 @@ impl Application {
             threads: config.gateway.threads,
             header_timeout: (config.gateway.header_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.gateway.header_timeout_ms)),
+            max_connections_per_address: config.gateway.max_connections_per_address,
+            exempt: Arc::new(move |ip| trusted.current().trusts(ip)),
         };
         bazaar_chassis::http::serve_fast(
             &self.ctx,

@@ -274,7 +274,7 @@ fn respond(result: Result<Response, Problem>) -> Response {
     match result {
         Ok(res) => res,
         Err(problem) => {
-            let refused_body = problem.status == 413;
+            let refused_body = matches!(problem.status, 408 | 413);
             let mut res = problem.into_response();
             if refused_body {
                 // The body may be left unread: the connection cannot carry
@@ -509,7 +509,20 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
         return Ok(refused);
     }
 
-    let mut bytes = read_body(&parts.headers, body, g.body_limit).await?;
+    // The whole body within the body timeout (a client trickling one
+    // byte at a time would otherwise hold its connection for ever).
+    let mut bytes = tokio::time::timeout(
+        table.body_timeout,
+        read_body(&parts.headers, body, g.body_limit),
+    )
+    .await
+    .map_err(|_| {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            "the request body did not arrive in time",
+        )
+    })??;
 
     let login = match route.login {
         true => Some(login_keys(&bytes, edge.client)?),
