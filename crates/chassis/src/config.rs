@@ -65,6 +65,12 @@ pub struct Config {
     pub argon2_memory_kib: u32,
     /// Argon2id iterations. Default 2.
     pub argon2_iterations: u32,
+    /// Password hashes computed at once (each takes `argon2_memory_kib`);
+    /// 0: one per core. Default 0.
+    pub argon2_concurrency: usize,
+    /// Password checks that may wait for the hashing pool; past it, 503
+    /// with `Retry-After`. Default 64.
+    pub argon2_queue: usize,
     /// Timeout of a proxied or service-to-service HTTP call, in ms. Default 10000.
     pub upstream_timeout_ms: u64,
     /// Timeout of a bus request/reply, in ms. Default 5000.
@@ -148,6 +154,8 @@ impl Default for Config {
             token_audience: "bazaar-api".into(),
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
+            argon2_concurrency: 0,
+            argon2_queue: 64,
             upstream_timeout_ms: 10_000,
             bus_request_timeout_ms: 5_000,
             consumer_concurrency: 64,

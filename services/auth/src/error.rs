@@ -14,6 +14,8 @@ pub enum AuthError {
     InvalidRefreshToken,
     #[error("user not found")]
     UserNotFound,
+    #[error("too many passwords are being checked; try again in a moment")]
+    Busy,
     #[error("database error")]
     Db(#[from] sqlx::Error),
     #[error("internal error: {0}")]
@@ -28,6 +30,7 @@ impl AuthError {
                 StatusCode::UNAUTHORIZED
             }
             AuthError::UserNotFound => StatusCode::NOT_FOUND,
+            AuthError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             AuthError::Db(_) | AuthError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -44,6 +47,7 @@ impl From<AuthError> for Problem {
                 Problem::new(e.status_code(), "invalid-token", e.to_string())
             }
             AuthError::UserNotFound => Problem::not_found(e.to_string()),
+            AuthError::Busy => Problem::unavailable(e.to_string()).retry_after(1),
             AuthError::Db(_) | AuthError::Internal(_) => Problem::internal(&e),
         }
     }

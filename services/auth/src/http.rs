@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::domain::{NewUser, RegisterBody};
 use crate::keys::SigningKeys;
-use crate::secrets::{hash_password, random_token, sha256, verify_password};
+use crate::secrets::{Hasher, random_token, sha256};
 use crate::{AuthError, store};
 
 #[derive(Clone)]
@@ -26,6 +26,7 @@ pub struct AppState {
     /// A hash of a random password, checked for unknown emails so that
     /// timing does not reveal which emails are registered.
     pub dummy_hash: Arc<str>,
+    pub hasher: Arc<Hasher>,
     pub outbox: bazaar_chassis::messaging::Outbox,
 }
 
@@ -51,7 +52,7 @@ async fn register(
     Json(body): Json<RegisterBody>,
 ) -> Result<(StatusCode, Json<User>), Problem> {
     let new = NewUser::try_from(body)?;
-    let hash = hash_password(&s.config, new.password).await?;
+    let hash = s.hasher.hash(new.password).await?;
     let user = User {
         id: uuid::Uuid::now_v7().to_string(),
         email: new.email.as_str().to_owned(),
@@ -79,7 +80,7 @@ async fn login(
         Some(c) => (c.password_hash, Some(c.user)),
         None => (s.dummy_hash.to_string(), None),
     };
-    let ok = verify_password(body.password, hash).await?;
+    let ok = s.hasher.verify(body.password, hash).await?;
     match user {
         // A login starts a new family of refresh tokens.
         Some(user) if ok => Ok(Json(

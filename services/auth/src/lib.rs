@@ -31,16 +31,16 @@ impl Application {
         let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
         let keys = Arc::new(keys::SigningKeys::load_or_create(&db.write).await?);
         ctx.verifier.set_keys(&keys::jwks(&db.read).await?);
-        store::ensure_admin(&db, &ctx.config).await?;
-        let dummy_hash = secrets::hash_password(&ctx.config, secrets::random_token(16))
-            .await?
-            .into();
+        let hasher = Arc::new(secrets::Hasher::new(&ctx.config)?);
+        store::ensure_admin(&db, &ctx.config, &hasher).await?;
+        let dummy_hash = hasher.hash(secrets::random_token(16)).await?.into();
         let state = http::AppState {
             db,
             keys,
             verifier: ctx.verifier.clone(),
             config: ctx.config.clone(),
             dummy_hash,
+            hasher,
             outbox: Default::default(),
         };
         Ok(Self { ctx, state })

@@ -147,7 +147,11 @@ pub async fn consume_refresh(db: &AnyPool, hash: &str, now: i64) -> Result<Refre
 
 /// Creates the admin account on first start. Without a configured password
 /// one is generated and printed once, when the account is created.
-pub async fn ensure_admin(db: &Db, config: &Config) -> anyhow::Result<()> {
+pub async fn ensure_admin(
+    db: &Db,
+    config: &Config,
+    hasher: &crate::secrets::Hasher,
+) -> anyhow::Result<()> {
     let email = config
         .admin_email
         .clone()
@@ -165,7 +169,7 @@ pub async fn ensure_admin(db: &Db, config: &Config) -> anyhow::Result<()> {
         password.chars().count() >= crate::domain::MIN_PASSWORD,
         "the admin password must be at least 8 characters"
     );
-    let hash = crate::secrets::hash_password(config, password.clone()).await?;
+    let hash = hasher.hash(password.clone()).await?;
     let user = User {
         id: uuid::Uuid::now_v7().to_string(),
         email: email.clone(),
