@@ -634,3 +634,86 @@ async fn item_01_connections_per_address_are_capped_trusted_proxies_excepted() {
     }
     system.shutdown.trigger();
 }
+
+/// `bazaar up` with stdout and stderr on a pipe: the reader goes away
+/// (before start-up ends, or after the first line), then SIGTERM.
+async fn up_with_broken_log_pipe(close_before_start: bool) {
+    use std::io::BufRead as _;
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("bazaar-pipe-{}", unique()));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
+        .args(["up", "--port", &port.to_string(), "--data-dir"])
+        .arg(&dir)
+        .env("BAZAAR_LOG_FORMAT", "json")
+        .env("BAZAAR_ARGON2_MEMORY_KIB", "256")
+        .env("BAZAAR_ARGON2_ITERATIONS", "1")
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    if close_before_start {
+        drop(reader);
+    } else {
+        // As `| head -1`: one line, then the reader is gone.
+        let mut first = String::new();
+        std::io::BufReader::new(reader)
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+    }
+    let health = format!("http://127.0.0.1:{port}/health");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("bazaar exited with {status} while starting");
+        }
+        if reqwest::get(&health)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bazaar did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Serving, and logging into the broken pipe, for a while.
+    for _ in 0..5 {
+        let _ = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/products")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "bazaar died");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM was ignored");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn item_14_sigterm_stops_the_process_after_its_log_pipe_broke() {
+    up_with_broken_log_pipe(false).await;
+}
+
+#[tokio::test]
+async fn item_14_a_log_pipe_closed_during_start_up_kills_nothing() {
+    up_with_broken_log_pipe(true).await;
+}

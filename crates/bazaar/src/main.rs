@@ -211,7 +211,10 @@ async fn main() -> anyhow::Result<()> {
             let replicas = bazaar::parse_replicas(&replicas)?;
             let gateway = bazaar_chassis::http::bind(&config.host, port).await?;
             let system = bazaar::up(config, &replicas, gateway).await?;
-            println!("Bazaar is up: {}/api/v1/products", system.gateway_url);
+            bazaar_chassis::telemetry::say(&format!(
+                "Bazaar is up: {}/api/v1/products",
+                system.gateway_url
+            ));
             system
         }
         Command::Serve { service, port } => {
@@ -222,7 +225,10 @@ async fn main() -> anyhow::Result<()> {
             let system = bazaar::serve(config, &service)
                 .await
                 .with_context(|| format!("cannot serve {service}"))?;
-            println!("{service} is serving on {}", system.gateway_url);
+            bazaar_chassis::telemetry::say(&format!(
+                "{service} is serving on {}",
+                system.gateway_url
+            ));
             system
         }
     };

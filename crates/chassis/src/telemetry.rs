@@ -1,7 +1,7 @@
 //! Logs through `tracing`: pretty on a terminal, JSON in production
 //! (`BAZAAR_LOG_FORMAT=json`). Filter with `RUST_LOG` (default `info`).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 
 use tracing_subscriber::EnvFilter;
 
@@ -17,6 +17,7 @@ pub fn init(format: Option<&str>) {
         None => !std::io::stdout().is_terminal(),
     };
     let builder = tracing_subscriber::fmt()
+        .with_writer(|| Forgiving(std::io::stdout()))
         .with_env_filter(filter)
         .with_target(false);
     let _ = if json {
@@ -29,4 +30,29 @@ pub fn init(format: Option<&str>) {
     } else {
         builder.compact().try_init()
     };
+}
+
+/// Prints a line for the operator on stdout. A closed stdout (the reader
+/// of a pipe gone, as after `| head -1`) is ignored: `println!` would
+/// panic, and a server must go on serving and still stop on SIGTERM.
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// A log writer that never fails: a line that cannot be written (a
+/// broken pipe) is dropped, not buffered again behind the next one.
+struct Forgiving(std::io::Stdout);
+
+impl std::io::Write for Forgiving {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = self.0.lock();
+        // Written whole or not at all; either way the line is done with.
+        let _ = out.write_all(buf).and_then(|()| out.flush());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

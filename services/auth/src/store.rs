@@ -180,9 +180,9 @@ pub async fn ensure_admin(
     match insert_user(&db.write, &user, &hash).await {
         Ok(()) => {
             if generated {
-                println!(
+                bazaar_chassis::telemetry::say(&format!(
                     "admin account: {email} / password: {password}  (shown once; set BAZAAR_ADMIN_PASSWORD to choose it)"
-                );
+                ));
             }
             tracing::info!(%email, "admin account created");
             Ok(())
