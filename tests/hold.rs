@@ -717,3 +717,25 @@ async fn item_14_sigterm_stops_the_process_after_its_log_pipe_broke() {
 async fn item_14_a_log_pipe_closed_during_start_up_kills_nothing() {
     up_with_broken_log_pipe(true).await;
 }
+
+#[tokio::test]
+async fn item_15_ready_says_503_while_a_service_it_calls_cannot_be_found() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let registry = system.discovery.registry().clone();
+    let all = registry.all().await.unwrap();
+    let orders = all.iter().find(|i| i.name == "orders").unwrap();
+    let ready = format!("{}/ready", orders.address);
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), StatusCode::OK);
+    for catalog in all.iter().filter(|i| i.name == "catalog") {
+        registry.deregister("catalog", &catalog.id).await.unwrap();
+    }
+    let res = reqwest::get(&ready).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("catalog"),
+        "{body}"
+    );
+    system.shutdown.trigger();
+}

@@ -30,10 +30,23 @@ use crate::{Problem, ServiceContext, Shutdown, metrics};
 pub struct Readiness {
     pub db: Option<AnyPool>,
     pub bus: Option<Bus>,
+    /// Services this one calls, each of which discovery must find.
+    pub needs: Option<(bazaar_mesh::Discovery, Vec<&'static str>)>,
 }
 
 impl Readiness {
     async fn check(&self) -> Result<(), String> {
+        if let Some((discovery, needs)) = &self.needs {
+            for name in needs {
+                let found = discovery.registry().list(name).await.map_err(|e| {
+                    tracing::warn!(error = %e, service = name, "discovery failed");
+                    "discovery: unavailable".to_owned()
+                })?;
+                if found.is_empty() {
+                    return Err(format!("no instance of {name} can be found"));
+                }
+            }
+        }
         if let Some(db) = &self.db {
             sqlx::query("SELECT 1")
                 .execute(db)
@@ -657,6 +670,7 @@ pub async fn serve_consuming(
     let ready = Readiness {
         db: Some(db.read.clone()),
         bus: Some(ctx.bus.clone()),
+        needs: None,
     };
     let served = serve(ctx, router, listener, ready, shutdown).await;
     let settled = async {

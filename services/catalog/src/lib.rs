@@ -51,6 +51,7 @@ impl Application {
         let ready = Readiness {
             db: Some(self.state.db.read.clone()),
             bus: Some(self.state.bus.clone()),
+            needs: None,
         };
         let router = http::router(self.state);
         bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await

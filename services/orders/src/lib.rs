@@ -102,6 +102,8 @@ impl Application {
         let ready = Readiness {
             db: Some(db.read.clone()),
             bus: Some(ctx.bus.clone()),
+            // Checkout prices through catalog.
+            needs: Some((ctx.discovery.clone(), vec!["catalog"])),
         };
         let served =
             bazaar_chassis::http::serve(ctx, http::router(state), listener, ready, shutdown).await;
