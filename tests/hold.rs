@@ -739,3 +739,60 @@ async fn item_15_ready_says_503_while_a_service_it_calls_cannot_be_found() {
     );
     system.shutdown.trigger();
 }
+
+async fn stock(api: &Api, product: &str) -> (i64, i64) {
+    let (s, b) = api
+        .call("GET", &format!("/inventory/{product}"), None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    (
+        b["available"].as_i64().unwrap(),
+        b["reserved"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn item_06_a_reservation_that_never_ends_is_released() {
+    use bazaar_bus::{Envelope, QueueSpec};
+    use bazaar_contracts::topics;
+    use futures::StreamExt as _;
+    use std::time::{Duration, Instant};
+    let (system, _dir) = embedded_with(|c| {
+        c.inventory.reservation_ttl_ms = Some(1_000);
+    })
+    .await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let p = first_product(&api).await;
+    let (available, reserved) = stock(&api, &p).await;
+    let tap = QueueSpec::new(format!("tap.released.{}", unique()))
+        .bind(topics::INVENTORY, topics::INVENTORY_RELEASED)
+        .expires_after(Duration::from_secs(60));
+    let mut released = system.bus.subscribe(&tap, 10).await.unwrap();
+    // A foreign client reserves for an order that does not exist.
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let cmd = Envelope::new(
+        topics::INVENTORY_RESERVE,
+        &json!({"order_id": ghost, "items": [{"product_id": p, "quantity": 5}]}),
+    )
+    .unwrap();
+    system
+        .bus
+        .publish(topics::COMMAND_EXCHANGE, topics::INVENTORY_RESERVE, &cmd)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stock(&api, &p).await != (available - 5, reserved + 5) {
+        assert!(Instant::now() < deadline, "never reserved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Released (with its event) once the TTL has passed.
+    let event = tokio::time::timeout(Duration::from_secs(15), released.next())
+        .await
+        .expect("no inventory.released")
+        .unwrap();
+    let env = event.envelope().unwrap();
+    assert_eq!(env.payload::<Value>().unwrap()["order_id"], ghost.as_str());
+    assert_eq!(stock(&api, &p).await, (available, reserved));
+    system.shutdown.trigger();
+}

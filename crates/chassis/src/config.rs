@@ -124,11 +124,19 @@ pub struct Config {
 pub struct InventoryConfig {
     /// Units a new product starts with. Default 100.
     pub default_stock: i64,
+    /// A reservation neither committed nor released within this many ms
+    /// is released (`inventory.released`, and a log line): units held
+    /// for an order that does not exist, or whose saga died, come back.
+    /// Default: twice `saga_step_timeout_ms`.
+    pub reservation_ttl_ms: Option<u64>,
 }
 
 impl Default for InventoryConfig {
     fn default() -> Self {
-        Self { default_stock: 100 }
+        Self {
+            default_stock: 100,
+            reservation_ttl_ms: None,
+        }
     }
 }
 

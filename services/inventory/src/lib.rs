@@ -17,6 +17,9 @@ use bazaar_contracts::topics::{
 };
 use bazaar_contracts::{OrderRef, Product, ReserveStock};
 use sqlx::AnyConnection;
+use std::time::Duration;
+
+use bazaar_chassis::db::Db;
 use tokio::net::TcpListener;
 
 use store::Outcome;
@@ -58,6 +61,11 @@ impl Application {
             messaging::spawn_consumer(&self.ctx, db, &outbox, products, effects(), &shutdown)
                 .await?,
         ];
+        let ttl = self.ctx.config.inventory.reservation_ttl_ms.map_or(
+            Duration::from_millis(self.ctx.config.saga_step_timeout_ms.saturating_mul(2)),
+            Duration::from_millis,
+        );
+        spawn_expiry(db.clone(), outbox.clone(), ttl, shutdown.clone());
         let router = http::router(self.state.clone());
         bazaar_chassis::http::serve_consuming(
             &self.ctx,
@@ -137,5 +145,55 @@ impl Effects for Commands {
                 .map_err(retry)?;
         }
         Ok(())
+    }
+}
+
+/// Releases reservations held longer than `ttl`, until `shutdown`: a
+/// reservation the saga neither committed nor released (a foreign
+/// `inventory.reserve` for an order that does not exist, a saga that
+/// died) must not hold stock for ever.
+fn spawn_expiry(db: Db, outbox: Outbox, ttl: Duration, shutdown: Shutdown) {
+    let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.wait() => return,
+            }
+            if let Err(e) = expire(&db, &outbox, ttl).await {
+                tracing::warn!(error = %e, "reservation expiry failed");
+            }
+        }
+    });
+}
+
+async fn expire(db: &Db, outbox: &Outbox, ttl: Duration) -> anyhow::Result<()> {
+    const BATCH: i64 = 200;
+    loop {
+        let before = bazaar_chassis::ago(ttl);
+        let mut tx = db.write.begin().await?;
+        let due = store::held_since(&mut tx, &before, BATCH).await?;
+        for order_id in &due {
+            if store::release(&mut tx, order_id).await? {
+                let mut event = bazaar_bus::Envelope::new(
+                    INVENTORY_RELEASED,
+                    &OrderRef {
+                        order_id: order_id.clone(),
+                    },
+                )?;
+                event.correlation_id = Some(order_id.clone());
+                messaging::enqueue(&mut tx, &[(INVENTORY, INVENTORY_RELEASED, &event)]).await?;
+                tracing::warn!(
+                    order_id = %order_id,
+                    ttl_ms = ttl.as_millis() as u64,
+                    "a reservation was neither committed nor released in time; released"
+                );
+            }
+        }
+        tx.commit().await?;
+        outbox.poke();
+        if (due.len() as i64) < BATCH {
+            return Ok(());
+        }
     }
 }

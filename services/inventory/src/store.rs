@@ -78,6 +78,20 @@ async fn set_status(
     Ok(())
 }
 
+/// Moves a RESERVED reservation to `to`; `false` if it is no longer
+/// RESERVED (another transaction settled it first).
+async fn claim(conn: &mut AnyConnection, order_id: &str, to: Outcome) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE reservations SET status = $2, updated_at = $3 WHERE order_id = $1 AND status = 'RESERVED'",
+    )
+    .bind(order_id)
+    .bind(to.as_str())
+    .bind(bazaar_chassis::now())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Creates a product's stock row if it has none.
 pub async fn ensure(
     conn: &mut AnyConnection,
@@ -206,6 +220,13 @@ pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, s
             Ok(true)
         }
         Some(Outcome::Reserved) => {
+            // Claimed first: of two transactions releasing the same order
+            // at once (a command and the expiry sweep, or two replicas),
+            // only the one whose update finds it still RESERVED returns
+            // its units.
+            if !claim(conn, order_id, Outcome::Released).await? {
+                return Ok(false);
+            }
             for (product, quantity) in lines(conn, order_id).await? {
                 if !shift(conn, &product, quantity, -quantity).await? {
                     return Err(sqlx::Error::Protocol(format!(
@@ -213,7 +234,6 @@ pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, s
                     )));
                 }
             }
-            set_status(conn, order_id, Outcome::Released).await?;
             Ok(true)
         }
         Some(_) => Ok(false),
@@ -222,7 +242,17 @@ pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, s
 
 /// The order is confirmed: its held units leave `reserved` for good.
 pub async fn commit(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
-    if status(conn, order_id).await? != Some(Outcome::Reserved) {
+    match status(conn, order_id).await? {
+        Some(Outcome::Reserved) => {}
+        Some(Outcome::Released) => {
+            // Released before the commit came (expired): the order was
+            // confirmed without its units held. Loud, not silent.
+            tracing::error!(order_id, "commit of a reservation already released");
+            return Ok(false);
+        }
+        _ => return Ok(false),
+    }
+    if !claim(conn, order_id, Outcome::Committed).await? {
         return Ok(false);
     }
     for (product, quantity) in lines(conn, order_id).await? {
@@ -232,8 +262,25 @@ pub async fn commit(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sq
             )));
         }
     }
-    set_status(conn, order_id, Outcome::Committed).await?;
     Ok(true)
+}
+
+/// Orders whose units have been held since before `before` (a
+/// timestamp as [`bazaar_chassis::now`] writes them), oldest first.
+pub async fn held_since(
+    conn: &mut AnyConnection,
+    before: &str,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT order_id FROM reservations WHERE status = 'RESERVED' AND updated_at < $1
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| r.try_get("order_id")).collect()
 }
 
 pub async fn get(conn: &mut AnyConnection, product_id: &str) -> Result<Option<Stock>, sqlx::Error> {
@@ -296,6 +343,42 @@ mod tests {
             product_id: product.into(),
             quantity,
         }
+    }
+
+    #[tokio::test]
+    async fn reservations_that_never_end_are_found_by_age_and_released_once() {
+        let db = db().await;
+        let mut conn = db.write.acquire().await.expect("conn");
+        set_available(&mut conn, "p", 10).await.expect("stock");
+        assert_eq!(
+            reserve(&mut conn, "ghost", &[line("p", 5)], 100)
+                .await
+                .expect("r"),
+            Outcome::Reserved
+        );
+        let later = bazaar_chassis::from_now(std::time::Duration::from_secs(1));
+        let earlier = bazaar_chassis::ago(std::time::Duration::from_secs(1));
+        assert!(
+            held_since(&mut conn, &earlier, 10)
+                .await
+                .expect("q")
+                .is_empty()
+        );
+        assert_eq!(
+            held_since(&mut conn, &later, 10).await.expect("q"),
+            ["ghost"]
+        );
+        assert!(release(&mut conn, "ghost").await.expect("release"));
+        assert!(!release(&mut conn, "ghost").await.expect("again"));
+        assert!(!commit(&mut conn, "ghost").await.expect("late commit"));
+        assert!(
+            held_since(&mut conn, &later, 10)
+                .await
+                .expect("q")
+                .is_empty()
+        );
+        let s = get(&mut conn, "p").await.expect("get").expect("row");
+        assert_eq!((s.available, s.reserved), (10, 0));
     }
 
     #[tokio::test]
