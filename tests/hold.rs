@@ -796,3 +796,83 @@ async fn item_06_a_reservation_that_never_ends_is_released() {
     assert_eq!(stock(&api, &p).await, (available, reserved));
     system.shutdown.trigger();
 }
+
+#[tokio::test]
+async fn item_07_a_deleted_product_no_longer_sells() {
+    use std::time::{Duration, Instant};
+    let (system, _dir) = embedded_with(|c| {
+        // Charges take a while: an order sits in its saga when the delete comes.
+        c.payments_latency_ms = 1_500;
+    })
+    .await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let (token, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    let (s, product) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&admin),
+            Some(json!({"name": "Doomed", "price": 500})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{product}");
+    let p = product["id"].as_str().unwrap().to_owned();
+    let buy = json!({"items": [{"product_id": p, "quantity": 1}]});
+    let (s, in_saga) = api
+        .call("POST", "/orders", Some(&token), Some(buy.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{in_saga}");
+    let order_path = format!("/orders/{}", in_saga["id"].as_str().unwrap());
+    // Wait until it is charging (stock held), then delete the product.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stock(&api, &p).await.1 != 1 {
+        assert!(Instant::now() < deadline, "never reserved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, _) = api
+        .call("DELETE", &format!("/products/{p}"), Some(&admin), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // A second after the delete was answered, no order for it is taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (s, refused) = api
+        .call("POST", "/orders", Some(&token), Some(buy.clone()))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    // The order already in its saga is cancelled, its stock released and
+    // its charge not kept.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let order = loop {
+        let (_, o) = api.call("GET", &order_path, Some(&token), None).await;
+        if o["status"] != "PENDING" {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "still pending: {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+    assert_eq!(order["cancel_reason"], "product_unavailable");
+    // Past the provider's latency: a charge in flight has landed by now.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, pay) = api
+            .call(
+                "GET",
+                &format!("/payments/{}", order["id"].as_str().unwrap()),
+                Some(&token),
+                None,
+            )
+            .await;
+        if s == StatusCode::NOT_FOUND || pay["status"] == "REFUNDED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the charge stayed: {pay}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stock(&api, &p).await.1, 0, "held units came back");
+    api.assert_no_5xx();
+    system.shutdown.trigger();
+}

@@ -28,6 +28,10 @@ pub mod topics {
 
     pub const USER_REGISTERED: &str = "user.registered";
     pub const PRODUCT_CREATED: &str = "product.created";
+    /// Payload: the [`crate::Product`] as it now is.
+    pub const PRODUCT_UPDATED: &str = "product.updated";
+    /// Payload: [`crate::ProductRef`].
+    pub const PRODUCT_DELETED: &str = "product.deleted";
     pub const ORDER_CREATED: &str = "order.created";
     pub const ORDER_CONFIRMED: &str = "order.confirmed";
     pub const ORDER_CANCELLED: &str = "order.cancelled";
@@ -44,11 +48,14 @@ pub mod topics {
     pub const INVENTORY_PRODUCTS_QUEUE: &str = "inventory.products";
     pub const PAYMENTS_QUEUE: &str = "payments.commands";
     pub const NOTIFICATIONS_QUEUE: &str = "notifications.events";
+    /// Orders' saga reacting to products that change or go.
+    pub const ORDERS_PRODUCTS_QUEUE: &str = "orders.products";
 
     /// Every queue a Bazaar service consumes; each has a `<queue>.dlq`.
-    pub const QUEUES: [&str; 6] = [
+    pub const QUEUES: [&str; 7] = [
         ORDERS_CREATE,
         ORDERS_SAGA_QUEUE,
+        ORDERS_PRODUCTS_QUEUE,
         INVENTORY_QUEUE,
         INVENTORY_PRODUCTS_QUEUE,
         PAYMENTS_QUEUE,
@@ -90,6 +97,12 @@ pub struct Checkout {
 pub struct ReserveStock {
     pub order_id: String,
     pub items: Vec<StockLine>,
+}
+
+/// Event `product.deleted`: which product is gone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProductRef {
+    pub product_id: String,
 }
 
 /// Commands `inventory.release`, `inventory.commit`, `payments.refund`,

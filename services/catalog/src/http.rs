@@ -115,11 +115,12 @@ async fn replace(
 ) -> Result<Json<Product>, Problem> {
     caller.require_admin()?;
     let input = ProductInput::try_from(body)?;
-    store::update(&s.db.write, &id, &input)
+    let product = store::update(&s.db.write, &id, &input)
         .await
         .map_err(db_error)?
-        .map(Json)
-        .ok_or_else(|| Problem::not_found("no such product"))
+        .ok_or_else(|| Problem::not_found("no such product"))?;
+    s.outbox.poke();
+    Ok(Json(product))
 }
 
 async fn remove(
@@ -129,6 +130,7 @@ async fn remove(
 ) -> Result<StatusCode, Problem> {
     caller.require_admin()?;
     if store::delete(&s.db.write, &id).await.map_err(db_error)? {
+        s.outbox.poke();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("no such product"))

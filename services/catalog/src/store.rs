@@ -1,7 +1,7 @@
 //! Products in the catalog database.
 
-use bazaar_contracts::Product;
-use bazaar_contracts::topics::{PRODUCT, PRODUCT_CREATED};
+use bazaar_contracts::topics::{PRODUCT, PRODUCT_CREATED, PRODUCT_DELETED, PRODUCT_UPDATED};
+use bazaar_contracts::{Product, ProductRef};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use crate::domain::ProductInput;
@@ -155,8 +155,12 @@ pub async fn update(
     .fetch_optional(&mut *tx)
     .await?;
     let product = row.as_ref().map(product_from).transpose()?;
-    if product.is_some() {
+    if let Some(p) = &product {
         bump_version(&mut tx).await?;
+        // Orders drops the price it cached.
+        let event = bazaar_bus::Envelope::new(PRODUCT_UPDATED, p)
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        bazaar_chassis::messaging::enqueue(&mut tx, &[(PRODUCT, PRODUCT_UPDATED, &event)]).await?;
     }
     tx.commit().await?;
     Ok(product)
@@ -171,6 +175,14 @@ pub async fn delete(db: &AnyPool, id: &str) -> Result<bool, sqlx::Error> {
     let deleted = r.rows_affected() == 1;
     if deleted {
         bump_version(&mut tx).await?;
+        // Inventory retires the stock; orders forgets the price and
+        // cancels the orders for it still in their saga.
+        let gone = ProductRef {
+            product_id: id.to_owned(),
+        };
+        let event = bazaar_bus::Envelope::new(PRODUCT_DELETED, &gone)
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        bazaar_chassis::messaging::enqueue(&mut tx, &[(PRODUCT, PRODUCT_DELETED, &event)]).await?;
     }
     tx.commit().await?;
     Ok(deleted)

@@ -13,9 +13,9 @@ use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_contracts::topics::{
     COMMAND_EXCHANGE, INVENTORY, INVENTORY_COMMIT, INVENTORY_PRODUCTS_QUEUE, INVENTORY_QUEUE,
     INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RELEASED, INVENTORY_RESERVE,
-    INVENTORY_RESERVED, PRODUCT, PRODUCT_CREATED,
+    INVENTORY_RESERVED, PRODUCT, PRODUCT_CREATED, PRODUCT_DELETED,
 };
-use bazaar_contracts::{OrderRef, Product, ReserveStock};
+use bazaar_contracts::{OrderRef, Product, ProductRef, ReserveStock};
 use sqlx::AnyConnection;
 use std::time::Duration;
 
@@ -54,7 +54,9 @@ impl Application {
             default_stock: self.ctx.config.inventory.default_stock,
         };
         let commands = QueueSpec::new(INVENTORY_QUEUE).bind(COMMAND_EXCHANGE, "inventory.*");
-        let products = QueueSpec::new(INVENTORY_PRODUCTS_QUEUE).bind(PRODUCT, PRODUCT_CREATED);
+        let products = QueueSpec::new(INVENTORY_PRODUCTS_QUEUE)
+            .bind(PRODUCT, PRODUCT_CREATED)
+            .bind(PRODUCT, PRODUCT_DELETED);
         let consumers = [
             messaging::spawn_consumer(&self.ctx, db, &outbox, commands, effects(), &shutdown)
                 .await?,
@@ -128,6 +130,12 @@ impl Effects for Commands {
                 store::ensure(tx, &product.id, self.default_stock)
                     .await
                     .map_err(retry)?;
+                None
+            }
+            PRODUCT_DELETED => {
+                let gone: ProductRef = payload(msg)?;
+                store::retire(tx, &gone.product_id).await.map_err(retry)?;
+                tracing::info!(product_id = %gone.product_id, "stock retired: the product was deleted");
                 None
             }
             other => {

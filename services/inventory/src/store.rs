@@ -78,6 +78,32 @@ async fn set_status(
     Ok(())
 }
 
+async fn is_retired(conn: &mut AnyConnection, product_id: &str) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query("SELECT retired FROM stock WHERE product_id = $1")
+        .bind(product_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        Some(r) => r.try_get::<i64, _>("retired")? != 0,
+        None => false,
+    })
+}
+
+/// The product was deleted: no more of it can be reserved. A product
+/// inventory has not heard of yet gets a retired row, so that a late
+/// `product.created` does not stock it.
+pub async fn retire(conn: &mut AnyConnection, product_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO stock (product_id, available, reserved, updated_at, retired) VALUES ($1, 0, 0, $2, 1)
+         ON CONFLICT (product_id) DO UPDATE SET retired = 1, updated_at = excluded.updated_at",
+    )
+    .bind(product_id)
+    .bind(bazaar_chassis::now())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Moves a RESERVED reservation to `to`; `false` if it is no longer
 /// RESERVED (another transaction settled it first).
 async fn claim(conn: &mut AnyConnection, order_id: &str, to: Outcome) -> Result<bool, sqlx::Error> {
@@ -157,6 +183,12 @@ pub async fn reserve(
                 set_status(conn, order_id, Outcome::Rejected).await?;
                 return Ok(Outcome::Rejected);
             }
+        }
+    }
+    for product in wanted.keys() {
+        if is_retired(conn, product).await? {
+            set_status(conn, order_id, Outcome::Rejected).await?;
+            return Ok(Outcome::Rejected);
         }
     }
     let mut taken = Vec::new();
@@ -379,6 +411,30 @@ mod tests {
         );
         let s = get(&mut conn, "p").await.expect("get").expect("row");
         assert_eq!((s.available, s.reserved), (10, 0));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_products_stock_is_retired() {
+        let db = db().await;
+        let mut conn = db.write.acquire().await.expect("conn");
+        set_available(&mut conn, "p", 10).await.expect("stock");
+        retire(&mut conn, "p").await.expect("retire");
+        assert_eq!(
+            reserve(&mut conn, "o", &[line("p", 1)], 100)
+                .await
+                .expect("r"),
+            Outcome::Rejected
+        );
+        retire(&mut conn, "unheard-of").await.expect("retire");
+        ensure(&mut conn, "unheard-of", 100)
+            .await
+            .expect("late create");
+        assert_eq!(
+            reserve(&mut conn, "o2", &[line("unheard-of", 1)], 100)
+                .await
+                .expect("r"),
+            Outcome::Rejected
+        );
     }
 
     #[tokio::test]

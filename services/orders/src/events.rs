@@ -72,3 +72,57 @@ async fn decide(writer: &OrderWriter, env: &Envelope) -> Result<Reply<Order>, Wr
         .await?;
     Ok(Reply::Ok { value: order })
 }
+
+/// Drops the cached price of a product catalog changed or deleted, in
+/// this instance: each instance has a queue of its own (gone a minute
+/// after the instance), since every instance keeps its own cache.
+pub async fn forget_prices(
+    ctx: &bazaar_chassis::ServiceContext,
+    prices: std::sync::Arc<crate::http::PriceCache>,
+    shutdown: bazaar_chassis::Shutdown,
+) -> anyhow::Result<()> {
+    use bazaar_contracts::topics::{PRODUCT, PRODUCT_DELETED, PRODUCT_UPDATED};
+    use futures::StreamExt as _;
+    let spec = bazaar_bus::QueueSpec::new(format!("orders.prices.{}", ctx.instance_id))
+        .bind(PRODUCT, PRODUCT_UPDATED)
+        .bind(PRODUCT, PRODUCT_DELETED)
+        .expires_after(std::time::Duration::from_secs(60));
+    let bus = ctx.bus.clone();
+    let mut deliveries = bus.subscribe(&spec, 64).await?;
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                d = deliveries.next() => d,
+                () = shutdown.wait() => return,
+            };
+            let Some(d) = next else {
+                // The subscription ended (a lost connection): take it again.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                match bus.subscribe(&spec, 64).await {
+                    Ok(again) => deliveries = again,
+                    Err(e) => tracing::warn!(error = %e, "cannot watch product changes"),
+                }
+                continue;
+            };
+            if let Ok(env) = d.envelope() {
+                let id = match env.kind.as_str() {
+                    PRODUCT_DELETED => env
+                        .payload::<bazaar_contracts::ProductRef>()
+                        .ok()
+                        .map(|r| r.product_id),
+                    _ => env
+                        .payload::<bazaar_contracts::Product>()
+                        .ok()
+                        .map(|p| p.id),
+                };
+                if let Some(id) = id {
+                    prices.forget(&id);
+                }
+            }
+            if let Err(e) = d.ack().await {
+                tracing::debug!(error = %e, "cannot ack a product change");
+            }
+        }
+    });
+    Ok(())
+}

@@ -54,6 +54,14 @@ impl PriceCache {
             .map(|(_, p)| p.clone())
     }
 
+    /// Drops a product's price (catalog changed or deleted it).
+    pub fn forget(&self, id: &str) {
+        self.products
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+    }
+
     fn put(&self, p: &Product) {
         let mut products = self
             .products

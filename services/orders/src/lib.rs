@@ -21,7 +21,8 @@ use bazaar_chassis::messaging::{self, Outbox};
 use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_contracts::topics::{
     COMMAND_EXCHANGE, INVENTORY, INVENTORY_REJECTED, INVENTORY_RESERVED, ORDERS_CREATE,
-    ORDERS_SAGA_QUEUE, PAYMENT, PAYMENT_CHARGED, PAYMENT_DECLINED,
+    ORDERS_PRODUCTS_QUEUE, ORDERS_SAGA_QUEUE, PAYMENT, PAYMENT_CHARGED, PAYMENT_DECLINED, PRODUCT,
+    PRODUCT_DELETED, PRODUCT_UPDATED,
 };
 use tokio::net::TcpListener;
 
@@ -73,6 +74,15 @@ impl Application {
         )
         .await?;
 
+        let products = QueueSpec::new(ORDERS_PRODUCTS_QUEUE)
+            .bind(PRODUCT, PRODUCT_UPDATED)
+            .bind(PRODUCT, PRODUCT_DELETED);
+        let products_consumer =
+            messaging::spawn_consumer(ctx, db, &outbox, products, saga::Products, &shutdown)
+                .await?;
+        let prices: Arc<http::PriceCache> = Arc::default();
+        events::forget_prices(ctx, prices.clone(), shutdown.clone()).await?;
+
         let requests = QueueSpec::new(ORDERS_CREATE).bind(COMMAND_EXCHANGE, ORDERS_CREATE);
         let concurrency = ctx.config.consumer_concurrency.max(1);
         let stop = shutdown.clone();
@@ -94,7 +104,7 @@ impl Application {
             verifier: ctx.verifier.clone(),
             writer,
             discovery: ctx.discovery.clone(),
-            prices: Default::default(),
+            prices,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_millis(ctx.config.upstream_timeout_ms))
                 .build()?,
@@ -108,7 +118,7 @@ impl Application {
         let served =
             bazaar_chassis::http::serve(ctx, http::router(state), listener, ready, shutdown).await;
         // The consumers stop taking deliveries on shutdown and finish those in hand.
-        for c in [saga_consumer, create_consumer] {
+        for c in [saga_consumer, products_consumer, create_consumer] {
             if let Err(e) = c.await {
                 tracing::error!(error = %e, "an orders consumer crashed");
             }

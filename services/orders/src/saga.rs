@@ -7,6 +7,8 @@
 //!             (out_of_stock)                            (payment_declined; inventory.release)
 //! any step past its deadline --> CANCELLED (timeout; inventory.release, and
 //!                                payments.refund if a charge was asked for)
+//! a product of it deleted -----> CANCELLED (product_unavailable; the same
+//!                                compensations)
 //! ```
 //!
 //! Every transition is one conditional UPDATE (`WHERE status = 'PENDING'
@@ -24,9 +26,9 @@ use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
 use bazaar_contracts::topics::{
     COMMAND_EXCHANGE, INVENTORY_COMMIT, INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RESERVE,
     INVENTORY_RESERVED, ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, PAYMENT_CHARGED, PAYMENT_DECLINED,
-    PAYMENTS_CHARGE, PAYMENTS_REFUND,
+    PAYMENTS_CHARGE, PAYMENTS_REFUND, PRODUCT_DELETED,
 };
-use bazaar_contracts::{ChargePayment, Order, OrderRef, ReserveStock, StockLine};
+use bazaar_contracts::{ChargePayment, Order, OrderRef, ProductRef, ReserveStock, StockLine};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
@@ -155,7 +157,7 @@ async fn cancel(
     }
     // A charge was asked for and its answer never came: refund it, or void
     // it so that a late charge command charges nothing.
-    if from == CHARGING && reason == "timeout" {
+    if from == CHARGING && reason != "payment_declined" {
         out.push((
             COMMAND_EXCHANGE,
             PAYMENTS_REFUND,
@@ -248,6 +250,50 @@ impl Effects for Saga {
             }
             _ => {
                 cancel(tx, env, &order_id, CHARGING, "payment_declined").await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reacts to catalog's product events: a deleted product's orders still
+/// in their saga (reserving or charging) are cancelled
+/// (`product_unavailable`) and compensated, never charged.
+pub struct Products;
+
+#[async_trait]
+impl Effects for Products {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let env = &msg.envelope;
+        if env.kind != PRODUCT_DELETED {
+            // `product.updated`: prices are looked up again (the cache is
+            // dropped per instance, see `events::forget_prices`).
+            return Ok(());
+        }
+        let gone: ProductRef = env
+            .payload()
+            .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+        let rows = sqlx::query(
+            "SELECT o.id, o.saga_step FROM orders o JOIN order_items i ON i.order_id = o.id
+             WHERE o.status = 'PENDING' AND i.product_id = $1",
+        )
+        .bind(&gone.product_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(retry)?;
+        for row in rows {
+            let id: String = row.try_get("id").map_err(retry)?;
+            let step: String = row.try_get("saga_step").map_err(retry)?;
+            let mut cause = caused(
+                env,
+                "order.product_deleted",
+                &OrderRef {
+                    order_id: id.clone(),
+                },
+            )?;
+            cause.correlation_id = Some(id.clone());
+            if cancel(tx, &cause, &id, &step, "product_unavailable").await? {
+                tracing::info!(order_id = %id, product_id = %gone.product_id, "order cancelled: a product in it was deleted");
             }
         }
         Ok(())
