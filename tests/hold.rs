@@ -740,10 +740,18 @@ async fn item_15_ready_says_503_while_a_service_it_calls_cannot_be_found() {
     system.shutdown.trigger();
 }
 
+/// `(available, reserved)` of a product, once inventory has heard of it.
 async fn stock(api: &Api, product: &str) -> (i64, i64) {
-    let (s, b) = api
-        .call("GET", &format!("/inventory/{product}"), None, None)
-        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (s, b) = loop {
+        let (s, b) = api
+            .call("GET", &format!("/inventory/{product}"), None, None)
+            .await;
+        if s != StatusCode::NOT_FOUND || std::time::Instant::now() > deadline {
+            break (s, b);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(s, StatusCode::OK, "{b}");
     (
         b["available"].as_i64().unwrap(),

@@ -256,14 +256,24 @@ async fn walkthrough(gateway: &str) {
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
 
-    // Unknown routes and products are 404 problems.
+    // Unknown routes and products are 404 problems; what is not an id is 422.
     let (s, _) = api.call("GET", "/nowhere", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, p) = api
-        .call("GET", "/products/does-not-exist", None, None)
+        .call(
+            "GET",
+            "/products/0193a5b2-7c3e-7000-8000-00000000abcd",
+            None,
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(p["status"], 404);
+    let (s, p) = api
+        .call("GET", "/products/does-not-exist", None, None)
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(p["errors"][0]["field"], "id");
 
     // Admin writes still work, then the product is gone.
     let (s, _) = api

@@ -13,15 +13,17 @@ pub fn parse(field: &str, raw: &str) -> Result<String, Problem> {
     // Only the hyphenated form: `{…}`, `urn:uuid:…` and bare hex would
     // name the same id under several strings.
     if raw.len() != uuid::fmt::Hyphenated::LENGTH {
-        return Err(not_an_id(field));
+        return Err(not_an_id(field, raw));
     }
     uuid::Uuid::try_parse(raw)
         .map(|u| u.hyphenated().to_string())
-        .map_err(|_| not_an_id(field))
+        .map_err(|_| not_an_id(field, raw))
 }
 
-fn not_an_id(field: &str) -> Problem {
-    Problem::invalid(field, "must be an id (a UUID)")
+/// 422 naming the field and (the start of) the value, escaped.
+fn not_an_id(field: &str, raw: &str) -> Problem {
+    let shown: String = raw.chars().take(64).collect();
+    Problem::invalid(field, format!("{shown:?} is not an id (a UUID)"))
 }
 
 /// The one path parameter of a route, checked by [`parse`] under its
