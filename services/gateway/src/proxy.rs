@@ -510,19 +510,24 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
     }
 
     // The whole body within the body timeout (a client trickling one
-    // byte at a time would otherwise hold its connection for ever).
-    let mut bytes = tokio::time::timeout(
-        table.body_timeout,
-        read_body(&parts.headers, body, g.body_limit),
-    )
-    .await
-    .map_err(|_| {
-        Problem::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request-timeout",
-            "the request body did not arrive in time",
+    // byte at a time would otherwise hold its connection for ever). No
+    // timer for a request without one (most GETs).
+    let mut bytes = if axum::body::HttpBody::is_end_stream(&body) {
+        Bytes::new()
+    } else {
+        tokio::time::timeout(
+            table.body_timeout,
+            read_body(&parts.headers, body, g.body_limit),
         )
-    })??;
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "the request body did not arrive in time",
+            )
+        })??
+    };
 
     let login = match route.login {
         true => Some(login_keys(&bytes, edge.client)?),
