@@ -34,6 +34,27 @@ impl Shutdown {
         let _ = rx.wait_for(|v| *v).await;
     }
 
+    /// Runs `work` every `period` until triggered, logging (as `what`)
+    /// each run that fails: the background sweeps services keep.
+    pub fn every<F, Fut>(&self, period: std::time::Duration, what: &'static str, mut work: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send,
+    {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    () = this.wait() => return,
+                }
+                if let Err(e) = work().await {
+                    tracing::warn!(error = %e, "{what} failed");
+                }
+            }
+        });
+    }
+
     /// Triggers on SIGINT (Ctrl-C) or SIGTERM.
     pub fn on_signals(&self) {
         let this = self.clone();

@@ -162,16 +162,9 @@ impl Effects for Commands {
 /// died) must not hold stock for ever.
 fn spawn_expiry(db: Db, outbox: Outbox, ttl: Duration, shutdown: Shutdown) {
     let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                () = shutdown.wait() => return,
-            }
-            if let Err(e) = expire(&db, &outbox, ttl).await {
-                tracing::warn!(error = %e, "reservation expiry failed");
-            }
-        }
+    shutdown.every(every, "reservation expiry", move || {
+        let (db, outbox) = (db.clone(), outbox.clone());
+        async move { expire(&db, &outbox, ttl).await }
     });
 }
 

@@ -327,16 +327,9 @@ async fn overdue(
 /// Cancels overdue orders (`timeout`) and compensates, until `shutdown`.
 pub fn spawn_sweeper(db: Db, outbox: Outbox, step_timeout: Duration, shutdown: Shutdown) {
     let every = (step_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                () = shutdown.wait() => return,
-            }
-            if let Err(e) = sweep(&db, &outbox).await {
-                tracing::warn!(error = %e, "saga timeout sweep failed");
-            }
-        }
+    shutdown.every(every, "saga timeout sweep", move || {
+        let (db, outbox) = (db.clone(), outbox.clone());
+        async move { sweep(&db, &outbox).await }
     });
 }
 
