@@ -244,10 +244,10 @@ impl Verifier {
             return Ok(());
         }
         *last = Some(Instant::now());
-        let auth = discovery
-            .pick("auth")
-            .await
-            .map_err(|e| Problem::unavailable(format!("cannot verify tokens: {e}")))?;
+        let auth = discovery.pick("auth").await.map_err(|e| {
+            tracing::warn!(error = %e, "no auth instance to fetch the JWKS from");
+            Problem::unavailable("cannot verify tokens: the auth service is unavailable")
+        })?;
         let url = format!("{}/.well-known/jwks.json", auth.address);
         let fetched = async {
             self.http

@@ -48,10 +48,10 @@ impl Readiness {
             }
         }
         if let Some(db) = &self.db {
-            sqlx::query("SELECT 1")
-                .execute(db)
-                .await
-                .map_err(|e| format!("database: {e}"))?;
+            sqlx::query("SELECT 1").execute(db).await.map_err(|e| {
+                tracing::warn!(error = %e, "readiness: database check failed");
+                "database: unavailable".to_owned()
+            })?;
         }
         if let Some(bus) = &self.bus
             && !bus.is_connected()

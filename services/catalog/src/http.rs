@@ -240,10 +240,13 @@ async fn buy(
             "order-rejected",
             detail,
         )),
-        Err(e) => Err(Problem::new(
-            StatusCode::BAD_GATEWAY,
-            "bad-reply",
-            format!("unreadable reply from orders: {e}"),
-        )),
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable reply from orders");
+            Err(Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "bad-reply",
+                "the orders service sent an unreadable reply",
+            ))
+        }
     }
 }

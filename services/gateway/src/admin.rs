@@ -42,7 +42,8 @@ fn queues(queue: Option<&str>) -> Result<Vec<&'static str>, Problem> {
 }
 
 fn unavailable(e: bazaar_bus::BusError) -> Problem {
-    Problem::unavailable(format!("the message bus: {e}"))
+    tracing::warn!(error = %e, "dead-letter request failed");
+    Problem::unavailable("the message bus is unavailable")
 }
 
 async fn list(
@@ -123,9 +124,8 @@ async fn list_services(
             Some(_) => {}
         }
     }
-    g.pools
-        .view()
-        .await
-        .map(Json)
-        .map_err(|e| Problem::unavailable(e.to_string()))
+    g.pools.view().await.map(Json).map_err(|e| {
+        tracing::warn!(error = %e, "cannot list instances");
+        Problem::unavailable("service discovery is unavailable")
+    })
 }

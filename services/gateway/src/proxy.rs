@@ -133,8 +133,15 @@ fn limited(d: &Decision, detail: &str) -> Response {
     res
 }
 
+/// 503; what the registry said stays in the log.
 fn no_pick(e: NoPick) -> Problem {
-    Problem::unavailable(e.to_string())
+    match e {
+        NoPick::Registry(cause) => {
+            tracing::warn!(error = %cause, "cannot reach the registry");
+            Problem::unavailable("service discovery is unavailable")
+        }
+        other => Problem::unavailable(other.to_string()),
+    }
 }
 
 /// The upstream's answer and the instance that gave it.
