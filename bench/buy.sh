@@ -6,8 +6,11 @@
 # embedded: `bazaar up` (SQLite, in-memory bus). serve: every service as a
 # separate `bazaar serve` process on RabbitMQ and PostgreSQL
 # (BAZAAR_TEST_AMQP_URL / BAZAAR_TEST_DATABASE_URL or the local defaults).
-# Env: DURATION (default 10s), CONNECTIONS (default 32), PROFILE.
-# Prints one line per scenario: requests/s, p50, p99, non-2xx responses.
+# Env: DURATION (default 10s), CONNECTIONS (default 32), PROFILE, BIN (a
+# binary to run instead of building this tree).
+# Prints one line per scenario: requests/s, p50, p99, non-2xx responses,
+# and the CPU time (user + system) the system's processes spent per
+# request, which drifts far less with this VM's speed than requests/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
@@ -20,13 +23,17 @@ source bench/lib.sh
 # wrk: requests/s, p50, p99, non-2xx.
 run_wrk() { # label, wrk args...
   local label=$1; shift
+  local t0; t0=$(ticks "${SYSTEM_PIDS[@]}")
   local out; out=$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$@")
-  local rps p50 p99 bad
+  local t1; t1=$(ticks "${SYSTEM_PIDS[@]}")
+  local rps p50 p99 bad n cpu
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   bad=$(awk '/Non-2xx/ {print $NF}' <<<"$out"); bad=${bad:-0}
-  printf '%-28s %10s req/s   p50 %8s   p99 %8s   non-2xx %s\n' "$label" "$rps" "$p50" "$p99" "$bad"
+  n=$(awk '/requests in/ { print $1 }' <<<"$out")
+  cpu=$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$TICK" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+  printf '%-28s %10s req/s   p50 %8s   p99 %8s   non-2xx %s   CPU/request %6s µs\n' "$label" "$rps" "$p50" "$p99" "$bad" "$cpu"
 }
 
 scenario() { # mode, gateway url
@@ -50,11 +57,13 @@ LUA
 
 if [[ $MODE == embedded || $MODE == all ]]; then
   embedded_system
+  SYSTEM_PIDS=("${EXTRA_PIDS[-1]}")
   scenario embedded "$GW"
   kill "${EXTRA_PIDS[-1]}"; wait "${EXTRA_PIDS[-1]}" 2>/dev/null || true
 fi
 
 if [[ $MODE == serve || $MODE == all ]]; then
   serve_system
+  SYSTEM_PIDS=("${PID[@]}")
   scenario serve "$GW"
 fi

@@ -12,8 +12,15 @@ WORK=$(mktemp -d)
 VHOST=""
 EXTRA_PIDS=()
 
-if [[ $PROFILE == release ]]; then cargo build --release -q -p bazaar; else cargo build -q -p bazaar; fi
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
+# BIN=path: that binary as it is (to compare builds); else this tree, built.
+if [[ -z ${BIN:-} ]]; then
+  if [[ $PROFILE == release ]]; then cargo build --release -q -p bazaar; else cargo build -q -p bazaar; fi
+  BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
+fi
+
+# CPU time (user + system, clock ticks) the given processes have spent.
+TICK=$(getconf CLK_TCK)
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
 
 export BAZAAR_ADMIN_EMAIL=admin@bench.local BAZAAR_ADMIN_PASSWORD=bench-admin-pw
 export BAZAAR_ARGON2_MEMORY_KIB=1024 BAZAAR_ARGON2_ITERATIONS=1

@@ -635,20 +635,69 @@ async fn item_01_connections_per_address_are_capped_trusted_proxies_excepted() {
     system.shutdown.trigger();
 }
 
-/// `bazaar up` with stdout and stderr on a pipe: the reader goes away
-/// (before start-up ends, or after the first line), then SIGTERM.
-async fn up_with_broken_log_pipe(close_before_start: bool) {
+/// A `bazaar` process of a test's own, serving on `port`.
+struct Process {
+    child: std::process::Child,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Process {
+    /// Waits (up to a minute) until `/health` answers; fails if it exits.
+    async fn healthy(&mut self) {
+        use std::time::{Duration, Instant};
+        let health = format!("http://127.0.0.1:{}/health", self.port);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("bazaar exited with {status} while starting");
+            }
+            if reqwest::get(&health).await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "bazaar did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM, then its exit status (a failure if it ignores the signal).
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        use std::time::{Duration, Instant};
+        let term = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("SIGTERM was ignored");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `bazaar` with `args` (`{port}` replaced) and `env`, its stdout and
+/// stderr on a pipe whose reader goes away: before start-up ends, or
+/// after the first line (as `| head -1`). It must serve on, logging into
+/// the broken pipe, and exit 0 on SIGTERM.
+async fn with_broken_log_pipe(args: &[&str], env: &[(&str, String)], close_before_start: bool) {
     use std::io::BufRead as _;
-    use std::time::{Duration, Instant};
-    let dir = std::env::temp_dir().join(format!("bazaar-pipe-{}", unique()));
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    use std::time::Duration;
+    let port = free_port();
     let (reader, writer) = std::io::pipe().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
-        .args(["up", "--port", &port.to_string(), "--data-dir"])
-        .arg(&dir)
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
+        .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("BAZAAR_LOG_FORMAT", "json")
         .env("BAZAAR_ARGON2_MEMORY_KIB", "256")
         .env("BAZAAR_ARGON2_ITERATIONS", "1")
@@ -657,65 +706,101 @@ async fn up_with_broken_log_pipe(close_before_start: bool) {
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut process = Process { child, port };
     if close_before_start {
         drop(reader);
     } else {
-        // As `| head -1`: one line, then the reader is gone.
         let mut first = String::new();
-        std::io::BufReader::new(reader)
-            .read_line(&mut first)
-            .unwrap();
+        std::io::BufReader::new(reader).read_line(&mut first).unwrap();
         assert!(!first.is_empty());
     }
-    let health = format!("http://127.0.0.1:{port}/health");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("bazaar exited with {status} while starting");
-        }
-        if reqwest::get(&health)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "bazaar did not come up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // Serving, and logging into the broken pipe, for a while.
+    process.healthy().await;
     for _ in 0..5 {
         let _ = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/products")).await;
+        let _ = reqwest::get(format!("http://127.0.0.1:{port}/nowhere")).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(child.try_wait().unwrap().is_none(), "bazaar died");
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("SIGTERM was ignored");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    assert!(process.child.try_wait().unwrap().is_none(), "bazaar died");
+    let status = process.terminate().await;
     assert_eq!(status.code(), Some(0), "{status}");
+}
+
+async fn up_with_broken_log_pipe(close_before_start: bool) {
+    let dir = std::env::temp_dir().join(format!("bazaar-pipe-{}", unique()));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    with_broken_log_pipe(
+        &["up", "--port", "{port}", "--data-dir", &dir_arg],
+        &[],
+        close_before_start,
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `bazaar serve payments` as the issue ran it: on RabbitMQ and PostgreSQL.
+async fn serve_payments_with_broken_log_pipe(close_before_start: bool) {
+    let Some((amqp, db)) = common::real_servers() else {
+        return;
+    };
+    let env = [
+        ("BAZAAR_AMQP_URL", amqp),
+        ("BAZAAR_DATABASE_URL", db),
+        ("BAZAAR_DATABASE_SCHEMA_PREFIX", format!("pipe{}_", unique())),
+        ("BAZAAR_REGISTRY", "static".to_owned()),
+    ];
+    with_broken_log_pipe(
+        &["serve", "payments", "--port", "{port}"],
+        &env,
+        close_before_start,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn item_14_sigterm_stops_the_process_after_its_log_pipe_broke() {
     up_with_broken_log_pipe(false).await;
+    serve_payments_with_broken_log_pipe(false).await;
 }
 
 #[tokio::test]
 async fn item_14_a_log_pipe_closed_during_start_up_kills_nothing() {
     up_with_broken_log_pipe(true).await;
+    serve_payments_with_broken_log_pipe(true).await;
+}
+
+#[tokio::test]
+async fn item_01_the_soft_open_files_limit_is_raised_to_the_hard_one() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("bazaar-nofile-{}", unique()));
+    // Started with a low soft limit, as many shells and service managers do.
+    let child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            r#"ulimit -Sn 256 && exec "$0" up --port "$1" --data-dir "$2""#,
+            env!("CARGO_BIN_EXE_bazaar"),
+            &port.to_string(),
+        ])
+        .arg(&dir)
+        .env("BAZAAR_ARGON2_MEMORY_KIB", "256")
+        .env("BAZAAR_ARGON2_ITERATIONS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut process = Process { child, port };
+    process.healthy().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", process.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    let status = process.terminate().await;
+    assert_eq!(status.code(), Some(0));
+    assert_ne!(numbers[0], "256", "{line}");
+    assert_eq!(numbers[0], numbers[1], "soft and hard differ: {line}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

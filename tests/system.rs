@@ -443,25 +443,6 @@ async fn embedded_with_replicas_spreads_requests() {
 
 // === serve mode: separate processes on RabbitMQ + PostgreSQL ===
 
-fn real_servers() -> Option<(String, String)> {
-    match (
-        std::env::var("BAZAAR_TEST_AMQP_URL"),
-        std::env::var("BAZAAR_TEST_DATABASE_URL"),
-    ) {
-        (Ok(a), Ok(d)) => Some((a, d)),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true requires BAZAAR_TEST_AMQP_URL and BAZAAR_TEST_DATABASE_URL"
-            );
-            eprintln!(
-                "skipping serve-mode test: BAZAAR_TEST_AMQP_URL / BAZAAR_TEST_DATABASE_URL not set"
-            );
-            None
-        }
-    }
-}
-
 /// A RabbitMQ vhost of the test's own (when `rabbitmqctl` is at hand), so
 /// no other run's messages reach its services; deleted on drop.
 struct Vhost {

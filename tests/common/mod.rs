@@ -161,3 +161,24 @@ pub async fn embedded_with(tweak: impl FnOnce(&mut Config)) -> (bazaar::System, 
     let system = bazaar::up(config, &HashMap::new(), listener).await.unwrap();
     (system, dir)
 }
+
+/// The RabbitMQ and PostgreSQL URLs of the real-server tests, or `None`
+/// (they skip) when unset; with `CI=true` a missing one is a failure.
+pub fn real_servers() -> Option<(String, String)> {
+    match (
+        std::env::var("BAZAAR_TEST_AMQP_URL"),
+        std::env::var("BAZAAR_TEST_DATABASE_URL"),
+    ) {
+        (Ok(a), Ok(d)) => Some((a, d)),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true requires BAZAAR_TEST_AMQP_URL and BAZAAR_TEST_DATABASE_URL"
+            );
+            eprintln!(
+                "skipping serve-mode test: BAZAAR_TEST_AMQP_URL / BAZAAR_TEST_DATABASE_URL not set"
+            );
+            None
+        }
+    }
+}

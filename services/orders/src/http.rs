@@ -304,16 +304,26 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
         tracing::warn!(error = %e, "no catalog instance to price a checkout");
         Problem::unavailable("the catalog is unavailable; try again")
     })?;
+    let base = reqwest::Url::parse(&catalog.address)
+        .ok()
+        .filter(|u| !u.cannot_be_a_base())
+        .ok_or_else(|| {
+            tracing::error!(address = %catalog.address, "catalog registered an unusable address");
+            Problem::unavailable("the catalog is unavailable; try again")
+        })?;
     let lookups = ids.iter().map(|id| {
-        // `id` is a checked UUID: a single, safe path segment.
-        let url = format!("{}/products/{id}", catalog.address);
+        let url = product_url(&base, id);
         let client = &s.client;
         async move {
             let unavailable = |e: &dyn std::fmt::Display| {
                 tracing::warn!(error = %e, %url, "pricing call to catalog failed");
                 Problem::unavailable("the catalog is unavailable; try again")
             };
-            let response = client.get(&url).send().await.map_err(|e| unavailable(&e))?;
+            let response = client
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| unavailable(&e))?;
             match response.status() {
                 StatusCode::OK => response
                     .json::<Product>()
@@ -351,4 +361,27 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
         known.insert(p.id.clone(), p);
     }
     Ok(known)
+}
+
+/// `<catalog>/products/<id>`, the id escaped as one path segment (it is
+/// a checked UUID; escaping keeps it one segment whatever it holds).
+fn product_url(catalog: &reqwest::Url, id: &str) -> reqwest::Url {
+    let mut url = catalog.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(["products", id]);
+    }
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn path_segments_built_from_data_are_escaped() {
+        let base = reqwest::Url::parse("http://127.0.0.1:7006").expect("url");
+        let url = super::product_url(&base, "../health?x=1#f");
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:7006/products/..%2Fhealth%3Fx=1%23f"
+        );
+    }
 }
