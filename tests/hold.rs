@@ -11,6 +11,17 @@ use common::{ADMIN_EMAIL, ADMIN_PASSWORD, Api, embedded, embedded_with, unique, 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+/// `POST /orders` for one unit of `product`.
+async fn checkout(api: &Api, token: &str, product: &str) -> (StatusCode, Value) {
+    api.call(
+        "POST",
+        "/orders",
+        Some(token),
+        Some(json!({"items": [{"product_id": product, "quantity": 1}]})),
+    )
+    .await
+}
+
 /// The first product of the demo catalog.
 async fn first_product(api: &Api) -> String {
     let (s, page) = api.call("GET", "/products?limit=1", None, None).await;
@@ -34,14 +45,7 @@ async fn item_05_product_id_is_not_pasted_into_a_url() {
         "%2e%2e/health".to_owned(),
         String::new(),
     ] {
-        let (s, p) = api
-            .call(
-                "POST",
-                "/orders",
-                Some(&token),
-                Some(json!({"items": [{"product_id": bad, "quantity": 1}]})),
-            )
-            .await;
+        let (s, p) = checkout(&api, &token, &bad).await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {p}");
         assert_eq!(p["errors"][0]["field"], "items[0].product_id", "{bad}: {p}");
         assert!(!p.to_string().contains("127.0.0.1"), "{p}");
@@ -69,14 +73,7 @@ async fn item_05_product_id_is_not_pasted_into_a_url() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
     assert_eq!(p["errors"][0]["field"], "ids[1]");
     // The real id still buys.
-    let (s, p) = api
-        .call(
-            "POST",
-            "/orders",
-            Some(&token),
-            Some(json!({"items": [{"product_id": real, "quantity": 1}]})),
-        )
-        .await;
+    let (s, p) = checkout(&api, &token, &real).await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
     api.assert_no_5xx();
     system.shutdown.trigger();
@@ -359,14 +356,7 @@ async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
     // Some traffic, so that every family has samples.
     let (token, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
     let p = first_product(&api).await;
-    let (s, _) = api
-        .call(
-            "POST",
-            "/orders",
-            Some(&token),
-            Some(json!({"items": [{"product_id": p, "quantity": 1}]})),
-        )
-        .await;
+    let (s, _) = checkout(&api, &token, &p).await;
     assert_eq!(s, StatusCode::CREATED);
     let instances = system.discovery.registry().all().await.unwrap();
     let names: std::collections::HashSet<&str> =
@@ -641,11 +631,6 @@ struct Process {
     port: u16,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 impl Process {
     /// Waits (up to a minute) until `/health` answers; fails if it exits.
     async fn healthy(&mut self) {
@@ -656,7 +641,10 @@ impl Process {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("bazaar exited with {status} while starting");
             }
-            if reqwest::get(&health).await.is_ok_and(|r| r.status().is_success()) {
+            if reqwest::get(&health)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 return;
             }
             assert!(Instant::now() < deadline, "bazaar did not come up");
@@ -693,7 +681,7 @@ impl Process {
 async fn with_broken_log_pipe(args: &[&str], env: &[(&str, String)], close_before_start: bool) {
     use std::io::BufRead as _;
     use std::time::Duration;
-    let port = free_port();
+    let port = common::free_port();
     let (reader, writer) = std::io::pipe().unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
         .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
@@ -711,7 +699,9 @@ async fn with_broken_log_pipe(args: &[&str], env: &[(&str, String)], close_befor
         drop(reader);
     } else {
         let mut first = String::new();
-        std::io::BufReader::new(reader).read_line(&mut first).unwrap();
+        std::io::BufReader::new(reader)
+            .read_line(&mut first)
+            .unwrap();
         assert!(!first.is_empty());
     }
     process.healthy().await;
@@ -745,7 +735,10 @@ async fn serve_payments_with_broken_log_pipe(close_before_start: bool) {
     let env = [
         ("BAZAAR_AMQP_URL", amqp),
         ("BAZAAR_DATABASE_URL", db),
-        ("BAZAAR_DATABASE_SCHEMA_PREFIX", format!("pipe{}_", unique())),
+        (
+            "BAZAAR_DATABASE_SCHEMA_PREFIX",
+            format!("pipe{}_", unique()),
+        ),
         ("BAZAAR_REGISTRY", "static".to_owned()),
     ];
     with_broken_log_pipe(
@@ -770,7 +763,7 @@ async fn item_14_a_log_pipe_closed_during_start_up_kills_nothing() {
 
 #[tokio::test]
 async fn item_01_the_soft_open_files_limit_is_raised_to_the_hard_one() {
-    let port = free_port();
+    let port = common::free_port();
     let dir = std::env::temp_dir().join(format!("bazaar-nofile-{}", unique()));
     // Started with a low soft limit, as many shells and service managers do.
     let child = std::process::Command::new("sh")

@@ -491,14 +491,6 @@ impl Drop for Vhost {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Processes(Vec<Child>);
 
 impl Drop for Processes {

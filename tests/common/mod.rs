@@ -182,3 +182,12 @@ pub fn real_servers() -> Option<(String, String)> {
         }
     }
 }
+
+/// A loopback port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

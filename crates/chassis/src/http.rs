@@ -405,15 +405,13 @@ where
                 let slot = if max == 0 || (edge.fast.exempt)(peer.ip()) {
                     None
                 } else {
-                    match per_address.take(peer.ip(), max) {
-                        Some(slot) => Some(slot),
-                        None => {
-                            // Closed at once (dropped): one address may not
-                            // take every descriptor while others wait.
-                            tracing::debug!(service = ctx.name, client = %peer.ip(), "too many connections from one address");
-                            continue;
-                        }
-                    }
+                    let Some(slot) = per_address.take(peer.ip(), max) else {
+                        // Closed at once (dropped): one address may not
+                        // take every descriptor while others wait.
+                        tracing::debug!(service = ctx.name, client = %peer.ip(), "too many connections from one address");
+                        continue;
+                    };
+                    Some(slot)
                 };
                 if deal[next % threads].send((tcp, peer, slot)).is_err() {
                     anyhow::bail!("an event loop stopped early");

@@ -131,9 +131,18 @@ async fn insert_row(
     .execute(&mut **tx)
     .await?;
     // Inventory learns of the product (and stocks it) from this event.
-    let event = bazaar_bus::Envelope::new(PRODUCT_CREATED, p)
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    bazaar_chassis::messaging::enqueue(tx, &[(PRODUCT, PRODUCT_CREATED, &event)]).await
+    publish(tx, PRODUCT_CREATED, p).await
+}
+
+/// Puts a product event in the outbox, in the caller's transaction.
+async fn publish(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kind: &str,
+    payload: &impl serde::Serialize,
+) -> Result<(), sqlx::Error> {
+    let event =
+        bazaar_bus::Envelope::new(kind, payload).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    bazaar_chassis::messaging::enqueue(tx, &[(PRODUCT, kind, &event)]).await
 }
 
 /// Replaces a product's fields; `None` if there is no such product.
@@ -158,9 +167,7 @@ pub async fn update(
     if let Some(p) = &product {
         bump_version(&mut tx).await?;
         // Orders drops the price it cached.
-        let event = bazaar_bus::Envelope::new(PRODUCT_UPDATED, p)
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        bazaar_chassis::messaging::enqueue(&mut tx, &[(PRODUCT, PRODUCT_UPDATED, &event)]).await?;
+        publish(&mut tx, PRODUCT_UPDATED, p).await?;
     }
     tx.commit().await?;
     Ok(product)
@@ -180,9 +187,7 @@ pub async fn delete(db: &AnyPool, id: &str) -> Result<bool, sqlx::Error> {
         let gone = ProductRef {
             product_id: id.to_owned(),
         };
-        let event = bazaar_bus::Envelope::new(PRODUCT_DELETED, &gone)
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        bazaar_chassis::messaging::enqueue(&mut tx, &[(PRODUCT, PRODUCT_DELETED, &event)]).await?;
+        publish(&mut tx, PRODUCT_DELETED, &gone).await?;
     }
     tx.commit().await?;
     Ok(deleted)

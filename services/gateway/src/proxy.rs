@@ -536,10 +536,10 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
         })??
     };
 
-    let login = match route.login {
-        true => Some(login_keys(&bytes, edge.client)?),
-        false => None,
-    };
+    let login = route
+        .login
+        .then(|| login_keys(&bytes, edge.client))
+        .transpose()?;
     if let Some((account, ip)) = &login {
         let checks = account
             .iter()

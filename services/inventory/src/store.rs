@@ -78,17 +78,6 @@ async fn set_status(
     Ok(())
 }
 
-async fn is_retired(conn: &mut AnyConnection, product_id: &str) -> Result<bool, sqlx::Error> {
-    let row = sqlx::query("SELECT retired FROM stock WHERE product_id = $1")
-        .bind(product_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(match row {
-        Some(r) => r.try_get::<i64, _>("retired")? != 0,
-        None => false,
-    })
-}
-
 /// The product was deleted: no more of it can be reserved. A product
 /// inventory has not heard of yet gets a retired row, so that a late
 /// `product.created` does not stock it.
@@ -137,7 +126,8 @@ pub async fn ensure(
 }
 
 /// Adds `delta_available` and `delta_reserved` to a product's stock, only if
-/// neither goes negative; `false` if it would have.
+/// neither goes negative and, when units are taken from `available`, the
+/// product is not retired; `false` if it would have.
 async fn shift(
     conn: &mut AnyConnection,
     product_id: &str,
@@ -146,7 +136,8 @@ async fn shift(
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE stock SET available = available + $2, reserved = reserved + $3, updated_at = $4
-         WHERE product_id = $1 AND available + $2 >= 0 AND reserved + $3 >= 0",
+         WHERE product_id = $1 AND available + $2 >= 0 AND reserved + $3 >= 0
+           AND (retired = 0 OR $2 >= 0)",
     )
     .bind(product_id)
     .bind(delta_available)
@@ -183,12 +174,6 @@ pub async fn reserve(
                 set_status(conn, order_id, Outcome::Rejected).await?;
                 return Ok(Outcome::Rejected);
             }
-        }
-    }
-    for product in wanted.keys() {
-        if is_retired(conn, product).await? {
-            set_status(conn, order_id, Outcome::Rejected).await?;
-            return Ok(Outcome::Rejected);
         }
     }
     let mut taken = Vec::new();

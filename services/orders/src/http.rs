@@ -200,23 +200,21 @@ async fn checkout(
             "all products of one order must share a currency",
         ));
     }
-    // Lines of the same product are merged, in first-seen order.
-    let mut items: Vec<OrderItem> = Vec::new();
-    for line in &body.items {
-        if let Some(item) = items.iter_mut().find(|i| i.product_id == line.product_id) {
-            item.quantity += line.quantity;
-            continue;
-        }
-        let Some(p) = products.get(&line.product_id) else {
-            return Err(Problem::invalid("items", "a product could not be priced"));
-        };
-        items.push(OrderItem {
-            product_id: p.id.clone(),
-            name: p.name.clone(),
-            unit_price: p.price,
-            quantity: line.quantity,
-        });
-    }
+    // One item per product (the lines merged), in first-seen order.
+    let items = wanted
+        .iter()
+        .map(|(id, quantity)| {
+            let p = products
+                .get(*id)
+                .ok_or_else(|| Problem::invalid("items", "a product could not be priced"))?;
+            Ok(OrderItem {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                unit_price: p.price,
+                quantity: *quantity,
+            })
+        })
+        .collect::<Result<Vec<_>, Problem>>()?;
     let cmd = CreateOrder {
         user_id: caller.id,
         user_email: caller.email,
