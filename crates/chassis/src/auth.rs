@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
-use bazaar_mesh::Discovery;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
@@ -50,11 +49,11 @@ impl Audience {
 
 /// Checks access tokens.
 pub struct Verifier {
-    discovery: Option<Discovery>,
+    /// Calls auth for its keys (none: the keys were given).
+    calls: Option<bazaar_mesh::Client>,
     validation: Validation,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
-    http: reqwest::Client,
     /// Tokens already verified, with their claims. A token's signature
     /// check costs tens of microseconds and the same token arrives on every
     /// call of a session, at every hop; its bytes decide the outcome, so a
@@ -111,30 +110,25 @@ pub const ED25519_PKCS8_PREFIX: [u8; 16] = [
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Verifier {
-    /// Keys come from the `auth` service found through `discovery`.
-    pub fn remote(discovery: Discovery, audience: Audience) -> Self {
+    /// Keys come from the `auth` service, called through `calls`.
+    pub fn remote(calls: bazaar_mesh::Client, audience: Audience) -> Self {
         Self {
-            discovery: Some(discovery),
+            calls: Some(calls),
             validation: validation(&audience),
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::default(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
         }
     }
 
     /// Keys are given (the auth service verifies its own tokens).
     pub fn local(jwks: &JwkSet, audience: Audience) -> Self {
         let v = Self {
-            discovery: None,
+            calls: None,
             validation: validation(&audience),
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::default(),
-            http: reqwest::Client::new(),
         };
         v.set_keys(jwks);
         v
@@ -236,7 +230,7 @@ impl Verifier {
     }
 
     async fn refetch(&self) -> Result<(), Problem> {
-        let Some(discovery) = &self.discovery else {
+        let Some(calls) = &self.calls else {
             return Ok(());
         };
         let mut last = self.last_fetch.lock().await;
@@ -244,19 +238,16 @@ impl Verifier {
             return Ok(());
         }
         *last = Some(Instant::now());
-        let auth = discovery.pick("auth").await.map_err(|e| {
-            tracing::warn!(error = %e, "no auth instance to fetch the JWKS from");
-            Problem::unavailable("cannot verify tokens: the auth service is unavailable")
-        })?;
-        let url = format!("{}/.well-known/jwks.json", auth.address);
         let fetched = async {
-            self.http
-                .get(&url)
+            let reply = calls
+                .get("auth", &[".well-known", "jwks.json"])
+                .timeout(Duration::from_secs(5))
                 .send()
-                .await?
-                .error_for_status()?
-                .json::<JwkSet>()
-                .await
+                .await?;
+            if reply.status != http::StatusCode::OK {
+                return Err(reply.unexpected());
+            }
+            reply.json::<JwkSet>()
         }
         .await;
         match fetched {
@@ -265,8 +256,10 @@ impl Verifier {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(error = %e, %url, "JWKS fetch failed");
-                Err(Problem::unavailable("cannot fetch token signing keys"))
+                tracing::warn!(error = %e, "JWKS fetch failed");
+                Err(Problem::unavailable(
+                    "cannot verify tokens: the auth service is unavailable",
+                ))
             }
         }
     }

@@ -112,6 +112,8 @@ pub struct Config {
     pub weight: u32,
     /// The gateway's routes and edge policies (`[gateway]`).
     pub gateway: GatewayConfig,
+    /// Calls between services (`[calls]`, `BAZAAR_CALLS__…`).
+    pub calls: CallsConfig,
     /// The file this configuration was read from, if any (the gateway
     /// watches it and reloads its routes when it changes).
     #[serde(skip)]
@@ -136,6 +138,58 @@ impl Default for InventoryConfig {
         Self {
             default_stock: 100,
             reservation_ttl_ms: None,
+        }
+    }
+}
+
+/// `[calls]`: how a service calls another (the mesh client). The
+/// gateway's own upstream calls take the `[gateway]` settings instead.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CallsConfig {
+    /// Time for one attempt, whole answer included, in ms. Default 5000.
+    pub timeout_ms: u64,
+    /// Calls in flight to one target service at most; more are refused
+    /// at once (503). Default 256.
+    pub bulkhead: usize,
+    /// Connection failures or timeouts in a row that open an instance's
+    /// breaker. Default 3.
+    pub eject_after: u32,
+    /// How long an open breaker fails calls fast before one probe, in ms.
+    /// Default 5000.
+    pub breaker_open_ms: u64,
+    /// How often each target instance's `/health` is polled, in ms. Default 2000.
+    pub health_interval_ms: u64,
+    /// Retries allowed as a share of calls, in percent (10 a second are
+    /// always allowed). Default 20.
+    pub retry_budget_percent: u32,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 5000,
+            bulkhead: 256,
+            eject_after: 3,
+            breaker_open_ms: 5000,
+            health_interval_ms: 2000,
+            retry_budget_percent: 20,
+        }
+    }
+}
+
+impl CallsConfig {
+    /// The mesh settings these values make.
+    pub fn settings(&self) -> bazaar_mesh::upstream::Settings {
+        bazaar_mesh::upstream::Settings {
+            breaker: bazaar_mesh::breaker::BreakerSettings {
+                consecutive: self.eject_after.max(1),
+                open_for: std::time::Duration::from_millis(self.breaker_open_ms),
+                ..Default::default()
+            },
+            health_interval: std::time::Duration::from_millis(self.health_interval_ms.max(100)),
+            budget_percent: self.retry_budget_percent,
+            bulkhead: self.bulkhead.max(1),
         }
     }
 }
@@ -181,6 +235,7 @@ impl Default for Config {
             smtp_from: "bazaar@localhost".into(),
             weight: 1,
             gateway: GatewayConfig::default(),
+            calls: CallsConfig::default(),
             file: None,
         }
     }

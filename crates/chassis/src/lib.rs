@@ -41,23 +41,30 @@ pub struct ServiceContext {
     pub metrics: Metrics,
     pub bus: Bus,
     pub discovery: Discovery,
+    /// Calls other services by name (breakers, retries, bulkhead).
+    pub calls: bazaar_mesh::Client,
     pub verifier: Arc<Verifier>,
 }
 
 impl ServiceContext {
     /// A context for service `name` with a fresh instance id and metrics registry.
     pub fn new(name: &'static str, config: Arc<Config>, bus: Bus, discovery: Discovery) -> Self {
-        let verifier = Arc::new(Verifier::remote(
+        let calls = bazaar_mesh::Client::new(
             discovery.clone(),
-            auth::Audience::of(&config),
-        ));
+            config.calls.settings(),
+            std::time::Duration::from_millis(config.calls.timeout_ms.max(1)),
+        );
+        let metrics = Metrics::new(name);
+        metrics.with_registry(|r| calls.instruments().register(r));
+        let verifier = Arc::new(Verifier::remote(calls.clone(), auth::Audience::of(&config)));
         Self {
             name,
             instance_id: format!("{name}-{}", uuid::Uuid::now_v7()),
             config,
-            metrics: Metrics::new(name),
+            metrics,
             bus,
             discovery,
+            calls,
             verifier,
         }
     }

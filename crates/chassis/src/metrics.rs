@@ -94,6 +94,12 @@ impl Metrics {
             .register(name, help, metric);
     }
 
+    /// Gives `add` the registry, to register metrics of a shared part
+    /// (the mesh client's).
+    pub fn with_registry(&self, add: impl FnOnce(&mut Registry)) {
+        add(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
     /// Everything registered, in the format `accept` asks for: OpenMetrics
     /// when it names `application/openmetrics-text`, else the classic
     /// Prometheus text format 0.0.4. Returns the text and its content type.

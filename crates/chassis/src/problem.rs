@@ -118,6 +118,27 @@ impl Problem {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", detail)
     }
 
+    /// What a caller answers when a call to another service failed: the
+    /// mesh's one mapping (503 unavailable or circuit open, 504 timeout,
+    /// 502 bad answer), with a stable detail. The cause is logged here,
+    /// never sent.
+    pub fn from_call(e: &bazaar_mesh::CallError) -> Self {
+        tracing::warn!(error = %e, "call failed");
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let slug = match e.kind {
+            bazaar_mesh::ErrorKind::Timeout => "timeout",
+            bazaar_mesh::ErrorKind::BadAnswer => "bad-gateway",
+            bazaar_mesh::ErrorKind::InvalidRequest => "bad-request",
+            _ => "unavailable",
+        };
+        let p = Self::new(status, slug, e.detail());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            p.retry_after(1)
+        } else {
+            p
+        }
+    }
+
     /// Adds `Retry-After` (seconds).
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
@@ -158,6 +179,12 @@ impl IntoResponse for Problem {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
+    }
+}
+
+impl From<bazaar_mesh::CallError> for Problem {
+    fn from(e: bazaar_mesh::CallError) -> Self {
+        Self::from_call(&e)
     }
 }
 

@@ -78,11 +78,14 @@ impl Breaker {
 
     /// The state, with an open breaker whose time is up shown half-open.
     pub fn state(&self) -> BreakerState {
+        self.state_at(Instant::now())
+    }
+
+    /// [`Breaker::state`] at `now`.
+    pub fn state_at(&self, now: Instant) -> BreakerState {
         let inner = self.lock();
         match inner.state {
-            BreakerState::Open if inner.opened_at.elapsed() >= self.settings.open_for => {
-                BreakerState::HalfOpen
-            }
+            BreakerState::Open if self.time_up(&inner, now) => BreakerState::HalfOpen,
             s => s,
         }
     }
@@ -93,17 +96,26 @@ impl Breaker {
         match inner.state {
             BreakerState::Closed => true,
             BreakerState::HalfOpen => !inner.probing,
-            BreakerState::Open => inner.opened_at.elapsed() >= self.settings.open_for,
+            BreakerState::Open => self.time_up(&inner, Instant::now()),
         }
+    }
+
+    fn time_up(&self, inner: &Inner, now: Instant) -> bool {
+        now.saturating_duration_since(inner.opened_at) >= self.settings.open_for
     }
 
     /// Claims the right to make a call: always when closed; when half-open
     /// (or open with its time up) only the one probe at a time.
     pub fn try_acquire(&self) -> bool {
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// [`Breaker::try_acquire`] at `now`.
+    pub fn try_acquire_at(&self, now: Instant) -> bool {
         let mut inner = self.lock();
         match inner.state {
             BreakerState::Closed => true,
-            BreakerState::Open if inner.opened_at.elapsed() < self.settings.open_for => false,
+            BreakerState::Open if !self.time_up(&inner, now) => false,
             BreakerState::Open | BreakerState::HalfOpen => {
                 if inner.probing {
                     return false;
@@ -118,6 +130,11 @@ impl Breaker {
     /// Records a call's outcome. While open, outcomes of calls that began
     /// before it opened are ignored: only the probe decides.
     pub fn record(&self, ok: bool) {
+        self.record_at(ok, Instant::now());
+    }
+
+    /// [`Breaker::record`] at `now`.
+    pub fn record_at(&self, ok: bool, now: Instant) {
         let mut inner = self.lock();
         if inner.state == BreakerState::Open {
             return;
@@ -148,7 +165,7 @@ impl Breaker {
         };
         if trip {
             inner.state = BreakerState::Open;
-            inner.opened_at = Instant::now();
+            inner.opened_at = now;
             inner.probing = false;
         }
     }
@@ -207,5 +224,104 @@ mod tests {
         b.healthy_again();
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert!(b.try_acquire());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Acquire,
+            Ok,
+            Fail,
+            Wait(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => Just(Op::Acquire),
+                2 => Just(Op::Ok),
+                3 => Just(Op::Fail),
+                1 => (0u64..120).prop_map(Op::Wait),
+            ]
+        }
+
+        proptest! {
+            /// Whatever happens: a closed breaker lets every call through;
+            /// an open one none until its time is up; a half-open one one
+            /// probe at a time; it opens only on a failure, after
+            /// `consecutive` failures in a row at the latest; the probe's
+            /// outcome decides (success closes, failure reopens).
+            #[test]
+            fn the_state_machine_holds(ops in proptest::collection::vec(op(), 1..300)) {
+                let settings = BreakerSettings {
+                    consecutive: 3,
+                    window: 20,
+                    min_calls: 10,
+                    open_for: Duration::from_millis(100),
+                };
+                let b = Breaker::new(settings);
+                let mut now = Instant::now();
+                let mut opened_at: Option<Instant> = None;
+                let mut in_a_row = 0u32;
+                let mut probe_out = false;
+                for op in ops {
+                    let before = b.state_at(now);
+                    match op {
+                        Op::Wait(ms) => now += Duration::from_millis(ms),
+                        Op::Acquire => {
+                            let got = b.try_acquire_at(now);
+                            match before {
+                                BreakerState::Closed => prop_assert!(got),
+                                BreakerState::Open => prop_assert!(!got),
+                                BreakerState::HalfOpen => {
+                                    prop_assert_eq!(got, !probe_out);
+                                    if got {
+                                        probe_out = true;
+                                    }
+                                }
+                            }
+                        }
+                        Op::Ok | Op::Fail => {
+                            let ok = matches!(op, Op::Ok);
+                            b.record_at(ok, now);
+                            let after = b.state_at(now);
+                            in_a_row = if ok { 0 } else { in_a_row + 1 };
+                            match before {
+                                BreakerState::Open => prop_assert_eq!(after, BreakerState::Open),
+                                BreakerState::HalfOpen if probe_out => {
+                                    prop_assert_eq!(after, if ok { BreakerState::Closed } else { BreakerState::Open });
+                                    probe_out = false;
+                                }
+                                BreakerState::HalfOpen => {}
+                                BreakerState::Closed => {
+                                    if ok {
+                                        prop_assert_eq!(after, BreakerState::Closed);
+                                    } else if in_a_row >= settings.consecutive {
+                                        prop_assert_eq!(after, BreakerState::Open);
+                                    }
+                                }
+                            }
+                            if after == BreakerState::Open && before != BreakerState::Open {
+                                prop_assert!(!ok, "only a failure opens it");
+                                opened_at = Some(now);
+                                in_a_row = 0;
+                            }
+                            if after == BreakerState::Closed && before != BreakerState::Closed {
+                                in_a_row = 0;
+                            }
+                        }
+                    }
+                    // An open breaker stays open for its whole time.
+                    if let Some(at) = opened_at
+                        && now.duration_since(at) < settings.open_for
+                        && b.state_at(now) != BreakerState::Closed
+                    {
+                        prop_assert_eq!(b.state_at(now), BreakerState::Open);
+                    }
+                }
+            }
+        }
     }
 }

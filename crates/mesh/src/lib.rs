@@ -1,4 +1,6 @@
-//! Service discovery: where each service's instances are.
+//! Service discovery and resilient calls: where each service's instances
+//! are, and one way to call them ([`upstream::Upstreams`], with the
+//! [`client::Client`] services use).
 //!
 //! [`Registry`] is the backend trait; [`MemoryRegistry`] serves the embedded
 //! mode (every service registers the ephemeral port it bound) and
@@ -7,6 +9,12 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod client;
+pub mod error;
+pub mod upstream;
+
+pub use client::Client;
+pub use error::{CallError, ErrorKind};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

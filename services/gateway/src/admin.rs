@@ -116,7 +116,7 @@ async fn list_services(
     g: &crate::proxy::Shared,
     edge: &crate::edge::Edge,
     headers: &axum::http::HeaderMap,
-) -> Result<Json<Vec<crate::upstream::InstanceView>>, Problem> {
+) -> Result<Json<Vec<bazaar_mesh::upstream::InstanceView>>, Problem> {
     if !edge.client.is_loopback() {
         match g.claims(headers).await? {
             None => return Err(Problem::unauthorized("an admin token is required")),
@@ -124,7 +124,7 @@ async fn list_services(
             Some(_) => {}
         }
     }
-    g.pools.view().await.map(Json).map_err(|e| {
+    g.upstreams.view().await.map(Json).map_err(|e| {
         tracing::warn!(error = %e, "cannot list instances");
         Problem::unavailable("service discovery is unavailable")
     })

@@ -206,7 +206,9 @@ pub struct Outgoing<'a> {
     pub method: &'a Method,
     /// Path and query, checked with [`valid_target`].
     pub target: &'a str,
-    /// With `Host`, without hop-by-hop fields; `Content-Length` is
+    /// The `Host` field: the instance's authority.
+    pub host: &'a HeaderValue,
+    /// Without `Host` and hop-by-hop fields; `Content-Length` is
     /// replaced by the body's.
     pub headers: &'a HeaderMap,
     pub body: &'a Bytes,
@@ -240,16 +242,20 @@ fn encode(req: &Outgoing<'_>) -> Vec<u8> {
         .headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
+        .sum::<usize>()
+        + req.host.len()
+        + 8;
     // Request line, fields, a content-length field, the blank line: one
     // allocation, never grown.
     let mut out = Vec::with_capacity(req.target.len() + fields + 64 + inline);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(req.host.as_bytes());
+    out.extend_from_slice(b"\r\n");
     for (name, value) in req.headers {
-        if name == header::CONTENT_LENGTH {
+        if name == header::CONTENT_LENGTH || name == header::HOST {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -268,6 +274,27 @@ fn encode(req: &Outgoing<'_>) -> Vec<u8> {
         out.extend_from_slice(req.body);
     }
     out
+}
+
+/// Whether the instance at `authority` answers `GET /health` with 200
+/// (the active health check), reading the body so the connection stays
+/// usable.
+pub async fn healthy(authority: &str, host: &HeaderValue) -> bool {
+    let req = Outgoing {
+        method: &Method::GET,
+        target: "/health",
+        host,
+        headers: &HeaderMap::new(),
+        body: &Bytes::new(),
+    };
+    let Ok(res) = send(authority, &req, Instant::now()).await else {
+        return false;
+    };
+    let ok = res.status() == StatusCode::OK;
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .is_ok()
+        && ok
 }
 
 /// Sends `req` to `authority` (`host:port`) on an idle connection, or a

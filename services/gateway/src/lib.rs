@@ -14,7 +14,6 @@ mod overview;
 mod proxy;
 mod table;
 mod transform;
-mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,20 +57,27 @@ impl Application {
             );
         }
         let g = &config.gateway;
-        let pools = upstream::Pools::new(
+        let probe: bazaar_mesh::upstream::Probe = Arc::new(|member| {
+            Box::pin(async move { conn::healthy(&member.authority, &member.host).await })
+        });
+        let upstreams = bazaar_mesh::upstream::Upstreams::new(
             self.ctx.discovery.clone(),
-            BreakerSettings {
-                consecutive: g.eject_after.max(1),
-                open_for: Duration::from_millis(g.breaker_open_ms),
-                ..BreakerSettings::default()
+            bazaar_mesh::upstream::Settings {
+                breaker: BreakerSettings {
+                    consecutive: g.eject_after.max(1),
+                    open_for: Duration::from_millis(g.breaker_open_ms),
+                    ..BreakerSettings::default()
+                },
+                health_interval: Duration::from_millis(g.health_interval_ms.max(100)),
+                budget_percent: g.retry_budget_percent,
+                bulkhead: g.bulkhead.max(1),
             },
-            Duration::from_millis(g.health_interval_ms.max(100)),
-            g.retry_budget_percent,
-            shutdown.clone(),
+            probe,
+            self.ctx.calls.instruments(),
         );
         let state: proxy::Shared = Arc::new(proxy::Gateway {
             live,
-            pools,
+            upstreams,
             verifier: self.ctx.verifier.clone(),
             buckets: limit::Buckets::default(),
             cache: cache::Cache::default(),

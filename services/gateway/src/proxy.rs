@@ -14,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use bazaar_chassis::auth::{Claims, bearer};
 use bazaar_chassis::{Problem, Verifier};
 use bazaar_mesh::balance::Strategy;
+use bazaar_mesh::error::Failure;
+use bazaar_mesh::upstream::{CallOptions, Member, Upstreams};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 
@@ -23,12 +25,12 @@ use crate::edge::{Edge, ServedBy};
 use crate::limit::{Buckets, Decision};
 use crate::table::{LimitKey, Live, Transform};
 use crate::transform;
-use crate::upstream::{Member, NoPick, Pools};
 
 /// Everything the gateway's handlers share.
 pub struct Gateway {
     pub live: Live,
-    pub pools: Arc<Pools>,
+    /// The mesh's upstream core, sending on [`conn`]'s connections.
+    pub upstreams: Arc<Upstreams>,
     pub verifier: Arc<Verifier>,
     pub buckets: Buckets,
     pub cache: Cache,
@@ -133,17 +135,6 @@ fn limited(d: &Decision, detail: &str) -> Response {
     res
 }
 
-/// 503; what the registry said stays in the log.
-fn no_pick(e: NoPick) -> Problem {
-    match e {
-        NoPick::Registry(cause) => {
-            tracing::warn!(error = %cause, "cannot reach the registry");
-            Problem::unavailable("service discovery is unavailable")
-        }
-        other => Problem::unavailable(other.to_string()),
-    }
-}
-
 /// The upstream's answer and the instance that gave it.
 pub struct Answer {
     pub response: hyper::Response<conn::Pooled>,
@@ -167,12 +158,10 @@ impl Gateway {
         }
     }
 
-    /// Sends a request to an instance of `call.service`. A connection
-    /// failure of an idempotent request is retried on another instance
-    /// while the retry budget allows. Transport failures and timeouts
-    /// count against the instance's breaker; answers of any status do
-    /// not (a 503 from an instance usually means one of *its*
-    /// dependencies is down, which another instance would not fix).
+    /// Sends a request to an instance of `call.service` through the
+    /// mesh's one call path (bulkhead, balancing, breakers, timeout,
+    /// retries within the budget), on the gateway's own HTTP/1
+    /// connections. Answers of any status are passed on as they are.
     pub async fn send(
         self: &Arc<Self>,
         call: &Call<'_>,
@@ -185,74 +174,34 @@ impl Gateway {
         if !conn::valid_target(path_and_query) {
             return Err(Problem::bad_request("the request path cannot be forwarded"));
         }
-        let attempts = if conn::idempotent(method) {
-            1 + call.retries
-        } else {
-            1
+        let options = CallOptions {
+            strategy: call.strategy,
+            timeout: call.timeout,
+            retries: call.retries,
+            idempotent: conn::idempotent(method),
+            client: Some(client),
         };
-        let mut headers = headers;
-        let mut tried: Vec<String> = Vec::new();
-        let mut failure = None;
-        for attempt in 0..attempts {
-            if attempt > 0 && !self.pools.withdraw(call.service) {
-                tracing::debug!(service = call.service, "retry budget spent");
-                break;
-            }
-            let pick = match self
-                .pools
-                .pick(call.service, call.strategy, client, &tried)
-                .await
-            {
-                Ok(p) => p,
-                Err(e) if attempt == 0 => return Err(no_pick(e)),
-                Err(_) => break,
-            };
-            headers.insert(header::HOST, pick.member.host.clone());
-            let req = conn::Outgoing {
-                method,
-                target: path_and_query,
-                headers: &headers,
-                body: &body,
-            };
-            let alternatives = pick.alternatives;
-            let started = Instant::now();
-            let sent = conn::send(&pick.member.authority, &req, started);
-            match tokio::time::timeout(call.timeout, sent).await {
-                Ok(Ok(response)) => {
-                    let member = Arc::clone(&pick.member);
-                    pick.finish(true, started.elapsed());
-                    return Ok(Answer { response, member });
-                }
-                Ok(Err(e)) => {
-                    let id = pick.member.instance.id.clone();
-                    pick.finish(false, started.elapsed());
-                    tracing::warn!(service = call.service, instance = %id, error = %e, "upstream call failed");
-                    failure = Some(match e {
-                        SendError::Connect(..) => {
-                            Problem::unavailable(format!("{} is unreachable", call.service))
-                        }
-                        SendError::Failed(_) => Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            "bad-gateway",
-                            format!("{} failed to answer", call.service),
-                        ),
-                    });
-                    if alternatives == 0 {
-                        break;
-                    }
-                    tried.push(id);
-                }
-                Err(_) => {
-                    pick.finish(false, started.elapsed());
-                    return Err(Problem::timeout(format!(
-                        "{} did not answer in time",
-                        call.service
-                    )));
-                }
-            }
-        }
-        Err(failure
-            .unwrap_or_else(|| Problem::unavailable(format!("{} is unavailable", call.service))))
+        let (headers, body) = (&headers, &body);
+        let (response, member) = self
+            .upstreams
+            .call(call.service, &options, |member: Arc<Member>| async move {
+                let req = conn::Outgoing {
+                    method,
+                    target: path_and_query,
+                    host: &member.host,
+                    headers,
+                    body,
+                };
+                conn::send(&member.authority, &req, Instant::now())
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Connect(..) => Failure::connect(e),
+                        SendError::Failed(_) => Failure::bad_answer(e),
+                    })
+            })
+            .await
+            .map_err(|e| Problem::from_call(&e))?;
+        Ok(Answer { response, member })
     }
 }
 

@@ -15,7 +15,6 @@ use bazaar_chassis::id::PathId;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
 use bazaar_contracts::{Checkout, CreateOrder, Order, OrderItem, Page, Product, StockLine};
-use bazaar_mesh::Discovery;
 
 use crate::domain;
 use crate::store::{self, NewOrder};
@@ -26,8 +25,8 @@ pub struct AppState {
     pub db: Db,
     pub verifier: Arc<Verifier>,
     pub writer: OrderWriter,
-    pub discovery: Discovery,
-    pub client: reqwest::Client,
+    /// Calls catalog for prices.
+    pub calls: bazaar_mesh::Client,
     pub prices: Arc<PriceCache>,
 }
 
@@ -188,7 +187,7 @@ async fn checkout(
             return replayed(order, &wanted, key);
         }
     }
-    let products = price(&s, &body).await?;
+    let products = price(&s, &headers, &body).await?;
     let currency = products
         .values()
         .next()
@@ -283,7 +282,11 @@ fn replayed(
 }
 
 /// The products of a checkout, from catalog; 422 naming unknown ids.
-async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>, Problem> {
+async fn price(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: &Checkout,
+) -> Result<HashMap<String, Product>, Problem> {
     let mut ids: Vec<&str> = body.items.iter().map(|i| i.product_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -298,42 +301,22 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
     if ids.is_empty() {
         return Ok(known);
     }
-    let catalog = s.discovery.pick("catalog").await.map_err(|e| {
-        tracing::warn!(error = %e, "no catalog instance to price a checkout");
-        Problem::unavailable("the catalog is unavailable; try again")
-    })?;
-    let base = reqwest::Url::parse(&catalog.address)
-        .ok()
-        .filter(|u| !u.cannot_be_a_base())
-        .ok_or_else(|| {
-            tracing::error!(address = %catalog.address, "catalog registered an unusable address");
-            Problem::unavailable("the catalog is unavailable; try again")
-        })?;
-    let lookups = ids.iter().map(|id| {
-        let url = product_url(&base, id);
-        let client = &s.client;
-        async move {
-            let unavailable = |e: &dyn std::fmt::Display| {
-                tracing::warn!(error = %e, %url, "pricing call to catalog failed");
-                Problem::unavailable("the catalog is unavailable; try again")
-            };
-            let response = client
-                .get(url.clone())
-                .send()
-                .await
-                .map_err(|e| unavailable(&e))?;
-            match response.status() {
-                StatusCode::OK => response
-                    .json::<Product>()
-                    .await
-                    .map(Some)
-                    .map_err(|e| unavailable(&e)),
-                StatusCode::NOT_FOUND => Ok(None),
-                other => Err(unavailable(&other)),
-            }
+    let lookups = ids.iter().map(|id| async move {
+        let reply = s
+            .calls
+            .get("catalog", &["products", id])
+            .context(headers)
+            .send()
+            .await?;
+        match reply.status {
+            StatusCode::OK => reply.json::<Product>().map(Some),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(reply.unexpected()),
         }
     });
-    let found = futures::future::try_join_all(lookups).await?;
+    let found = futures::future::try_join_all(lookups)
+        .await
+        .map_err(|e| Problem::from_call(&e))?;
     let unknown: Vec<&str> = ids
         .iter()
         .zip(&found)
@@ -359,27 +342,4 @@ async fn price(s: &AppState, body: &Checkout) -> Result<HashMap<String, Product>
         known.insert(p.id.clone(), p);
     }
     Ok(known)
-}
-
-/// `<catalog>/products/<id>`, the id escaped as one path segment (it is
-/// a checked UUID; escaping keeps it one segment whatever it holds).
-fn product_url(catalog: &reqwest::Url, id: &str) -> reqwest::Url {
-    let mut url = catalog.clone();
-    if let Ok(mut path) = url.path_segments_mut() {
-        path.pop_if_empty().extend(["products", id]);
-    }
-    url
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn path_segments_built_from_data_are_escaped() {
-        let base = reqwest::Url::parse("http://127.0.0.1:7006").expect("url");
-        let url = super::product_url(&base, "../health?x=1#f");
-        assert_eq!(
-            url.as_str(),
-            "http://127.0.0.1:7006/products/..%2Fhealth%3Fx=1%23f"
-        );
-    }
 }

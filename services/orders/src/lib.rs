@@ -103,11 +103,8 @@ impl Application {
             db: db.clone(),
             verifier: ctx.verifier.clone(),
             writer,
-            discovery: ctx.discovery.clone(),
             prices,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_millis(ctx.config.upstream_timeout_ms))
-                .build()?,
+            calls: ctx.calls.clone(),
         };
         let ready = Readiness {
             db: Some(db.read.clone()),

@@ -48,6 +48,9 @@ pub struct GatewayConfig {
     /// Retries allowed as a share of requests, in percent (the retry
     /// budget; 10 retries per second are always allowed). Default 20.
     pub retry_budget_percent: u32,
+    /// Requests in flight to one service at most (the bulkhead); more
+    /// get 503 at once. Default 4096.
+    pub bulkhead: usize,
     /// One log line per request (target `access`). Default true.
     pub access_log: bool,
     /// Event-loop threads serving clients; each keeps its own upstream
@@ -78,6 +81,7 @@ impl Default for GatewayConfig {
             eject_after: 3,
             breaker_open_ms: 5000,
             retry_budget_percent: 20,
+            bulkhead: 4096,
             access_log: true,
         }
     }

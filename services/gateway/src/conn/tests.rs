@@ -93,6 +93,7 @@ async fn call_with(
     let req = Outgoing {
         method: &method,
         target,
+        host: &HeaderValue::from_static("up"),
         headers: &headers,
         body: &body,
     };
@@ -299,6 +300,7 @@ async fn requests_go_out_as_given_with_the_bodys_own_length() {
     let req = Outgoing {
         method: &Method::POST,
         target: "/p?q=1",
+        host: &HeaderValue::from_static("up"),
         headers: &headers,
         body: &body,
     };

@@ -1,0 +1,374 @@
+//! The client services call each other with, by service name:
+//! `client.get("catalog", &["products", id]).context(&headers).send()`.
+//! Its transport is a pooled `reqwest` client; everything else (bulkhead,
+//! discovery, balancing, breakers, timeout, retries) is
+//! [`Upstreams::call`]. Paths are built from segments it escapes, and every
+//! call carries `X-Request-Id` and a `traceparent` with a new span id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Discovery;
+use crate::balance::Strategy;
+use crate::error::{CallError, ErrorKind, Failure};
+use crate::upstream::{CallOptions, Instruments, Probe, Settings, Upstreams};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Largest answer a call reads into memory; a longer one is a bad answer.
+pub const MAX_ANSWER: usize = 8 * 1024 * 1024;
+
+/// Calls other services by name.
+#[derive(Clone)]
+pub struct Client {
+    upstreams: Arc<Upstreams>,
+    instruments: Instruments,
+    http: reqwest::Client,
+    timeout: Duration,
+    retries: u32,
+}
+
+impl Client {
+    /// A client over `discovery`; `timeout` bounds each attempt, whole
+    /// answer included. Its metrics go to fresh [`Instruments`]: see
+    /// [`Client::instruments`].
+    pub fn new(discovery: Discovery, settings: Settings, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        let probing = http.clone();
+        let probe: Probe = Arc::new(move |member| {
+            let http = probing.clone();
+            Box::pin(async move {
+                let url = format!("http://{}/health", member.authority);
+                matches!(http.get(url).send().await, Ok(r) if r.status() == StatusCode::OK)
+            })
+        });
+        let instruments = Instruments::default();
+        Self {
+            upstreams: Upstreams::new(discovery, settings, probe, &instruments),
+            instruments,
+            http,
+            timeout,
+            retries: 1,
+        }
+    }
+
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    /// The metrics of this client's calls, to register once per service
+    /// and to share with other [`Upstreams`] of the same service.
+    pub fn instruments(&self) -> &Instruments {
+        &self.instruments
+    }
+
+    /// A request to `service` at the path made of `segments`, each escaped.
+    pub fn request(&self, method: Method, service: &str, segments: &[&str]) -> Request<'_> {
+        Request {
+            client: self,
+            idempotent: idempotent(&method),
+            method,
+            service: service.to_owned(),
+            path: path(segments),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            timeout: self.timeout,
+        }
+    }
+
+    pub fn get(&self, service: &str, segments: &[&str]) -> Request<'_> {
+        self.request(Method::GET, service, segments)
+    }
+}
+
+/// Whether a method may be sent twice (RFC 9110 section 9.2.2).
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// One call being put together.
+pub struct Request<'a> {
+    client: &'a Client,
+    method: Method,
+    idempotent: bool,
+    service: String,
+    /// The escaped path and query, or why it cannot be sent.
+    path: Result<String, &'static str>,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+}
+
+/// The escaped path of `segments`. A segment that is empty, `.` or `..`
+/// is refused: URL parsers drop or resolve those, which would send the
+/// call to another resource than the one named.
+fn path(segments: &[&str]) -> Result<String, &'static str> {
+    let mut out = String::new();
+    for s in segments {
+        if s.is_empty() || *s == "." || *s == ".." {
+            return Err("an empty, '.' or '..' path segment");
+        }
+        out.push('/');
+        escape_into(&mut out, s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn escape_into(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+}
+
+impl Request<'_> {
+    /// Adds `name=value` to the query, both escaped.
+    #[must_use]
+    pub fn query(mut self, name: &str, value: &str) -> Self {
+        if let Ok(p) = &mut self.path {
+            p.push(if p.contains('?') { '&' } else { '?' });
+            escape_into(p, name);
+            p.push('=');
+            escape_into(p, value);
+        }
+        self
+    }
+
+    #[must_use]
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Carries on the request being served: its `X-Request-Id` and its
+    /// trace (with a new span id).
+    #[must_use]
+    pub fn context(mut self, incoming: &HeaderMap) -> Self {
+        if let Some(id) = incoming.get(X_REQUEST_ID) {
+            self.headers.insert(X_REQUEST_ID, id.clone());
+        }
+        if let Some(tp) = incoming.get(TRACEPARENT) {
+            self.headers.insert(TRACEPARENT, tp.clone());
+        }
+        self
+    }
+
+    /// Calls on the caller's behalf: its `Authorization` goes along, so
+    /// the service called applies the caller's rights, not the service's.
+    #[must_use]
+    pub fn on_behalf_of(mut self, incoming: &HeaderMap) -> Self {
+        if let Some(auth) = incoming.get(header::AUTHORIZATION) {
+            self.headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        self
+    }
+
+    /// A JSON body.
+    #[must_use]
+    pub fn json<T: Serialize>(mut self, body: &T) -> Self {
+        match serde_json::to_vec(body) {
+            Ok(bytes) => {
+                self.body = Bytes::from(bytes);
+                self.headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Err(_) => self.path = Err("a body that cannot be encoded"),
+        }
+        self
+    }
+
+    /// Bounds each attempt (default: the client's).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends the call and reads the whole answer.
+    pub async fn send(mut self) -> Result<Reply, CallError> {
+        let path = self.path.map_err(|why| {
+            CallError::new(&self.service, ErrorKind::InvalidRequest, false).because(why)
+        })?;
+        if !self.headers.contains_key(X_REQUEST_ID) {
+            let id = format!("{:032x}", rand::random::<u128>());
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                self.headers.insert(X_REQUEST_ID, v);
+            }
+        }
+        // The caller's trace (or a new one), with a span id of this call.
+        let parent = self.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+        if let Ok(v) = HeaderValue::from_str(&child_traceparent(parent)) {
+            self.headers.insert(TRACEPARENT, v);
+        }
+        let options = CallOptions {
+            strategy: Strategy::RoundRobin,
+            timeout: self.timeout,
+            retries: self.client.retries,
+            idempotent: self.idempotent,
+            client: None,
+        };
+        let (http, method, headers, body) =
+            (&self.client.http, &self.method, &self.headers, &self.body);
+        let path = path.as_str();
+        let (reply, _) = self
+            .client
+            .upstreams
+            .call(&self.service, &options, |member| async move {
+                let url = format!("http://{}{path}", member.authority);
+                let response = http
+                    .request(method.clone(), url)
+                    .headers(headers.clone())
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        if e.is_connect() {
+                            Failure::connect(e)
+                        } else {
+                            Failure::bad_answer(e)
+                        }
+                    })?;
+                read(response).await
+            })
+            .await?;
+        Ok(Reply {
+            service: self.service,
+            ..reply
+        })
+    }
+}
+
+async fn read(mut response: reqwest::Response) -> Result<Reply, Failure> {
+    let status = response.status();
+    let headers = std::mem::take(response.headers_mut());
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER as u64)
+    {
+        return Err(Failure::bad_answer("the answer is too large"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Failure::bad_answer)? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(Failure::bad_answer("the answer is too large"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Reply {
+        service: String::new(),
+        status,
+        headers,
+        body: Bytes::from(body),
+    })
+}
+
+/// A `traceparent` in the trace of `parent` (a new trace without one, or
+/// when it is malformed), with a new span id.
+pub fn child_traceparent(parent: Option<&str>) -> String {
+    let trace = parent
+        .and_then(|p| {
+            let mut parts = p.split('-');
+            let (version, trace, span, flags) =
+                (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            let hex = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+            (version == "00"
+                && hex(trace, 32)
+                && hex(span, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0'))
+            .then(|| (trace.to_ascii_lowercase(), flags.to_owned()))
+        })
+        .unwrap_or_else(|| {
+            (
+                format!("{:032x}", rand::random::<u128>() | 1),
+                "01".to_owned(),
+            )
+        });
+    format!(
+        "00-{}-{:016x}-{}",
+        trace.0,
+        rand::random::<u64>() | 1,
+        trace.1
+    )
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Reply {
+    service: String,
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON; one that does not parse is a bad answer.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, CallError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| CallError::new(&self.service, ErrorKind::BadAnswer, false).because(e))
+    }
+
+    /// A bad answer naming an unexpected status, for the caller's error.
+    pub fn unexpected(&self) -> CallError {
+        CallError::new(&self.service, ErrorKind::BadAnswer, false)
+            .because(format!("unexpected status {}", self.status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_escaped_and_dot_segments_refused() {
+        assert_eq!(
+            path(&["products", "../health?x=1#f"]).as_deref(),
+            Ok("/products/..%2Fhealth%3Fx%3D1%23f")
+        );
+        assert_eq!(
+            path(&["products", "%2e%2e"]).as_deref(),
+            Ok("/products/%252e%252e")
+        );
+        assert!(path(&["users", ".."]).is_err());
+        assert!(path(&["users", "."]).is_err());
+        assert!(path(&["users", ""]).is_err());
+        assert_eq!(path(&[]).as_deref(), Ok("/"));
+    }
+
+    #[test]
+    fn traceparents_keep_the_trace_and_get_a_new_span() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = child_traceparent(Some(parent));
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(child.ends_with("-01"));
+        assert_ne!(child, parent);
+        let fresh = child_traceparent(Some("garbage"));
+        assert_eq!(fresh.len(), 55);
+        assert!(!fresh.contains("garbage"));
+    }
+}
