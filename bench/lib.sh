@@ -6,7 +6,7 @@ PROFILE=${PROFILE:-release}
 AMQP=${BAZAAR_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 DB=${BAZAAR_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 PREFIX="b$(date +%s)${RANDOM}_"
-SERVICES=(auth inventory payments notifications orders catalog gateway)
+SERVICES=(auth users inventory payments notifications orders catalog gateway)
 declare -A PORT PID
 WORK=$(mktemp -d)
 VHOST=""

@@ -29,6 +29,14 @@ curl -sf -X POST "$API/auth/register" -H 'content-type: application/json' \
   -d "{\"email\":\"$email\",\"password\":\"correct-horse\",\"name\":\"Ann\"}" >/dev/null
 TOKEN=$(curl -sf -X POST "$API/auth/login" -H 'content-type: application/json' \
   -d "{\"email\":\"$email\",\"password\":\"correct-horse\"}" | jq -r .access_token)
+# users made a profile from the registration; a change to it is answered.
+for _ in $(seq 1 30); do
+  curl -sf "$API/users/me" -H "authorization: Bearer $TOKEN" >/dev/null && break
+  sleep 1
+done
+name=$(curl -sf -X PATCH "$API/users/me" -H "authorization: Bearer $TOKEN" \
+  -H 'content-type: application/json' -d '{"name":"Ann Lee"}' | jq -r .name)
+[ "$name" = "Ann Lee" ] || { echo "readme: PATCH /users/me answered name=$name" >&2; tail -50 "$log"; exit 1; }
 P=$(curl -sf "$API/products?limit=1" | jq -r '.items[0].id')
 if [ "$P" = null ]; then
   echo "readme: the catalog is empty" >&2; exit 1

@@ -545,6 +545,7 @@ async fn serve_mode_on_rabbitmq_and_postgres() {
     wait_ready(&gateway).await;
     walkthrough(&gateway).await;
     concurrent_buyers(&gateway).await;
+    profiles_replicate(&gateway).await;
 
     // Every process still answers /ready against its real dependencies.
     let http = reqwest::Client::new();

@@ -191,3 +191,116 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Polls `path` as `token` until `done` holds for its 200 answer (up to
+/// 30 s); returns that answer.
+pub async fn eventually(
+    api: &Api,
+    path: &str,
+    token: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, v) = api.call("GET", path, Some(token), None).await;
+        if s == StatusCode::OK && done(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never got there: {s} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Profile replication through the gateway: a registration makes a
+/// profile; `PATCH /users/me` changes it, and the order view and the next
+/// notification show the new name with no call to users (their replicas
+/// are fed by `user.profile.updated`).
+pub async fn profiles_replicate(gateway: &str) {
+    let api = Api::new(gateway);
+    let email = format!("replica-{}@x.io", unique());
+    let (token, id) = api.register_and_login(&email).await;
+    let me = eventually(&api, "/users/me", &token, |p| p["id"] == id.as_str()).await;
+    assert_eq!(me["email"], email.as_str());
+    assert_eq!(me["name"], "Shopper");
+    assert!(me["phone"].is_null());
+
+    let (s, p) = api
+        .call(
+            "PATCH",
+            "/users/me",
+            Some(&token),
+            Some(json!({"name": "Renamed Shopper", "phone": "+1 555 0100", "address": "1 Market St"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["name"], "Renamed Shopper");
+    assert_eq!(p["phone"], "+1 555 0100");
+    assert!(p["updated_at"].as_str() > me["updated_at"].as_str());
+
+    // An order after the change: its view and its notification use the
+    // replicas' name.
+    let (_, products) = api.call("GET", "/products?limit=1", None, None).await;
+    let product = products["items"][0]["id"].as_str().unwrap().to_owned();
+    let (s, order) = api
+        .call(
+            "POST",
+            "/orders",
+            Some(&token),
+            Some(json!({"items": [{"product_id": product, "quantity": 1}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{order}");
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let seen = eventually(&api, &format!("/orders/{order_id}"), &token, |o| {
+        o["status"] != "PENDING" && o["user_name"] == "Renamed Shopper"
+    })
+    .await;
+    assert_eq!(seen["user_id"], id.as_str());
+    let notes = eventually(&api, "/notifications", &token, |n| {
+        n["items"].as_array().is_some_and(|items| {
+            items
+                .iter()
+                .any(|i| i["subject"].as_str().is_some_and(|s| s.contains(&order_id)))
+        })
+    })
+    .await;
+    let note = notes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["subject"].as_str().unwrap().contains(&order_id))
+        .unwrap();
+    assert!(
+        note["body"]
+            .as_str()
+            .unwrap()
+            .starts_with("Hello Renamed Shopper,"),
+        "{note}"
+    );
+
+    // The user's orders, through users → orders.
+    let (s, page) = api
+        .call("GET", &format!("/users/{id}/orders"), Some(&token), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert_eq!(page["items"][0]["id"], order_id.as_str());
+    api.assert_no_5xx();
+}
+
+/// The status of `method path` sent byte for byte, as a hostile client
+/// would: HTTP clients resolve `%2e%2e` segments before sending.
+pub async fn raw_status(base: &str, method: &str, path: &str, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}

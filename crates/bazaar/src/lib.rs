@@ -16,8 +16,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// Every service name `serve` accepts, in start order.
-pub const SERVICES: [&str; 7] = [
+pub const SERVICES: [&str; 8] = [
     "auth",
+    "users",
     "inventory",
     "payments",
     "notifications",
@@ -91,6 +92,10 @@ async fn start_one(
         }
         "payments" => {
             let app = bazaar_payments::Application::build(ctx).await?;
+            tokio::spawn(app.run_until_stopped(listener, shutdown))
+        }
+        "users" => {
+            let app = bazaar_users::Application::build(ctx).await?;
             tokio::spawn(app.run_until_stopped(listener, shutdown))
         }
         "notifications" => {

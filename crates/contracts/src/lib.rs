@@ -27,6 +27,12 @@ pub mod topics {
     pub const PAYMENT: &str = "payment";
 
     pub const USER_REGISTERED: &str = "user.registered";
+    /// Payload: the [`crate::Profile`] as it now is.
+    pub const USER_PROFILE_UPDATED: &str = "user.profile.updated";
+    /// Payload: the [`crate::Profile`] as it was; its account goes too.
+    pub const USER_PROFILE_DELETED: &str = "user.profile.deleted";
+    /// Binds every profile event.
+    pub const USER_PROFILE_ANY: &str = "user.profile.*";
     pub const PRODUCT_CREATED: &str = "product.created";
     /// Payload: the [`crate::Product`] as it now is.
     pub const PRODUCT_UPDATED: &str = "product.updated";
@@ -50,12 +56,21 @@ pub mod topics {
     pub const NOTIFICATIONS_QUEUE: &str = "notifications.events";
     /// Orders' saga reacting to products that change or go.
     pub const ORDERS_PRODUCTS_QUEUE: &str = "orders.products";
+    /// Orders' replica of buyers' profiles.
+    pub const ORDERS_USERS_QUEUE: &str = "orders.users";
+    /// Users creating profiles from registrations.
+    pub const USERS_QUEUE: &str = "users.accounts";
+    /// Auth removing the accounts of deleted profiles.
+    pub const AUTH_QUEUE: &str = "auth.profiles";
 
     /// Every queue a Bazaar service consumes; each has a `<queue>.dlq`.
-    pub const QUEUES: [&str; 7] = [
+    pub const QUEUES: [&str; 10] = [
         ORDERS_CREATE,
         ORDERS_SAGA_QUEUE,
         ORDERS_PRODUCTS_QUEUE,
+        ORDERS_USERS_QUEUE,
+        USERS_QUEUE,
+        AUTH_QUEUE,
         INVENTORY_QUEUE,
         INVENTORY_PRODUCTS_QUEUE,
         PAYMENTS_QUEUE,
@@ -175,6 +190,27 @@ pub struct User {
     pub created_at: String,
 }
 
+/// A user's profile, owned by the users service (`GET /users/me`), and
+/// the payload of the `user.profile.*` events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Profile {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub phone: Option<String>,
+    pub address: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// `POST /auth/register` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Register {
+    pub email: String,
+    pub password: String,
+    pub name: String,
+}
+
 /// Tokens returned by login and refresh.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenPair {
@@ -213,6 +249,10 @@ pub struct Order {
     pub id: String,
     pub user_id: String,
     pub user_email: String,
+    /// The buyer's name as orders' replica of profiles has it now (null
+    /// until the first profile event about the buyer arrived).
+    #[serde(default)]
+    pub user_name: Option<String>,
     pub items: Vec<OrderItem>,
     pub total: i64,
     pub currency: String,

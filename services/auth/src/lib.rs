@@ -1,6 +1,8 @@
 //! The auth service: owns credentials (argon2id hashes), refresh tokens and
 //! the EdDSA signing keys. Issues short-lived access tokens and publishes
-//! their public keys as a JWKS. Publishes nothing on the bus yet.
+//! their public keys as a JWKS. Publishes `user.registered`; consumes
+//! `user.profile.deleted` (the users service deleted a profile: its
+//! account, credentials and refresh tokens go too).
 
 mod domain;
 mod error;
@@ -11,8 +13,12 @@ mod store;
 
 use std::sync::Arc;
 
-use bazaar_chassis::http::Readiness;
+use bazaar_bus::{Failure, QueueSpec, Received};
+use bazaar_chassis::messaging;
 use bazaar_chassis::{ServiceContext, Shutdown};
+use bazaar_contracts::Profile;
+use bazaar_contracts::topics::{AUTH_QUEUE, USER, USER_PROFILE_DELETED};
+use sqlx::AnyConnection;
 use tokio::net::TcpListener;
 
 pub use error::AuthError;
@@ -52,17 +58,47 @@ impl Application {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
-        self.state.outbox.start(
-            self.state.db.clone(),
-            self.ctx.bus.clone(),
-            shutdown.clone(),
-        );
-        let ready = Readiness {
-            db: Some(self.state.db.read.clone()),
-            bus: Some(self.ctx.bus.clone()),
-            needs: None,
-        };
+        let db = self.state.db.clone();
+        let outbox = self.state.outbox.clone();
+        outbox.start(db.clone(), self.ctx.bus.clone(), shutdown.clone());
+        let spec = QueueSpec::new(AUTH_QUEUE).bind(USER, USER_PROFILE_DELETED);
+        let consumer =
+            messaging::spawn_consumer(&self.ctx, &db, &outbox, spec, ProfileGone, &shutdown)
+                .await?;
         let router = http::router(self.state);
-        bazaar_chassis::http::serve(&self.ctx, router, listener, ready, shutdown).await
+        bazaar_chassis::http::serve_consuming(
+            &self.ctx,
+            &db,
+            router,
+            listener,
+            shutdown,
+            vec![consumer],
+        )
+        .await
+    }
+}
+
+/// `user.profile.deleted`: the account goes, with its refresh tokens (its
+/// access tokens live out their short lifetime).
+struct ProfileGone;
+
+#[async_trait::async_trait]
+impl messaging::Effects for ProfileGone {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let env = &msg.envelope;
+        if env.kind != USER_PROFILE_DELETED {
+            return Err(Failure::Reject(format!(
+                "auth does not handle {}",
+                env.kind
+            )));
+        }
+        let profile: Profile = env
+            .payload()
+            .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+        store::delete_account(tx, &profile.id)
+            .await
+            .map_err(messaging::retry)?;
+        tracing::info!(user = %profile.id, "account deleted with its profile");
+        Ok(())
     }
 }

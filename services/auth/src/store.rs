@@ -54,6 +54,19 @@ pub async fn insert_user(db: &AnyPool, user: &User, password_hash: &str) -> Resu
     Ok(())
 }
 
+/// Removes an account and its refresh tokens (nothing if it is gone).
+pub async fn delete_account(tx: &mut sqlx::AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 pub async fn by_email(db: &AnyPool, email: &str) -> Result<Option<Credentials>, AuthError> {
     let row = sqlx::query(
         "SELECT id, email, name, role, created_at, password_hash FROM users WHERE email = $1",

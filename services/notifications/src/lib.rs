@@ -1,6 +1,9 @@
 //! The notifications service: records (and sends) a notification for every
 //! order outcome (`order.confirmed`, `order.cancelled`) and every
 //! registration (`user.registered`). Users read theirs at `GET /notifications`.
+//! Keeps a replica of profiles (`user.profile.*`): a notification greets
+//! the user by their current name and goes to their current address,
+//! with no call to users.
 
 mod channels;
 mod http;
@@ -10,10 +13,11 @@ use bazaar_bus::{Failure, QueueSpec, Received};
 use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
 use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_contracts::topics::{
-    NOTIFICATIONS_QUEUE, ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, USER, USER_REGISTERED,
+    NOTIFICATIONS_QUEUE, ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, USER, USER_PROFILE_ANY,
+    USER_PROFILE_DELETED, USER_PROFILE_UPDATED, USER_REGISTERED,
 };
-use bazaar_contracts::{Order, User};
-use sqlx::AnyConnection;
+use bazaar_contracts::{Order, Profile, User};
+use sqlx::{AnyConnection, Row};
 use tokio::net::TcpListener;
 
 use channels::{Channels, Outgoing};
@@ -49,7 +53,8 @@ impl Application {
         let spec = QueueSpec::new(NOTIFICATIONS_QUEUE)
             .bind(ORDER, ORDER_CONFIRMED)
             .bind(ORDER, ORDER_CANCELLED)
-            .bind(USER, USER_REGISTERED);
+            .bind(USER, USER_REGISTERED)
+            .bind(USER, USER_PROFILE_ANY);
         let consumer =
             messaging::spawn_consumer(&self.ctx, db, &outbox, spec, Notify { channels }, &shutdown)
                 .await?;
@@ -74,8 +79,11 @@ fn money(amount: i64, currency: &str) -> String {
     format!("{}.{:02} {currency}", amount / 100, amount % 100)
 }
 
+/// Who an order notification goes to, from the replica: `(name, email)`.
+type Recipient = Option<(String, String)>;
+
 /// The notification an event deserves.
-fn compose(msg: &Received) -> Result<Outgoing, Failure> {
+fn compose(msg: &Received, recipient: Recipient) -> Result<Outgoing, Failure> {
     let env = &msg.envelope;
     let bad = |e: serde_json::Error| Failure::Reject(format!("bad {} payload: {e}", env.kind));
     Ok(match env.kind.as_str() {
@@ -104,10 +112,14 @@ fn compose(msg: &Received) -> Result<Outgoing, Failure> {
                     format!("Your order was cancelled because {reason}. Nothing was charged."),
                 )
             };
+            let (body, email) = match recipient {
+                Some((name, email)) => (format!("Hello {name}, {}", lower_first(&body)), email),
+                None => (body, order.user_email),
+            };
             Outgoing {
                 id,
                 user_id: order.user_id,
-                email: order.user_email,
+                email,
                 kind: env.kind.clone(),
                 subject,
                 body,
@@ -132,10 +144,71 @@ fn compose(msg: &Received) -> Result<Outgoing, Failure> {
     })
 }
 
+fn lower_first(s: &str) -> String {
+    let mut chars = s.chars();
+    chars.next().map_or_else(String::new, |c| {
+        c.to_lowercase().chain(chars).collect::<String>()
+    })
+}
+
+/// Keeps the replica: an older version than the one held changes nothing.
+async fn replicate(tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+    let env = &msg.envelope;
+    let p: Profile = env
+        .payload()
+        .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+    if env.kind == USER_PROFILE_DELETED {
+        sqlx::query("DELETE FROM recipients WHERE user_id = $1")
+            .bind(&p.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(retry)?;
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO recipients (user_id, email, name, updated_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name,
+           updated_at = excluded.updated_at
+         WHERE recipients.updated_at <= excluded.updated_at",
+    )
+    .bind(&p.id)
+    .bind(&p.email)
+    .bind(&p.name)
+    .bind(&p.updated_at)
+    .execute(&mut *tx)
+    .await
+    .map_err(retry)?;
+    Ok(())
+}
+
+/// The replica's `(name, email)` of the user an order event is about.
+async fn recipient(tx: &mut AnyConnection, msg: &Received) -> Result<Recipient, Failure> {
+    let env = &msg.envelope;
+    if env.kind != ORDER_CONFIRMED && env.kind != ORDER_CANCELLED {
+        return Ok(None);
+    }
+    let Ok(order) = env.payload::<Order>() else {
+        return Ok(None);
+    };
+    let row = sqlx::query("SELECT name, email FROM recipients WHERE user_id = $1")
+        .bind(&order.user_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(retry)?;
+    row.map(|r| Ok::<_, sqlx::Error>((r.try_get("name")?, r.try_get("email")?)))
+        .transpose()
+        .map_err(retry)
+}
+
 #[async_trait]
 impl Effects for Notify {
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
-        let n = compose(msg)?;
+        let kind = msg.envelope.kind.as_str();
+        if kind == USER_PROFILE_UPDATED || kind == USER_PROFILE_DELETED {
+            return replicate(tx, msg).await;
+        }
+        let to = recipient(tx, msg).await?;
+        let n = compose(msg, to)?;
         let inserted = sqlx::query(
             "INSERT INTO notifications (id, user_id, email, kind, subject, body, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",

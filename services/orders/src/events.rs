@@ -126,3 +126,42 @@ pub async fn forget_prices(
     });
     Ok(())
 }
+
+/// Orders' replica of buyers' profiles (`user.profile.*`): the name an
+/// order shows is the buyer's name now, with no call to users.
+pub struct Buyers;
+
+#[async_trait]
+impl bazaar_chassis::messaging::Effects for Buyers {
+    async fn apply(&self, tx: &mut sqlx::AnyConnection, msg: &Received) -> Result<(), Failure> {
+        use bazaar_chassis::messaging::retry;
+        use bazaar_contracts::topics::{USER_PROFILE_DELETED, USER_PROFILE_UPDATED};
+        let env = &msg.envelope;
+        let profile: bazaar_contracts::Profile = env
+            .payload()
+            .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+        match env.kind.as_str() {
+            // An older version than the one held changes nothing.
+            USER_PROFILE_UPDATED => sqlx::query(
+                "INSERT INTO buyers (user_id, email, name, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id) DO UPDATE SET email = excluded.email,
+                   name = excluded.name, updated_at = excluded.updated_at
+                 WHERE buyers.updated_at <= excluded.updated_at",
+            )
+            .bind(&profile.id)
+            .bind(&profile.email)
+            .bind(&profile.name)
+            .bind(&profile.updated_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(retry)?,
+            USER_PROFILE_DELETED => sqlx::query("DELETE FROM buyers WHERE user_id = $1")
+                .bind(&profile.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(retry)?,
+            other => return Err(Failure::Reject(format!("orders does not handle {other}"))),
+        };
+        Ok(())
+    }
+}

@@ -94,9 +94,26 @@ async fn list(
     State(s): State<AppState>,
     caller: AuthUser,
     paging: Paging,
+    // `?user_id=`: whose orders (default the caller's; another user's
+    // only for an admin). Read as pairs: that never fails to parse.
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
 ) -> Result<Json<Page<Order>>, Problem> {
+    let whose = query
+        .into_iter()
+        .find(|(k, _)| k == "user_id")
+        .map(|(_, v)| v);
+    let user = match whose {
+        None => caller.id.clone(),
+        Some(raw) => {
+            let id = bazaar_chassis::id::parse("user_id", &raw)?;
+            if id != caller.id && !caller.is_admin() {
+                return Err(Problem::not_found("no such user's orders"));
+            }
+            id
+        }
+    };
     let mut conn = s.db.read.acquire().await.map_err(internal)?;
-    let (items, total) = store::list_for_user(&mut conn, &caller.id, paging.limit, paging.offset)
+    let (items, total) = store::list_for_user(&mut conn, &user, paging.limit, paging.offset)
         .await
         .map_err(internal)?;
     Ok(Json(Page {

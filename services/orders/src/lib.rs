@@ -24,6 +24,7 @@ use bazaar_contracts::topics::{
     ORDERS_PRODUCTS_QUEUE, ORDERS_SAGA_QUEUE, PAYMENT, PAYMENT_CHARGED, PAYMENT_DECLINED, PRODUCT,
     PRODUCT_DELETED, PRODUCT_UPDATED,
 };
+use bazaar_contracts::topics::{ORDERS_USERS_QUEUE, USER, USER_PROFILE_ANY};
 use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -80,6 +81,9 @@ impl Application {
         let products_consumer =
             messaging::spawn_consumer(ctx, db, &outbox, products, saga::Products, &shutdown)
                 .await?;
+        let buyers = QueueSpec::new(ORDERS_USERS_QUEUE).bind(USER, USER_PROFILE_ANY);
+        let buyers_consumer =
+            messaging::spawn_consumer(ctx, db, &outbox, buyers, events::Buyers, &shutdown).await?;
         let prices: Arc<http::PriceCache> = Arc::default();
         events::forget_prices(ctx, prices.clone(), shutdown.clone()).await?;
 
@@ -115,7 +119,12 @@ impl Application {
         let served =
             bazaar_chassis::http::serve(ctx, http::router(state), listener, ready, shutdown).await;
         // The consumers stop taking deliveries on shutdown and finish those in hand.
-        for c in [saga_consumer, products_consumer, create_consumer] {
+        for c in [
+            saga_consumer,
+            products_consumer,
+            buyers_consumer,
+            create_consumer,
+        ] {
             if let Err(e) = c.await {
                 tracing::error!(error = %e, "an orders consumer crashed");
             }

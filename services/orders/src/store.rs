@@ -10,14 +10,17 @@ use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
 use crate::saga;
 
+/// An order's columns, with its buyer's name from the profile replica.
 const COLUMNS: &str =
-    "id, user_id, user_email, total, currency, status, cancel_reason, created_at, updated_at";
+    "id, user_id, user_email, total, currency, status, cancel_reason, created_at, updated_at,
+     (SELECT name FROM buyers WHERE buyers.user_id = orders.user_id) AS user_name";
 
 pub(crate) fn order_from(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
         id: row.try_get("id")?,
         user_id: row.try_get("user_id")?,
         user_email: row.try_get("user_email")?,
+        user_name: row.try_get("user_name")?,
         items: Vec::new(),
         total: row.try_get("total")?,
         currency: row.try_get("currency")?,
@@ -75,6 +78,7 @@ pub async fn create_batch(
             id: uuid::Uuid::now_v7().to_string(),
             user_id: n.cmd.user_id.clone(),
             user_email: n.cmd.user_email.clone(),
+            user_name: None,
             items: n.cmd.items.clone(),
             total: n.total,
             currency: n.cmd.currency.clone(),

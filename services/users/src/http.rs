@@ -1,0 +1,139 @@
+//! The users REST API: the caller's profile, a profile by id (self or an
+//! admin), deleting one (its account goes too), and a user's orders,
+//! asked of the orders service through the mesh client.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRef, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bazaar_chassis::db::Db;
+use bazaar_chassis::id::PathId;
+use bazaar_chassis::paging::Paging;
+use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
+use bazaar_contracts::Profile;
+
+use crate::domain::{Change, PatchBody};
+use crate::store;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub verifier: Arc<Verifier>,
+    /// Calls orders (a user's orders) and auth (accounts made by gRPC).
+    pub calls: bazaar_mesh::Client,
+    /// Poked after a change commits, so its event goes out at once.
+    pub outbox: bazaar_chassis::messaging::Outbox,
+}
+
+impl FromRef<AppState> for Arc<Verifier> {
+    fn from_ref(s: &AppState) -> Self {
+        s.verifier.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/users/me", get(me).patch(patch_me))
+        .route("/users/{id}", get(fetch).delete(remove))
+        .route("/users/{id}/orders", get(orders))
+        .with_state(state)
+}
+
+fn internal(e: sqlx::Error) -> Problem {
+    Problem::internal(&e)
+}
+
+/// The caller may see and change `id`: themselves, or anyone as an admin.
+/// Anyone else's profile is 404, not 403: its existence is not revealed.
+pub fn allowed(caller: &AuthUser, id: &str) -> Result<(), Problem> {
+    if caller.id == id || caller.is_admin() {
+        Ok(())
+    } else {
+        Err(Problem::not_found("no such user"))
+    }
+}
+
+fn no_profile() -> Problem {
+    Problem::not_found("no such user")
+}
+
+async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<Profile>, Problem> {
+    let p = store::get(&s.db.read, &caller.id).await.map_err(internal)?;
+    p.map(Json).ok_or_else(no_profile)
+}
+
+async fn patch_me(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    Json(body): Json<PatchBody>,
+) -> Result<Json<Profile>, Problem> {
+    let change = Change::try_from(body)?;
+    let p = store::update(&s.db.write, &caller.id, &change)
+        .await
+        .map_err(internal)?;
+    s.outbox.poke();
+    p.map(Json).ok_or_else(no_profile)
+}
+
+async fn fetch(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    PathId(id): PathId,
+) -> Result<Json<Profile>, Problem> {
+    allowed(&caller, &id)?;
+    let p = store::get(&s.db.read, &id).await.map_err(internal)?;
+    p.map(Json).ok_or_else(no_profile)
+}
+
+async fn remove(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    PathId(id): PathId,
+) -> Result<StatusCode, Problem> {
+    allowed(&caller, &id)?;
+    match store::delete(&s.db.write, &id).await.map_err(internal)? {
+        Some(_) => {
+            s.outbox.poke();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(no_profile()),
+    }
+}
+
+/// A user's orders, from the orders service on the caller's behalf: its
+/// answer is passed on; orders down or slow is 503 or 504 at once (the
+/// client's breaker and timeout), never a hang.
+async fn orders(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    PathId(id): PathId,
+    paging: Paging,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    allowed(&caller, &id)?;
+    let reply = s
+        .calls
+        .get("orders", &["orders"])
+        .query("user_id", &id)
+        .query("limit", &paging.limit.to_string())
+        .query("offset", &paging.offset.to_string())
+        .context(&headers)
+        .on_behalf_of(&headers)
+        .send()
+        .await?;
+    if reply.status.is_server_error() {
+        return Err(Problem::from_call(&reply.unexpected()));
+    }
+    let json = HeaderValue::from_static("application/json");
+    let content_type = reply.headers.get(header::CONTENT_TYPE).cloned();
+    Ok((
+        reply.status,
+        [(header::CONTENT_TYPE, content_type.unwrap_or(json))],
+        Body::from(reply.body),
+    )
+        .into_response())
+}
