@@ -279,3 +279,16 @@ pub enum Reply<T> {
     Ok { value: T },
     Err { status: u16, detail: String },
 }
+
+/// The gRPC contracts, compiled from `proto/` at build time (protox: no
+/// `protoc` needed): messages, client and server stubs.
+pub mod grpc {
+    /// `package user`: `UserService`.
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    pub mod user {
+        tonic::include_proto!("user");
+    }
+
+    /// Every `.proto` here as a `FileDescriptorSet`, for server reflection.
+    pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+}

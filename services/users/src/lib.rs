@@ -3,9 +3,11 @@
 //! is published on the `user` exchange as `user.profile.updated` or
 //! `user.profile.deleted` (auth deletes the account; orders and
 //! notifications keep replicas). `GET /users/{id}/orders` calls orders
-//! through the mesh client.
+//! through the mesh client. gRPC `user.UserService` (the same rights,
+//! with health and reflection) is served on the same port over h2c.
 
 mod domain;
+mod grpc;
 mod http;
 mod store;
 
@@ -50,7 +52,9 @@ impl Application {
         let spec = QueueSpec::new(USERS_QUEUE).bind(USER, USER_REGISTERED);
         let consumer =
             messaging::spawn_consumer(&self.ctx, db, &outbox, spec, Registered, &shutdown).await?;
-        let router = http::router(self.state.clone());
+        // REST and gRPC (h2c) on one port.
+        let router =
+            http::router(self.state.clone()).merge(grpc::router(self.state.clone()).await?);
         bazaar_chassis::http::serve_consuming(
             &self.ctx,
             db,

@@ -1,0 +1,278 @@
+//! `user.UserService` over gRPC with a stock tonic client built from the
+//! proto in `contracts`: every call with and without a valid token,
+//! straight to the users service and through the gateway (h2c), with
+//! health and reflection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bazaar_contracts::grpc::user::user_service_client::UserServiceClient;
+use bazaar_contracts::grpc::user::{
+    CreateUserRequest, DeleteUserRequest, GetUserRequest, UpdateUserRequest,
+};
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The services reflection lists at `url`.
+async fn reflected_services(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer: {other:?}"),
+    }
+}
+
+/// Get, Create, Update and Delete at `url` (users itself, or the
+/// gateway), with and without a valid token.
+async fn exercise(url: &str, api: &Api) {
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let email = format!("grpc-{}@x.io", unique());
+    let (token, id) = api.register_and_login(&email).await;
+    let (other, other_id) = api
+        .register_and_login(&format!("grpc-other-{}@x.io", unique()))
+        .await;
+    eventually(api, "/users/me", &token, |_| true).await;
+    eventually(api, "/users/me", &other, |_| true).await;
+    let mut client = UserServiceClient::new(channel(url).await);
+
+    // No token, a bad token.
+    let e = client
+        .get_user(GetUserRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client
+        .get_user(with_token(GetUserRequest { id: id.clone() }, "not-a-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // Get: self, someone else (not revealed), a malformed id.
+    let me = client
+        .get_user(with_token(GetUserRequest { id: id.clone() }, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.email, email);
+    assert_eq!(me.name, "Shopper");
+    let e = client
+        .get_user(with_token(
+            GetUserRequest {
+                id: other_id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = client
+        .get_user(with_token(
+            GetUserRequest {
+                id: "../health".into(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Create: admin only; the account is real.
+    let new_email = format!("grpc-made-{}@x.io", unique());
+    let create = || CreateUserRequest {
+        name: "Made By Grpc".into(),
+        email: new_email.clone(),
+        password: "grpc-password".into(),
+        phone: "+44 20 7946 0000".into(),
+        address: String::new(),
+    };
+    let e = client
+        .create_user(with_token(create(), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let made = client
+        .create_user(with_token(create(), &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(made.email, new_email);
+    assert_eq!(made.phone, "+44 20 7946 0000");
+    let made_token = api.login(&new_email, "grpc-password").await;
+    let again = client
+        .get_user(with_token(
+            GetUserRequest {
+                id: made.id.clone(),
+            },
+            &made_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.name, "Made By Grpc");
+    let e = client
+        .create_user(with_token(create(), &admin))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = client
+        .create_user(with_token(
+            CreateUserRequest {
+                email: format!("short-{}@x.io", unique()),
+                password: "short".into(),
+                ..create()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Update: self; bad values; someone else's.
+    let changed = client
+        .update_user(with_token(
+            UpdateUserRequest {
+                id: id.clone(),
+                name: Some("Grpc Renamed".into()),
+                phone: None,
+                address: Some("2 Wharf Rd".into()),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.name, "Grpc Renamed");
+    assert_eq!(changed.address, "2 Wharf Rd");
+    let (_, rest) = api.call("GET", "/users/me", Some(&token), None).await;
+    assert_eq!(rest["name"], "Grpc Renamed");
+    let e = client
+        .update_user(with_token(
+            UpdateUserRequest {
+                id: id.clone(),
+                phone: Some("not a phone".into()),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = client
+        .update_user(with_token(
+            UpdateUserRequest {
+                id: other_id.clone(),
+                name: Some("x".into()),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Delete: the made account, by itself; then it cannot log in.
+    let gone = client
+        .delete_user(with_token(
+            DeleteUserRequest {
+                id: made.id.clone(),
+            },
+            &made_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.success);
+    let e = client
+        .get_user(with_token(
+            GetUserRequest {
+                id: made.id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, _) = api
+            .call(
+                "POST",
+                "/auth/login",
+                None,
+                Some(json!({"email": new_email, "password": "grpc-password"})),
+            )
+            .await;
+        if s == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deleted account still logs in"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Health and reflection.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(url).await);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "user.UserService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serving.status, 1, "SERVING");
+    let services = reflected_services(url).await;
+    assert!(
+        services.iter().any(|s| s == "user.UserService"),
+        "{services:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_service_over_grpc_directly() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let users = system.discovery.registry().list("users").await.unwrap()[0]
+        .address
+        .clone();
+    exercise(&users, &Api::new(&system.gateway_url)).await;
+    system.stop().await.unwrap();
+}
