@@ -276,3 +276,96 @@ async fn user_service_over_grpc_directly() {
     exercise(&users, &Api::new(&system.gateway_url)).await;
     system.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_service_over_grpc_through_the_gateway() {
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    exercise(&system.gateway_url, &Api::new(&system.gateway_url)).await;
+    system.stop().await.unwrap();
+}
+
+/// A gateway whose users instance is gone or hangs answers with gRPC
+/// statuses: UNAVAILABLE, and DEADLINE_EXCEEDED once the call's
+/// `grpc-timeout` is up; a call without a token never leaves the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_grpc_failures_with_grpc_statuses() {
+    let (system, dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let api = Api::new(&system.gateway_url);
+    let (token, id) = api
+        .register_and_login(&format!("grpc-edge-{}@x.io", unique()))
+        .await;
+    let auth = system.discovery.registry().list("auth").await.unwrap()[0]
+        .address
+        .clone();
+    // Accepts connections and never answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = hang.accept().await {
+            open.push(tcp);
+        }
+    });
+    let dead = free_port();
+    let gateway = |users: String| {
+        let mut config = test_config(dir.join(format!("gw-{}", unique())));
+        config.registry = "static".into();
+        config.port = free_port();
+        config.services = [
+            ("auth".to_owned(), auth.clone()),
+            ("users".to_owned(), users),
+        ]
+        .into();
+        bazaar::serve(config, "gateway")
+    };
+
+    let down = gateway(format!("http://127.0.0.1:{dead}")).await.unwrap();
+    wait_ok(&format!("{}/health", down.gateway_url)).await;
+    let mut client = UserServiceClient::new(channel(&down.gateway_url).await);
+    let e = client
+        .get_user(GetUserRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "checked at the edge: {e:?}"
+    );
+    let e = client
+        .get_user(with_token(GetUserRequest { id: id.clone() }, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(!e.message().contains("127.0.0.1"), "{e:?}");
+    down.stop().await.unwrap();
+
+    let slow = gateway(format!("http://{hang_addr}")).await.unwrap();
+    wait_ok(&format!("{}/health", slow.gateway_url)).await;
+    // Sent by hand: a stock client gives up at its own deadline, and the
+    // point is what the gateway answers at that moment.
+    let message = prost::Message::encode_to_vec(&GetUserRequest { id: id.clone() });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let res = h2
+        .post(format!("{}/user.UserService/GetUser", slow.gateway_url))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .bearer_auth(&token)
+        .body(frame)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    slow.stop().await.unwrap();
+    held.abort();
+    system.stop().await.unwrap();
+}

@@ -336,7 +336,7 @@ async fn register(
 /// event loops, each a single-threaded runtime: a request, its upstream
 /// calls and its answer then stay on one thread, with no hand-over
 /// between threads (the proxy keeps its upstream connections per thread
-/// too). HTTP/1.1 only.
+/// too). HTTP/1.1, and HTTP/2 with prior knowledge (h2c: gRPC).
 pub async fn serve_fast<H, Fut>(
     ctx: &ServiceContext,
     app: Router,
@@ -435,6 +435,43 @@ where
     Ok(())
 }
 
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a new connection opens with the HTTP/2 preface (h2c with
+/// prior knowledge), judged from its first bytes without taking them.
+/// An HTTP/1 request differs by its second byte at the latest.
+async fn speaks_h2(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of a preface: the rest is on its way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves a hyper connection until it ends, or until `stop`, then lets it
+/// finish what it has begun.
+macro_rules! drive {
+    ($conn:expr, $stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = $stop.wait() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 /// A router with the platform's routes and layers.
 type Platform = BoxCloneSyncService<axum::extract::Request, Response, Infallible>;
 
@@ -479,19 +516,30 @@ where
                 }
             };
             no_delay(&tcp);
-            let (edge, stop) = (self.clone(), stop.clone());
-            let service = hyper::service::service_fn(move |req| edge.call(req, peer));
-            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            let (edge, stop, http) = (self.clone(), stop.clone(), http.clone());
+            let header_timeout = self.fast.header_timeout;
             conns.spawn(async move {
                 // Held while the connection lives.
                 let _slot = slot;
-                tokio::pin!(conn);
-                let served = tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = stop.wait() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                let service = hyper::service::service_fn(move |req| edge.call(req, peer));
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let h2 = match header_timeout {
+                    Some(t) => tokio::time::timeout(t, speaks_h2(io.inner()))
+                        .await
+                        .unwrap_or(Ok(false)),
+                    None => speaks_h2(io.inner()).await,
+                };
+                let served = match h2 {
+                    Ok(true) => {
+                        let conn = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .serve_connection(io, service);
+                        drive!(conn, stop)
                     }
+                    Ok(false) => drive!(http.serve_connection(io, service), stop),
+                    Err(_) => return,
                 };
                 if let Err(e) = served {
                     tracing::debug!(error = %e, "connection ended with an error");

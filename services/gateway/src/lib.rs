@@ -9,6 +9,7 @@ mod admin;
 mod cache;
 mod conn;
 mod edge;
+mod grpc;
 mod limit;
 mod overview;
 mod proxy;
@@ -82,6 +83,8 @@ impl Application {
             buckets: limit::Buckets::default(),
             cache: cache::Cache::default(),
             body_limit: config.body_limit,
+            grpc: grpc::client(),
+            grpc_timeout: default_timeout(&self.ctx),
         });
         // The admin API takes the edge as middleware; the gateway's own
         // handlers call it directly (no extra boxed layer on the hot path).

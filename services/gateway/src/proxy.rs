@@ -35,6 +35,10 @@ pub struct Gateway {
     pub buckets: Buckets,
     pub cache: Cache,
     pub body_limit: usize,
+    /// Pooled h2c connections for gRPC calls.
+    pub grpc: crate::grpc::Client,
+    /// A gRPC call's time, unless its `grpc-timeout` asks for less.
+    pub grpc_timeout: Duration,
 }
 
 pub type Shared = Arc<Gateway>;
@@ -208,6 +212,9 @@ impl Gateway {
 /// The proxy without the router: `/api/…` requests the gateway does not
 /// answer itself (see [`owns`]).
 pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
+    if crate::grpc::is_grpc(req.headers()) && crate::grpc::owns(req.uri().path()) {
+        return crate::grpc::handle(g, peer, req).await;
+    }
     crate::edge::around(g, peer, req, |edge, req| async move {
         respond(forward(g, &edge, req).await)
     })
@@ -215,15 +222,16 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
 }
 
 /// Whether a path goes straight to the proxy: everything below `/api/`
-/// except the gateway's own endpoints.
+/// except the gateway's own endpoints, and gRPC methods.
 pub fn owns(path: &str) -> bool {
-    path.starts_with("/api/")
-        && !matches!(
-            path,
-            "/api/v1/me/overview"
-                | "/api/v1/admin/dead-letters"
-                | "/api/v1/admin/dead-letters/replay"
-        )
+    crate::grpc::owns(path)
+        || path.starts_with("/api/")
+            && !matches!(
+                path,
+                "/api/v1/me/overview"
+                    | "/api/v1/admin/dead-letters"
+                    | "/api/v1/admin/dead-letters/replay"
+            )
 }
 
 fn respond(result: Result<Response, Problem>) -> Response {
