@@ -369,3 +369,45 @@ async fn the_gateway_answers_grpc_failures_with_grpc_statuses() {
     held.abort();
     system.stop().await.unwrap();
 }
+
+/// REST over HTTP/2 through the gateway: with prior knowledge, and by
+/// HTTP/1.1 upgrade as stock curl does it (`curl --http2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_speaks_http2_by_prior_knowledge_and_by_upgrade() {
+    let (system, _dir) = embedded().await;
+    let gw = system.gateway_url.clone();
+    wait_ready(&gw).await;
+    let url = format!("{gw}/api/v1/products?limit=2");
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let res = h2.get(&url).send().await.unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.status(), StatusCode::OK);
+    let page: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+
+    let curl = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2",
+            "-w",
+            "\n%{http_version} %{http_code}",
+            &url,
+        ])
+        .output();
+    let out = match curl {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "curl: {e}");
+            eprintln!("skipping the upgrade half: no curl ({e})");
+            return;
+        }
+    };
+    let (body, tail) = out.rsplit_once('\n').unwrap();
+    assert_eq!(tail, "2 200", "upgraded to HTTP/2 and answered");
+    let page: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    system.stop().await.unwrap();
+}

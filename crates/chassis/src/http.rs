@@ -472,6 +472,55 @@ macro_rules! drive {
     }};
 }
 
+/// Answers an h2c upgrade request (see [`crate::h2c`]) with `101` and
+/// serves the connection on as HTTP/2, that request first; any other
+/// request comes back to be served as it is.
+#[allow(clippy::result_large_err)]
+fn h2c_upgrade<H, Fut>(
+    (edge, stop): &(Edge<H>, Shutdown),
+    mut req: hyper::Request<hyper::body::Incoming>,
+    peer: std::net::SocketAddr,
+) -> Result<Response, hyper::Request<hyper::body::Incoming>>
+where
+    H: Fn(axum::extract::Request, std::net::SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    if !crate::h2c::wanted(&req) {
+        return Err(req);
+    }
+    let Some(frame) = crate::h2c::stream_one(&req) else {
+        return Err(req);
+    };
+    let upgraded = hyper::upgrade::on(&mut req);
+    let (edge, stop) = (edge.clone(), stop.clone());
+    tokio::spawn(async move {
+        let io = match upgraded.await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, "h2c upgrade failed");
+                return;
+            }
+        };
+        let io = hyper_util::rt::TokioIo::new(crate::h2c::Injected::new(
+            hyper_util::rt::TokioIo::new(io),
+            frame,
+        ));
+        let service = hyper::service::service_fn(move |req| edge.call(req, peer));
+        let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(io, service);
+        if let Err(e) = drive!(conn, stop) {
+            tracing::debug!(error = %e, "h2c connection ended with an error");
+        }
+    });
+    let mut switching = Response::new(axum::body::Body::empty());
+    *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = switching.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+    Ok(switching)
+}
+
 /// A router with the platform's routes and layers.
 type Platform = BoxCloneSyncService<axum::extract::Request, Response, Infallible>;
 
@@ -521,7 +570,15 @@ where
             conns.spawn(async move {
                 // Held while the connection lives.
                 let _slot = slot;
-                let service = hyper::service::service_fn(move |req| edge.call(req, peer));
+                let upgrades = (edge.clone(), stop.clone());
+                let service = hyper::service::service_fn(move |req| {
+                    match h2c_upgrade(&upgrades, req, peer) {
+                        Ok(switching) => {
+                            futures::future::Either::Left(std::future::ready(Ok(switching)))
+                        }
+                        Err(req) => futures::future::Either::Right(edge.call(req, peer)),
+                    }
+                });
                 let io = hyper_util::rt::TokioIo::new(tcp);
                 let h2 = match header_timeout {
                     Some(t) => tokio::time::timeout(t, speaks_h2(io.inner()))
@@ -538,7 +595,7 @@ where
                         .serve_connection(io, service);
                         drive!(conn, stop)
                     }
-                    Ok(false) => drive!(http.serve_connection(io, service), stop),
+                    Ok(false) => drive!(http.serve_connection(io, service).with_upgrades(), stop),
                     Err(_) => return,
                 };
                 if let Err(e) = served {

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod h2c;
 pub mod http;
 pub mod id;
 pub mod json;
