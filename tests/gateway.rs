@@ -1059,6 +1059,39 @@ async fn admin_services_lists_instances_for_admins_and_loopback() {
         remote().bearer_auth(&admin).send().await.unwrap().status(),
         StatusCode::OK
     );
+
+    // Not only the gateway's view: after a checkout, orders' mesh client
+    // has called catalog, and its breaker for each catalog instance shows.
+    let (_, products) = api.call("GET", "/products?limit=1", None, None).await;
+    let (s, order) = api
+        .call(
+            "POST",
+            "/orders",
+            Some(&shopper),
+            Some(json!({"items": [{"product_id": products["items"][0]["id"], "quantity": 1}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{order}");
+    let all: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    let seen = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["caller"] == "orders" && i["name"] == "catalog")
+        .unwrap_or_else(|| panic!("orders' calls to catalog are not shown: {all}"));
+    assert_eq!(seen["breaker"], "closed");
+    assert!(
+        seen["caller_instance"]
+            .as_str()
+            .unwrap()
+            .starts_with("orders-")
+    );
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["caller"] == "gateway")
+    );
     system.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -155,6 +155,15 @@ pub fn raise_open_files_limit() {
 }
 
 /// Adds `/health`, `/ready`, `/metrics` and the shared layers to a service's routes.
+/// `GET /_mesh/calls`: the instances this service calls, with their
+/// health and breaker state as its mesh client sees them (the gateway's
+/// `/_admin/services` gathers these).
+async fn calls_handler(
+    axum::extract::State(calls): axum::extract::State<bazaar_mesh::Client>,
+) -> axum::Json<Vec<bazaar_mesh::upstream::InstanceView>> {
+    axum::Json(calls.upstreams().seen())
+}
+
 fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
     let instance = instance_header(ctx);
     let service = ctx.name;
@@ -164,6 +173,10 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
         .route(
             "/metrics",
             get(metrics_handler).with_state(ctx.metrics.clone()),
+        )
+        .route(
+            "/_mesh/calls",
+            get(calls_handler).with_state(ctx.calls.clone()),
         );
     let routed = app
         .merge(platform)

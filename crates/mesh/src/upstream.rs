@@ -171,7 +171,7 @@ impl Drop for Slot<'_> {
 }
 
 /// What `/_admin/services` shows of an instance.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct InstanceView {
     pub name: String,
     pub id: String,
@@ -611,6 +611,12 @@ impl Upstreams {
             }));
         }
         Ok(out)
+    }
+
+    /// Every instance of the targets called so far, with its state as
+    /// this caller's health checks and breakers see it.
+    pub fn seen(&self) -> Vec<InstanceView> {
+        self.targets().into_iter().flat_map(|(_, _, v)| v).collect()
     }
 
     /// The targets called so far, with their instances' states (no

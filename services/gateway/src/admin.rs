@@ -98,7 +98,10 @@ async fn replay(
 }
 
 /// `GET /_admin/services`: every service's instances with their health
-/// and breaker state. From loopback, or with an admin token.
+/// and breaker state as the gateway sees them (`caller: "gateway"`), then
+/// as each service's mesh client sees the instances it calls (`caller`:
+/// that service, `caller_instance`: which of its instances). From
+/// loopback, or with an admin token.
 pub async fn services(
     State(g): State<crate::proxy::Shared>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -112,11 +115,21 @@ pub async fn services(
     .await
 }
 
+/// One instance as one caller sees it.
+#[derive(serde::Serialize)]
+pub struct Seen {
+    caller: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caller_instance: Option<String>,
+    #[serde(flatten)]
+    view: bazaar_mesh::upstream::InstanceView,
+}
+
 async fn list_services(
     g: &crate::proxy::Shared,
     edge: &crate::edge::Edge,
     headers: &axum::http::HeaderMap,
-) -> Result<Json<Vec<bazaar_mesh::upstream::InstanceView>>, Problem> {
+) -> Result<Json<Vec<Seen>>, Problem> {
     if !edge.client.is_loopback() {
         match g.claims(headers).await? {
             None => return Err(Problem::unauthorized("an admin token is required")),
@@ -124,8 +137,70 @@ async fn list_services(
             Some(_) => {}
         }
     }
-    g.upstreams.view().await.map(Json).map_err(|e| {
+    let own = g.upstreams.view().await.map_err(|e| {
         tracing::warn!(error = %e, "cannot list instances");
         Problem::unavailable("service discovery is unavailable")
-    })
+    })?;
+    let all = g
+        .upstreams
+        .discovery()
+        .registry()
+        .all()
+        .await
+        .unwrap_or_default();
+    let mut seen: Vec<Seen> = own
+        .into_iter()
+        .map(|view| Seen {
+            caller: "gateway".into(),
+            caller_instance: None,
+            view,
+        })
+        .collect();
+    // Each instance's own client, asked in parallel; one that does not
+    // answer within a second is left out.
+    let asked = all.into_iter().map(|instance| async move {
+        let views = tokio::time::timeout(std::time::Duration::from_secs(1), calls_of(&instance))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        views.into_iter().map(move |view| Seen {
+            caller: instance.name.clone(),
+            caller_instance: Some(instance.id.clone()),
+            view,
+        })
+    });
+    for views in futures::future::join_all(asked).await {
+        seen.extend(views);
+    }
+    Ok(Json(seen))
+}
+
+/// What `instance`'s mesh client knows of the instances it calls.
+async fn calls_of(
+    instance: &bazaar_mesh::Instance,
+) -> Option<Vec<bazaar_mesh::upstream::InstanceView>> {
+    let authority = instance
+        .address
+        .parse::<axum::http::Uri>()
+        .ok()?
+        .authority()?
+        .to_string();
+    let host = axum::http::HeaderValue::from_str(&authority).ok()?;
+    let req = crate::conn::Outgoing {
+        method: &axum::http::Method::GET,
+        target: "/_mesh/calls",
+        host: &host,
+        headers: &axum::http::HeaderMap::new(),
+        body: &bytes::Bytes::new(),
+    };
+    let res = crate::conn::send(&authority, &req, std::time::Instant::now())
+        .await
+        .ok()?;
+    let body = http_body_util::Limited::new(res.into_body(), 1024 * 1024);
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .ok()?
+        .to_bytes();
+    serde_json::from_slice(&bytes).ok()
 }
