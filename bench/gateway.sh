@@ -26,7 +26,8 @@
 # requests/s drift with the machine's speed, CPU per request much less.
 # nginx and wrk are installed with apt-get if missing.
 # Env: DURATION (default 5s), CONNECTIONS (default 64), ROUNDS (default 10),
-# PROFILE (release).
+# PROFILE (release), BASE_BIN (another build's binary: its gateway joins
+# the rounds as "base", on the same upstream, to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5s}
@@ -90,6 +91,13 @@ wait_http "http://127.0.0.1:$AUTH_PORT/health" auth
 wait_http "http://127.0.0.1:$CATALOG_PORT/health" catalog
 setsid "$BIN" --config "$WORK/gateway.toml" serve gateway --port "$GW_PORT" >"$WORK/gateway.log" 2>&1 & GW_PID=$!; PIDS+=($!)
 wait_http "http://127.0.0.1:$GW_PORT/health" gateway
+TARGETS="direct nginx gateway"
+if [[ -n ${BASE_BIN:-} ]]; then
+  BASE_PORT=$(free_port)
+  setsid "$BASE_BIN" --config "$WORK/gateway.toml" serve gateway --port "$BASE_PORT" >"$WORK/base.log" 2>&1 & BASE_PID=$!; PIDS+=($!)
+  wait_http "http://127.0.0.1:$BASE_PORT/health" "base gateway"
+  TARGETS="direct nginx gateway base"
+fi
 # setsid runs the server itself (the script is no process-group leader),
 # so these are the processes whose CPU time is read below.
 for p in "$CATALOG_PID" "$GW_PID"; do
@@ -143,7 +151,7 @@ declare -A RPS P50 P99 PROXY_CPU UP_CPU
 # CPU time (user + system, clock ticks) of the given processes.
 TICK=$(getconf CLK_TCK)
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
-proxy_pids() { case $1 in direct) ;; nginx) pgrep -P "$(cat "$WORK/nginx.pid")" ;; gateway) echo "$GW_PID" ;; esac; }
+proxy_pids() { case $1 in direct) ;; nginx) pgrep -P "$(cat "$WORK/nginx.pid")" ;; gateway) echo "$GW_PID" ;; base) echo "$BASE_PID" ;; esac; }
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 run() { # label url [wrk args...]; appends this run's figures to the label's lists
   local label=$1 url=$2; shift 2
@@ -166,10 +174,11 @@ report() { # label
   printf '%-26s %10s req/s   p50 %8s ms   p99 %8s ms   CPU/request: proxy %5s µs, upstream %5s µs\n' \
     "$l" "${RPS[$l]}" "${P50[$l]}" "${P99[$l]}" "$(median <<<"${PROXY_CPU[$l]}")" "$(median <<<"${UP_CPU[$l]}")"
 }
-url_of() { case $1 in direct) echo "$DIRECT" ;; nginx) echo "$NGINX" ;; gateway) echo "$GATEWAY" ;; esac; }
+url_of() { case $1 in direct) echo "$DIRECT" ;; nginx) echo "$NGINX" ;; gateway) echo "$GATEWAY" ;; base) echo "http://127.0.0.1:$BASE_PORT/api/v1/products/$ID" ;; esac; }
+reversed() { tr ' ' '\n' <<<"$1" | tac | tr '\n' ' '; }
 
 echo "== throughput: wrk -t2 -c$CONNECTIONS -d$DURATION, GET one product, median of $ROUNDS rounds ($CORES cores shared by everything)"
-for target in direct nginx gateway; do
+for target in $TARGETS; do
   wrk -t2 -c"$CONNECTIONS" -d2s "$(url_of $target)" -H "authorization: Bearer $TOKEN" >/dev/null # warm-up
 done
 last() { awk '{ print $NF }' <<<"$1"; }
@@ -178,17 +187,18 @@ PAIRED=""
 for round in $(seq 1 "$ROUNDS"); do
   # The order alternates, so a drift in the machine's speed during a
   # round does not favour whichever always runs first.
-  order="direct nginx gateway"; (( round % 2 == 0 )) && order="gateway nginx direct"
+  order=$TARGETS; (( round % 2 == 0 )) && order=$(reversed "$TARGETS")
   for target in $order; do
     run "$target" "$(url_of $target)" -t2 -c"$CONNECTIONS" -d"$DURATION"
   done
   PAIRED+=" $(ratio "$(last "${RPS[gateway]}")" "$(last "${RPS[nginx]}")")"
   echo "round $round: direct $(last "${RPS[direct]}")  nginx $(last "${RPS[nginx]}")  gateway $(last "${RPS[gateway]}") req/s"
 done
-for target in direct nginx gateway; do report "$target"; done
+for target in $TARGETS; do report "$target"; done
 AHEAD=$(tr ' ' '\n' <<<"$PAIRED" | awk '$1 >= 1 { n++ } END { print n + 0 }')
 echo "gateway/nginx   $(ratio "${RPS[gateway]}" "${RPS[nginx]}")   (median of the rounds' own ratios: $(median <<<"$PAIRED"); at least 1.00 in $AHEAD of $ROUNDS rounds; each:$PAIRED)"
 echo "gateway/direct  $(ratio "${RPS[gateway]}" "${RPS[direct]}")"
+[[ -z ${BASE_BIN:-} ]] || echo "gateway/base    $(ratio "${RPS[gateway]}" "${RPS[base]}")   proxy CPU/request: gateway $(median <<<"${PROXY_CPU[gateway]}") µs, base $(median <<<"${PROXY_CPU[base]}") µs"
 
 # Paced: 10 connections, each waiting 5–15 ms (10 on average, drawn at
 # random) between requests: ~1,000/s. With a fixed 10 ms wait the
@@ -200,12 +210,13 @@ function delay() return math.random(5, 15) end
 LUA
 echo "== latency at ~1,000 requests/s: wrk -t1 -c10, 5-15 ms (random) between requests per connection, median of $ROUNDS rounds"
 for round in $(seq 1 "$ROUNDS"); do
-  order="direct nginx gateway"; (( round % 2 == 0 )) && order="gateway nginx direct"
+  order=$TARGETS; (( round % 2 == 0 )) && order=$(reversed "$TARGETS")
   for target in $order; do
     run "$target @1k/s" "$(url_of $target)" -t1 -c10 -d"$DURATION" -s "$WORK/pace.lua"
   done
 done
-for target in direct nginx gateway; do report "$target @1k/s"; done
+for target in $TARGETS; do report "$target @1k/s"; done
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 echo "p50 added at ~1k/s: gateway $(added "${P50[gateway @1k/s]}" "${P50[direct @1k/s]}") ms, nginx $(added "${P50[nginx @1k/s]}" "${P50[direct @1k/s]}") ms"
 echo "p99 added at ~1k/s: gateway $(added "${P99[gateway @1k/s]}" "${P99[direct @1k/s]}") ms, nginx $(added "${P99[nginx @1k/s]}" "${P99[direct @1k/s]}") ms"
+[[ -z ${BASE_BIN:-} ]] || echo "p99 added at ~1k/s: base $(added "${P99[base @1k/s]}" "${P99[direct @1k/s]}") ms"

@@ -7,15 +7,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use bazaar_contracts::grpc::user::user_service_client::UserServiceClient;
 use bazaar_contracts::grpc::user::{
     CreateUserRequest, DeleteUserRequest, GetUserRequest, UpdateUserRequest,
 };
 use common::*;
 use reqwest::StatusCode;
-use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -229,25 +226,7 @@ async fn exercise(url: &str, api: &Api) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, _) = api
-            .call(
-                "POST",
-                "/auth/login",
-                None,
-                Some(json!({"email": new_email, "password": "grpc-password"})),
-            )
-            .await;
-        if s == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the deleted account still logs in"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_account_gone(api, &new_email, "grpc-password").await;
 
     // Health and reflection.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(url).await);

@@ -304,3 +304,24 @@ pub async fn raw_status(base: &str, method: &str, path: &str, token: &str) -> u1
     tcp.read_exact(&mut head).await.unwrap();
     std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
 }
+
+/// Waits (up to 30 s) until `email` can no longer log in: its account was
+/// deleted through the `user.profile.deleted` event.
+pub async fn wait_account_gone(api: &Api, email: &str, password: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, _) = api
+            .call(
+                "POST",
+                "/auth/login",
+                None,
+                Some(json!({"email": email, "password": password})),
+            )
+            .await;
+        if s == StatusCode::UNAUTHORIZED {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{email} can still log in");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

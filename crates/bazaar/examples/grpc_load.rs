@@ -81,7 +81,11 @@ async fn main() {
         .map(|(d, _)| d.as_secs_f64() * 1000.0)
         .collect();
     ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let at = |q: f64| {
+        ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let errors = samples.iter().filter(|(_, ok)| !ok).count();
     println!(
         "calls={} errors={} seconds={:.1} rate={:.0} p50_ms={:.3} p99_ms={:.3}",

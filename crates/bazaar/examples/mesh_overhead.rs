@@ -53,7 +53,10 @@ async fn main() {
         let each = (0..CONCURRENCY).map(|_| async {
             for _ in 0..calls / CONCURRENCY {
                 let mut url = base.clone();
-                url.path_segments_mut().unwrap().pop_if_empty().extend(["products", &id]);
+                url.path_segments_mut()
+                    .unwrap()
+                    .pop_if_empty()
+                    .extend(["products", &id]);
                 let res = bare.get(url).send().await.unwrap();
                 assert!(res.status().is_success());
                 let _: serde_json::Value = res.json().await.unwrap();

@@ -34,15 +34,19 @@ pub fn wanted<B>(req: &Request<B>) -> bool {
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
-    let no_body = !h.contains_key(header::TRANSFER_ENCODING)
-        && h.get(header::CONTENT_LENGTH)
-            .is_none_or(|v| v.as_bytes() == b"0");
-    req.version() == Version::HTTP_11
+    let no_body = || {
+        !h.contains_key(header::TRANSFER_ENCODING)
+            && h.get(header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0")
+    };
+    // The first test is the one nearly every request fails, cheaply.
+    h.contains_key(header::UPGRADE)
+        && req.version() == Version::HTTP_11
         && token_in(&header::UPGRADE, "h2c")
         && h.contains_key(HTTP2_SETTINGS)
         && token_in(&header::CONNECTION, "upgrade")
         && token_in(&header::CONNECTION, "http2-settings")
-        && no_body
+        && no_body()
 }
 
 /// HPACK's integer with an `n`-bit prefix (RFC 7541 section 5.1).

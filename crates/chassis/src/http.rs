@@ -703,17 +703,7 @@ pub fn new_traceparent() -> String {
     format!("00-{trace}-{span}-01")
 }
 
-/// Whether `tp` is a well-formed version-00 `traceparent`.
-pub fn valid_traceparent(tp: &str) -> bool {
-    let parts: Vec<&str> = tp.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1] != "00000000000000000000000000000000"
-}
+pub use bazaar_mesh::client::valid_traceparent;
 
 /// A request's trace context, for the messages it causes: its
 /// `traceparent` (a new one if it came without a valid one) and its

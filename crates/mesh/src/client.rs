@@ -287,34 +287,38 @@ async fn read(mut response: reqwest::Response) -> Result<Reply, Failure> {
     })
 }
 
-/// A `traceparent` in the trace of `parent` (a new trace without one, or
-/// when it is malformed), with a new span id.
-pub fn child_traceparent(parent: Option<&str>) -> String {
-    let trace = parent
-        .and_then(|p| {
-            let mut parts = p.split('-');
-            let (version, trace, span, flags) =
-                (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-            let hex = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-            (version == "00"
+/// Whether `tp` is a well-formed `traceparent` (W3C Trace Context: four
+/// fields, any version but `ff`) with a trace id that is not all zeros.
+pub fn valid_traceparent(tp: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut parts = tp.split('-');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some(version), Some(trace), Some(span), Some(flags), None) => {
+            hex(version, 2)
+                && version != "ff"
                 && hex(trace, 32)
                 && hex(span, 16)
                 && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0'))
-            .then(|| (trace.to_ascii_lowercase(), flags.to_owned()))
-        })
-        .unwrap_or_else(|| {
-            (
-                format!("{:032x}", rand::random::<u128>() | 1),
-                "01".to_owned(),
-            )
-        });
-    format!(
-        "00-{}-{:016x}-{}",
-        trace.0,
-        rand::random::<u64>() | 1,
-        trace.1
-    )
+                && trace.bytes().any(|b| b != b'0')
+        }
+        _ => false,
+    }
+}
+
+/// A `traceparent` in the trace of `parent` (a new trace without one, or
+/// when it is malformed), with a new span id.
+pub fn child_traceparent(parent: Option<&str>) -> String {
+    let (trace, flags) = match parent.filter(|p| valid_traceparent(p)) {
+        Some(p) => (p[3..35].to_ascii_lowercase(), &p[53..55]),
+        None => (format!("{:032x}", rand::random::<u128>() | 1), "01"),
+    };
+    format!("00-{trace}-{:016x}-{flags}", rand::random::<u64>() | 1)
 }
 
 /// A whole answer.
@@ -367,6 +371,11 @@ mod tests {
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(child.ends_with("-01"));
         assert_ne!(child, parent);
+        assert!(valid_traceparent(&child));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(&format!("{parent}-extra")));
         let fresh = child_traceparent(Some("garbage"));
         assert_eq!(fresh.len(), 55);
         assert!(!fresh.contains("garbage"));

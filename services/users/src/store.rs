@@ -28,7 +28,11 @@ async fn publish(tx: &mut AnyConnection, kind: &str, p: &Profile) -> Result<(), 
     messaging::enqueue(tx, &[(USER, kind, &event)]).await
 }
 
-pub async fn get(db: &AnyPool, id: &str) -> Result<Option<Profile>, sqlx::Error> {
+/// The profile `id`, read from a pool or inside a transaction.
+pub async fn get<'e, E>(db: E, id: &str) -> Result<Option<Profile>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     let sql = format!("SELECT {COLUMNS} FROM profiles WHERE id = $1");
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -39,22 +43,11 @@ pub async fn get(db: &AnyPool, id: &str) -> Result<Option<Profile>, sqlx::Error>
         .transpose()
 }
 
-async fn get_in(tx: &mut AnyConnection, id: &str) -> Result<Option<Profile>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM profiles WHERE id = $1");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(profile_from)
-        .transpose()
-}
-
 /// A new account's profile (from `user.registered`, or made by
 /// `CreateUser`), published as `user.profile.updated`. One that exists
 /// already takes the phone and address given, if any.
 pub async fn create(tx: &mut AnyConnection, p: &Profile) -> Result<Profile, sqlx::Error> {
-    if let Some(old) = get_in(tx, &p.id).await? {
+    if let Some(old) = get(&mut *tx, &p.id).await? {
         if p.phone.is_none() && p.address.is_none() {
             return Ok(old);
         }
@@ -119,7 +112,7 @@ pub async fn update(
     change: &Change,
 ) -> Result<Option<Profile>, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let Some(old) = get_in(&mut tx, id).await? else {
+    let Some(old) = get(&mut *tx, id).await? else {
         return Ok(None);
     };
     let p = update_in(&mut tx, old, change).await?;
@@ -131,7 +124,7 @@ pub async fn update(
 /// account); `None` if there is none.
 pub async fn delete(db: &AnyPool, id: &str) -> Result<Option<Profile>, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let Some(p) = get_in(&mut tx, id).await? else {
+    let Some(p) = get(&mut *tx, id).await? else {
         return Ok(None);
     };
     sqlx::query("DELETE FROM profiles WHERE id = $1")
