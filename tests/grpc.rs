@@ -261,6 +261,25 @@ async fn user_service_over_grpc_through_the_gateway() {
     let (system, _dir) = embedded().await;
     wait_ready(&system.gateway_url).await;
     exercise(&system.gateway_url, &Api::new(&system.gateway_url)).await;
+    // The gateway counts gRPC calls as such, and its calls to users.
+    let metrics = reqwest::get(format!("{}/metrics", system.gateway_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("http_requests_total{") && l.contains("route=\"grpc\"")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mesh_calls_total{")
+            && l.contains("target=\"users\"")
+            && l.contains("outcome=\"ok\"")),
+        "{metrics}"
+    );
     system.stop().await.unwrap();
 }
 

@@ -71,8 +71,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct FastPath<H> {
     /// Which request paths it takes.
     pub claims: fn(&str) -> bool,
-    /// The `route` label of its requests in the metrics.
-    pub route: &'static str,
+    /// The `route` label of a request it takes, from its path.
+    pub route: fn(&str) -> &'static str,
     /// Answers a request from the given peer.
     pub handler: H,
     /// Event-loop threads (0: one per two cores, at least one).
@@ -653,6 +653,7 @@ where
             }
         };
         let method = req.method().clone();
+        let route = (self.fast.route)(req.uri().path());
         let span = tracing::info_span!(
             "http",
             service = self.service,
@@ -661,8 +662,7 @@ where
             request_id = request_id.to_str().unwrap_or(""),
         );
         let answer = (self.fast.handler)(req, peer);
-        let (metrics, route, instance) =
-            (self.metrics.clone(), self.fast.route, self.instance.clone());
+        let (metrics, route, instance) = (self.metrics.clone(), route, self.instance.clone());
         futures::future::Either::Left(async move {
             let answer = async {
                 match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(answer)).await {

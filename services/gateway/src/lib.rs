@@ -106,7 +106,13 @@ impl Application {
         let trusted = state.live.clone();
         let fast = FastPath {
             claims: proxy::owns,
-            route: "/api/{*rest}",
+            route: |path| {
+                if grpc::owns(path) {
+                    "grpc"
+                } else {
+                    "/api/{*rest}"
+                }
+            },
             handler: move |req: Request, peer: SocketAddr| {
                 let g = state.clone();
                 // Boxed once here, the proxy's large future is not copied
