@@ -898,6 +898,32 @@ async fn edge_hygiene_cors_body_limit_and_forwarding() {
         "{h}"
     );
     assert_eq!(seen["path"], "/echo/headers");
+    // Every call carries a request id and a trace: the client's trace,
+    // with a span id of the gateway's call.
+    assert!(
+        h["x-request-id"].as_str().is_some_and(|v| !v.is_empty()),
+        "{h}"
+    );
+    assert!(
+        bazaar_chassis::http::valid_traceparent(h["traceparent"].as_str().unwrap()),
+        "{h}"
+    );
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced: Value = http
+        .get(format!("{gw}/echo/headers"))
+        .header("traceparent", parent)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tp = traced["headers"]["traceparent"].as_str().unwrap();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert_ne!(tp, parent, "a span id of its own");
     // Per-route header edits and path rewrite.
     let seen: Value = http
         .get(format!("{gw}/echo/x"))

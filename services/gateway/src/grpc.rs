@@ -174,6 +174,7 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    crate::proxy::trace(&mut parts.headers);
     // gRPC servers may insist on it; the stripping above took it out.
     parts
         .headers

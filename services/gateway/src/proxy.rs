@@ -185,6 +185,8 @@ impl Gateway {
             idempotent: conn::idempotent(method),
             client: Some(client),
         };
+        let mut headers = headers;
+        trace(&mut headers);
         let (headers, body) = (&headers, &body);
         let (response, member) = self
             .upstreams
@@ -206,6 +208,18 @@ impl Gateway {
             .await
             .map_err(|e| Problem::from_call(&e))?;
         Ok(Answer { response, member })
+    }
+}
+
+/// Gives an upstream call a `traceparent` in the caller's trace (a new
+/// one if it came with none), with a span id of its own.
+pub fn trace(headers: &mut HeaderMap) {
+    let parent = headers
+        .get(&bazaar_mesh::client::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let child = bazaar_mesh::client::child_traceparent(parent);
+    if let Ok(v) = HeaderValue::from_str(&child) {
+        headers.insert(bazaar_mesh::client::TRACEPARENT, v);
     }
 }
 
