@@ -7,6 +7,9 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use common::*;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -149,26 +152,27 @@ async fn profiles_are_the_owners_and_admins_and_deleting_one_closes_the_account(
     system.stop().await.unwrap();
 }
 
-/// A stand-in orders service that can answer, hang, or be gone.
-async fn stub_orders(port: u16, hang: bool) -> tokio::task::JoinHandle<()> {
+/// A stand-in orders service that answers, or hangs while `hang` is set
+/// (switched in place: connections a client keeps open see it too).
+async fn stub_orders(hang: Arc<AtomicBool>) -> u16 {
     use axum::routing::get;
     let app = axum::Router::new()
         .route("/health", get(|| async { "ok" }))
         .route(
             "/orders",
             get(move || async move {
-                if hang {
+                if hang.load(Ordering::SeqCst) {
                     tokio::time::sleep(std::time::Duration::from_secs(30)).await;
                 }
                 axum::Json(json!({"items": [], "total": 0, "limit": 50, "offset": 0}))
             }),
         );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
-    })
+    });
+    port
 }
 
 /// The seed's breaker scenario: users calls orders through the mesh
@@ -189,8 +193,8 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
         .address
         .clone();
 
-    let port = free_port();
-    let stub = stub_orders(port, false).await;
+    let hang = Arc::new(AtomicBool::new(false));
+    let port = stub_orders(hang.clone()).await;
     let mut config = test_config(dir.join("users-alone"));
     config.registry = "static".into();
     config.services = [
@@ -222,9 +226,7 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     assert_eq!(s, StatusCode::OK, "{body}");
 
     // Slow: a timeout, 504.
-    stub.abort();
-    let _ = stub.await;
-    let stub = stub_orders(port, true).await;
+    hang.store(true, Ordering::SeqCst);
     let (s, body, _) = call().await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert_eq!(body["detail"], "orders did not answer in time");
@@ -263,9 +265,7 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     );
 
     // Orders back: once the open time is up, the probe closes it.
-    stub.abort();
-    let _ = stub.await;
-    let _stub = stub_orders(port, false).await;
+    hang.store(false, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (s, _, _) = call().await;

@@ -105,7 +105,15 @@ pub async fn insert_refresh(
         .bind(expires_at)
         .bind(family)
         .execute(db)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The account was deleted (user.profile.deleted) while the
+            // password was being checked: as if it never existed.
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+                AuthError::InvalidCredentials
+            }
+            other => other.into(),
+        })?;
     Ok(())
 }
 
@@ -203,5 +211,30 @@ pub async fn ensure_admin(
         // Another replica created it first.
         Err(AuthError::EmailTaken) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A login whose account was deleted while its password was checked
+    /// gets 401, not a database error (the refresh token's user is gone).
+    #[tokio::test]
+    async fn a_refresh_token_for_a_deleted_account_is_refused_as_credentials() {
+        let dir = std::env::temp_dir().join(format!("auth-store-{}", uuid::Uuid::now_v7()));
+        let config = bazaar_chassis::Config {
+            data_dir: dir.clone(),
+            ..Default::default()
+        };
+        let db = bazaar_chassis::db::connect(&config, "auth", &crate::MIGRATOR)
+            .await
+            .expect("database");
+        let outcome = insert_refresh(&db.write, "hash", "no-such-user", "family", i64::MAX).await;
+        assert!(
+            matches!(outcome, Err(AuthError::InvalidCredentials)),
+            "{outcome:?}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
