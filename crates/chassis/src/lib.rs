@@ -14,6 +14,7 @@ pub mod messaging;
 pub mod metrics;
 pub mod paging;
 pub mod problem;
+pub mod replica;
 pub mod shutdown;
 pub mod telemetry;
 

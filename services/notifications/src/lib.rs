@@ -151,34 +151,24 @@ fn lower_first(s: &str) -> String {
     })
 }
 
-/// Keeps the replica: an older version than the one held changes nothing.
+/// Keeps the replica (see `bazaar_chassis::replica`).
 async fn replicate(tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
     let env = &msg.envelope;
     let p: Profile = env
         .payload()
         .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+    let version = bazaar_chassis::replica::Version {
+        id: &p.id,
+        email: &p.email,
+        name: &p.name,
+        updated_at: &p.updated_at,
+    };
     if env.kind == USER_PROFILE_DELETED {
-        sqlx::query("DELETE FROM recipients WHERE user_id = $1")
-            .bind(&p.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(retry)?;
-        return Ok(());
+        bazaar_chassis::replica::forget(tx, "recipients", &version).await
+    } else {
+        bazaar_chassis::replica::keep(tx, "recipients", &version).await
     }
-    sqlx::query(
-        "INSERT INTO recipients (user_id, email, name, updated_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name,
-           updated_at = excluded.updated_at
-         WHERE recipients.updated_at <= excluded.updated_at",
-    )
-    .bind(&p.id)
-    .bind(&p.email)
-    .bind(&p.name)
-    .bind(&p.updated_at)
-    .execute(&mut *tx)
-    .await
-    .map_err(retry)?;
-    Ok(())
+    .map_err(retry)
 }
 
 /// The replica's `(name, email)` of the user an order event is about.
@@ -190,7 +180,7 @@ async fn recipient(tx: &mut AnyConnection, msg: &Received) -> Result<Recipient, 
     let Ok(order) = env.payload::<Order>() else {
         return Ok(None);
     };
-    let row = sqlx::query("SELECT name, email FROM recipients WHERE user_id = $1")
+    let row = sqlx::query("SELECT name, email FROM recipients WHERE user_id = $1 AND deleted = 0")
         .bind(&order.user_id)
         .fetch_optional(&mut *tx)
         .await

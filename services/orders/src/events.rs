@@ -140,24 +140,17 @@ impl bazaar_chassis::messaging::Effects for Buyers {
         let profile: bazaar_contracts::Profile = env
             .payload()
             .map_err(|e| Failure::Reject(format!("bad {} payload: {e}", env.kind)))?;
+        let version = bazaar_chassis::replica::Version {
+            id: &profile.id,
+            email: &profile.email,
+            name: &profile.name,
+            updated_at: &profile.updated_at,
+        };
         match env.kind.as_str() {
-            // An older version than the one held changes nothing.
-            USER_PROFILE_UPDATED => sqlx::query(
-                "INSERT INTO buyers (user_id, email, name, updated_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (user_id) DO UPDATE SET email = excluded.email,
-                   name = excluded.name, updated_at = excluded.updated_at
-                 WHERE buyers.updated_at <= excluded.updated_at",
-            )
-            .bind(&profile.id)
-            .bind(&profile.email)
-            .bind(&profile.name)
-            .bind(&profile.updated_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(retry)?,
-            USER_PROFILE_DELETED => sqlx::query("DELETE FROM buyers WHERE user_id = $1")
-                .bind(&profile.id)
-                .execute(&mut *tx)
+            USER_PROFILE_UPDATED => bazaar_chassis::replica::keep(tx, "buyers", &version)
+                .await
+                .map_err(retry)?,
+            USER_PROFILE_DELETED => bazaar_chassis::replica::forget(tx, "buyers", &version)
                 .await
                 .map_err(retry)?,
             other => return Err(Failure::Reject(format!("orders does not handle {other}"))),

@@ -13,7 +13,7 @@ use crate::saga;
 /// An order's columns, with its buyer's name from the profile replica.
 const COLUMNS: &str =
     "id, user_id, user_email, total, currency, status, cancel_reason, created_at, updated_at,
-     (SELECT name FROM buyers WHERE buyers.user_id = orders.user_id) AS user_name";
+     (SELECT name FROM buyers WHERE buyers.user_id = orders.user_id AND deleted = 0) AS user_name";
 
 pub(crate) fn order_from(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
