@@ -4,7 +4,5 @@ CREATE TABLE recipients (
     user_id    TEXT PRIMARY KEY,
     email      TEXT NOT NULL,
     name       TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    -- 1: the profile was deleted (a tombstone: a late update changes nothing).
-    deleted    INTEGER NOT NULL DEFAULT 0
+    updated_at TEXT NOT NULL
 );

@@ -3,7 +3,5 @@ CREATE TABLE buyers (
     user_id    TEXT PRIMARY KEY,
     email      TEXT NOT NULL,
     name       TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    -- 1: the profile was deleted (a tombstone: a late update changes nothing).
-    deleted    INTEGER NOT NULL DEFAULT 0
+    updated_at TEXT NOT NULL
 );
