@@ -69,9 +69,33 @@ async fn exercise(url: &str, api: &Api) {
     eventually(api, "/users/me", &other, |_| true).await;
     let mut client = UserServiceClient::new(channel(url).await);
 
-    // No token, a bad token.
+    // No token, on every method; a bad token.
     let e = client
         .get_user(GetUserRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client
+        .create_user(CreateUserRequest {
+            name: "Nobody".into(),
+            email: format!("nobody-{}@x.io", unique()),
+            password: "no-token-here".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client
+        .update_user(UpdateUserRequest {
+            id: id.clone(),
+            name: Some("Hijacked".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client
+        .delete_user(DeleteUserRequest { id: id.clone() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");

@@ -152,34 +152,72 @@ async fn profiles_are_the_owners_and_admins_and_deleting_one_closes_the_account(
     system.stop().await.unwrap();
 }
 
-/// A stand-in orders service that answers, or hangs while `hang` is set
-/// (switched in place: connections a client keeps open see it too).
-async fn stub_orders(hang: Arc<AtomicBool>) -> u16 {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route(
-            "/orders",
-            get(move || async move {
-                if hang.load(Ordering::SeqCst) {
-                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                }
-                axum::Json(json!({"items": [], "total": 0, "limit": 50, "offset": 0}))
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    port
+/// A stand-in orders service on a fixed port: it answers, or hangs
+/// while `hang` is set (switched in place: connections a client keeps
+/// open see it too), and can be stopped (connections closed, the port
+/// refusing) and started again on the same port.
+struct StubOrders {
+    port: u16,
+    hang: Arc<AtomicBool>,
+    running: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl StubOrders {
+    async fn start(port: u16) -> Self {
+        let mut stub = Self {
+            port,
+            hang: Arc::new(AtomicBool::new(false)),
+            running: None,
+        };
+        stub.resume().await;
+        stub
+    }
+
+    async fn resume(&mut self) {
+        use axum::routing::get;
+        let hang = self.hang.clone();
+        let app = axum::Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .route(
+                "/orders",
+                get(move || async move {
+                    if hang.load(Ordering::SeqCst) {
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    }
+                    axum::Json(json!({"items": [], "total": 0, "limit": 50, "offset": 0}))
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        self.running = Some((stop, task));
+    }
+
+    async fn stop(&mut self) {
+        if let Some((stop, task)) = self.running.take() {
+            let _ = stop.send(());
+            task.await.unwrap();
+        }
+    }
 }
 
 /// The seed's breaker scenario: users calls orders through the mesh
-/// client. Orders slow past the timeout → 504; orders hanging → after
-/// three timeouts the breaker opens and answers 503 at once, not after
-/// another timeout; orders back → after the open time one probe closes
-/// the breaker and 200s return. `/metrics` shows the breaker's state.
+/// client. Orders stopped → 503 ("unreachable"), and after three
+/// failures in a row the breaker opens: 503 "circuit open" at once (the
+/// median of five such answers within 50 ms); orders back → after the
+/// open time one probe closes the breaker and 200s return. Orders slow
+/// past the timeout → 504. `/metrics` shows the breaker's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     use std::time::{Duration, Instant};
@@ -193,8 +231,8 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
         .address
         .clone();
 
-    let hang = Arc::new(AtomicBool::new(false));
-    let port = stub_orders(hang.clone()).await;
+    let port = free_port();
+    let mut orders = StubOrders::start(port).await;
     let mut config = test_config(dir.join("users-alone"));
     config.registry = "static".into();
     config.services = [
@@ -225,24 +263,32 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     let (s, body, _) = call().await;
     assert_eq!(s, StatusCode::OK, "{body}");
 
-    // Slow: a timeout, 504.
-    hang.store(true, Ordering::SeqCst);
-    let (s, body, _) = call().await;
-    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
-    assert_eq!(body["detail"], "orders did not answer in time");
-    // Two more timeouts open the breaker (3 in a row).
-    for _ in 0..2 {
-        let (s, _, _) = call().await;
-        assert_eq!(s, StatusCode::GATEWAY_TIMEOUT);
+    // Stopped: 503 while the breaker counts, then the breaker opens.
+    orders.stop().await;
+    let mut unreachable = 0;
+    loop {
+        let (s, body, _) = call().await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        if body["detail"] == "orders is unavailable (circuit open)" {
+            break;
+        }
+        assert_eq!(body["detail"], "orders is unreachable");
+        unreachable += 1;
+        assert!(unreachable <= 3, "3 failures in a row open the breaker");
     }
-    let (s, body, took) = call().await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["detail"], "orders is unavailable (circuit open)");
-    assert!(
-        took < Duration::from_millis(400),
-        "the open breaker answered after {took:?}: it waited for a timeout"
-    );
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let (s, body, t) = call().await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["detail"], "orders is unavailable (circuit open)");
+        took.push(t);
+    }
+    took.sort();
     eprintln!("breaker open: 503 in {took:?}");
+    assert!(
+        took[2] < Duration::from_millis(50),
+        "the open breaker answered in {took:?}"
+    );
     let metrics = http
         .get(format!("{base}/metrics"))
         .send()
@@ -257,15 +303,9 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
             && l.ends_with(" 2")),
         "{metrics}"
     );
-    assert!(
-        metrics.lines().any(|l| l.starts_with("mesh_calls_total{")
-            && l.contains("outcome=\"timeout\"")
-            && l.contains("target=\"orders\"")),
-        "{metrics}"
-    );
 
     // Orders back: once the open time is up, the probe closes it.
-    hang.store(false, Ordering::SeqCst);
+    orders.resume().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (s, _, _) = call().await;
@@ -278,6 +318,28 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     }
     let (s, _, _) = call().await;
     assert_eq!(s, StatusCode::OK);
+
+    // Slow past the timeout: 504, and the breaker counts it.
+    orders.hang.store(true, Ordering::SeqCst);
+    let (s, body, took) = call().await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["detail"], "orders did not answer in time");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mesh_calls_total{")
+            && l.contains("outcome=\"timeout\"")
+            && l.contains("target=\"orders\"")),
+        "{metrics}"
+    );
+    orders.hang.store(false, Ordering::SeqCst);
     users.stop().await.unwrap();
     system.stop().await.unwrap();
 }
