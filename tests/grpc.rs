@@ -273,9 +273,7 @@ async fn exercise(url: &str, api: &Api) {
 async fn user_service_over_grpc_directly() {
     let (system, _dir) = embedded().await;
     wait_ready(&system.gateway_url).await;
-    let users = system.discovery.registry().list("users").await.unwrap()[0]
-        .address
-        .clone();
+    let users = address_of(&system, "users").await;
     exercise(&users, &Api::new(&system.gateway_url)).await;
     system.stop().await.unwrap();
 }
@@ -318,9 +316,7 @@ async fn the_gateway_answers_grpc_failures_with_grpc_statuses() {
     let (token, id) = api
         .register_and_login(&format!("grpc-edge-{}@x.io", unique()))
         .await;
-    let auth = system.discovery.registry().list("auth").await.unwrap()[0]
-        .address
-        .clone();
+    let auth = address_of(&system, "auth").await;
     // Accepts connections and never answers.
     let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hang_addr = hang.local_addr().unwrap();

@@ -227,9 +227,7 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     let (token, id) = api
         .register_and_login(&format!("breaker-{}@x.io", unique()))
         .await;
-    let auth = system.discovery.registry().list("auth").await.unwrap()[0]
-        .address
-        .clone();
+    let auth = address_of(&system, "auth").await;
 
     let port = free_port();
     let mut orders = StubOrders::start(port).await;

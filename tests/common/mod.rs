@@ -325,3 +325,11 @@ pub async fn wait_account_gone(api: &Api, email: &str, password: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The base URL of the first registered instance of `service` in an
+/// embedded system.
+pub async fn address_of(system: &bazaar::System, service: &str) -> String {
+    system.discovery.registry().list(service).await.unwrap()[0]
+        .address
+        .clone()
+}

@@ -295,6 +295,22 @@ pub struct AuthUser {
 }
 
 impl AuthUser {
+    /// The caller of a request with these headers (HTTP, or gRPC
+    /// metadata): its bearer token, verified. 401 without a valid one.
+    pub async fn from_headers(
+        verifier: &Verifier,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Self, Problem> {
+        let token =
+            bearer(headers)?.ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
+        let claims = verifier.verify(token).await?;
+        Ok(AuthUser {
+            id: claims.sub,
+            email: claims.email,
+            role: claims.role,
+        })
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == "admin"
     }
@@ -337,15 +353,7 @@ where
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let token =
-            bearer(&parts.headers)?.ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
-        let verifier = Arc::<Verifier>::from_ref(state);
-        let claims = verifier.verify(token).await?;
-        Ok(AuthUser {
-            id: claims.sub,
-            email: claims.email,
-            role: claims.role,
-        })
+        AuthUser::from_headers(&Arc::<Verifier>::from_ref(state), &parts.headers).await
     }
 }
 

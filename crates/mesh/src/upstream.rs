@@ -44,14 +44,19 @@ pub struct Member {
     failed_checks: AtomicU32,
 }
 
+/// `host:port` of a base URL such as `http://127.0.0.1:7001` (the
+/// address itself when it has no authority to take).
+pub fn authority(address: &str) -> String {
+    address
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| Some(u.authority()?.as_str().to_owned()))
+        .unwrap_or_else(|| address.to_owned())
+}
+
 impl Member {
     fn new(instance: &Instance, breaker: BreakerSettings) -> Self {
-        let address = &instance.address;
-        let authority = address
-            .parse::<Uri>()
-            .ok()
-            .and_then(|u| Some(u.authority()?.as_str().to_owned()))
-            .unwrap_or_else(|| address.clone());
+        let authority = authority(&instance.address);
         Self {
             host: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
@@ -65,6 +70,17 @@ impl Member {
 
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// What `/_admin/services` shows of it.
+    fn view(&self) -> InstanceView {
+        InstanceView {
+            name: self.instance.name.clone(),
+            id: self.instance.id.clone(),
+            address: self.instance.address.clone(),
+            healthy: self.healthy(),
+            breaker: self.breaker.state(),
+        }
     }
 
     fn fit(&self) -> bool {
@@ -604,13 +620,7 @@ impl Upstreams {
         for name in names {
             let pool = self.pool(&name);
             let snap = self.members(&pool).await?;
-            out.extend(snap.members.iter().map(|m| InstanceView {
-                name: name.clone(),
-                id: m.instance.id.clone(),
-                address: m.instance.address.clone(),
-                healthy: m.healthy(),
-                breaker: m.breaker.state(),
-            }));
+            out.extend(snap.members.iter().map(|m| m.view()));
         }
         Ok(out)
     }
@@ -632,17 +642,7 @@ impl Upstreams {
             .values()
             .map(|p| {
                 let snap = Self::snapshot(p);
-                let views = snap
-                    .members
-                    .iter()
-                    .map(|m| InstanceView {
-                        name: p.service.clone(),
-                        id: m.instance.id.clone(),
-                        address: m.instance.address.clone(),
-                        healthy: m.healthy(),
-                        breaker: m.breaker.state(),
-                    })
-                    .collect();
+                let views = snap.members.iter().map(|m| m.view()).collect();
                 (p.service.clone(), p.in_use.load(Ordering::Relaxed), views)
             })
             .collect();

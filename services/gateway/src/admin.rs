@@ -180,12 +180,7 @@ async fn list_services(
 async fn calls_of(
     instance: &bazaar_mesh::Instance,
 ) -> Option<Vec<bazaar_mesh::upstream::InstanceView>> {
-    let authority = instance
-        .address
-        .parse::<axum::http::Uri>()
-        .ok()?
-        .authority()?
-        .to_string();
+    let authority = bazaar_mesh::upstream::authority(&instance.address);
     let host = axum::http::HeaderValue::from_str(&authority).ok()?;
     let req = crate::conn::Outgoing {
         method: &axum::http::Method::GET,

@@ -6,7 +6,7 @@
 //! (v1 and v1alpha) are served beside it.
 
 use axum::http::{Method, StatusCode};
-use bazaar_chassis::auth::{AuthUser, bearer};
+use bazaar_chassis::auth::AuthUser;
 use bazaar_chassis::{Problem, id};
 use bazaar_contracts::grpc::user::user_service_server::{UserService, UserServiceServer};
 use bazaar_contracts::grpc::user::{
@@ -89,20 +89,9 @@ impl Users {
     /// The caller, from the bearer token in the metadata.
     async fn caller<T>(&self, req: &Request<T>) -> Result<AuthUser, Status> {
         let headers = req.metadata().clone().into_headers();
-        let token = bearer(&headers)
-            .map_err(|p| status(&p))?
-            .ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
-        let claims = self
-            .0
-            .verifier
-            .verify_shared(token)
+        AuthUser::from_headers(&self.0.verifier, &headers)
             .await
-            .map_err(|p| status(&p))?;
-        Ok(AuthUser {
-            id: claims.sub.clone(),
-            email: claims.email.clone(),
-            role: claims.role.clone(),
-        })
+            .map_err(|p| status(&p))
     }
 
     /// A checked id the caller may act on.
