@@ -314,11 +314,22 @@ pub fn valid_traceparent(tp: &str) -> bool {
 /// A `traceparent` in the trace of `parent` (a new trace without one, or
 /// when it is malformed), with a new span id.
 pub fn child_traceparent(parent: Option<&str>) -> String {
-    let (trace, flags) = match parent.filter(|p| valid_traceparent(p)) {
-        Some(p) => (p[3..35].to_ascii_lowercase(), &p[53..55]),
-        None => (format!("{:032x}", rand::random::<u128>() | 1), "01"),
+    use std::fmt::Write as _;
+    // Built in place: the gateway makes one per request.
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    let flags = match parent.filter(|p| valid_traceparent(p)) {
+        Some(p) => {
+            out.extend(p[3..35].chars().map(|c| c.to_ascii_lowercase()));
+            &p[53..55]
+        }
+        None => {
+            let _ = write!(out, "{:032x}", rand::random::<u128>() | 1);
+            "01"
+        }
     };
-    format!("00-{trace}-{:016x}-{flags}", rand::random::<u64>() | 1)
+    let _ = write!(out, "-{:016x}-{flags}", rand::random::<u64>() | 1);
+    out
 }
 
 /// A whole answer.
