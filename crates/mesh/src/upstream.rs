@@ -811,4 +811,149 @@ mod tests {
             prop_assert_eq!(n, expected);
         }
     }
+
+    mod calls {
+        use std::sync::atomic::AtomicUsize;
+
+        use super::*;
+        use crate::{MemoryRegistry, Registry};
+
+        async fn two_instances(bulkhead: usize) -> Arc<Upstreams> {
+            let registry = MemoryRegistry::default();
+            for id in ["a", "b"] {
+                registry
+                    .register(Instance {
+                        name: "orders".into(),
+                        id: id.into(),
+                        address: format!("http://{id}.invalid:1"),
+                        version: String::new(),
+                        tags: vec![],
+                    })
+                    .await
+                    .expect("register");
+            }
+            let probe: Probe = Arc::new(|_| Box::pin(async { true }));
+            Upstreams::new(
+                Discovery::new(Arc::new(registry)),
+                Settings {
+                    bulkhead,
+                    ..Settings::default()
+                },
+                probe,
+                &Instruments::default(),
+            )
+        }
+
+        fn options(idempotent: bool) -> CallOptions {
+            CallOptions {
+                strategy: crate::balance::Strategy::RoundRobin,
+                timeout: Duration::from_millis(50),
+                retries: 1,
+                idempotent,
+                client: None,
+            }
+        }
+
+        /// A failed connect is retried elsewhere whatever the method;
+        /// a lost answer only for an idempotent request; a timeout never.
+        #[tokio::test]
+        async fn retries_go_elsewhere_only_when_safe() {
+            let up = two_instances(8).await;
+            let tries = AtomicUsize::new(0);
+            let (answer, member) = up
+                .call("orders", &options(false), |m| {
+                    let n = tries.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n == 0 {
+                            Err(Failure::connect("refused"))
+                        } else {
+                            Ok(m.instance.id.clone())
+                        }
+                    }
+                })
+                .await
+                .expect("the second instance answers");
+            assert_eq!(tries.load(Ordering::SeqCst), 2);
+            assert_eq!(answer, member.instance.id);
+
+            for idempotent in [false, true] {
+                let tries = AtomicUsize::new(0);
+                let e = up
+                    .call("orders", &options(idempotent), |_| {
+                        tries.fetch_add(1, Ordering::SeqCst);
+                        async { Err::<(), _>(Failure::bad_answer("reset")) }
+                    })
+                    .await
+                    .err()
+                    .expect("both fail");
+                assert_eq!(e.kind, ErrorKind::BadAnswer);
+                assert_eq!(e.retry_safe, idempotent);
+                assert_eq!(tries.load(Ordering::SeqCst), if idempotent { 2 } else { 1 });
+            }
+
+            let tries = AtomicUsize::new(0);
+            let e = up
+                .call("orders", &options(true), |_| {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<Result<(), Failure>>()
+                })
+                .await
+                .err()
+                .expect("times out");
+            assert_eq!(e.kind, ErrorKind::Timeout);
+            assert_eq!(e.status(), 504);
+            assert_eq!(tries.load(Ordering::SeqCst), 1, "a timeout is not retried");
+
+            let e = up
+                .call("payments", &options(true), |_| async { Ok(()) })
+                .await
+                .err()
+                .expect("nothing registered");
+            assert_eq!(e.kind, ErrorKind::NoInstance);
+        }
+
+        /// A full bulkhead refuses at once, without an attempt.
+        #[tokio::test]
+        async fn a_full_bulkhead_refuses_at_once() {
+            let up = two_instances(1).await;
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            let held = {
+                let up = up.clone();
+                let mut released = Some(released);
+                let long = CallOptions {
+                    timeout: Duration::from_secs(30),
+                    ..options(true)
+                };
+                tokio::spawn(async move {
+                    up.call("orders", &long, move |_| {
+                        let released = released.take();
+                        async move {
+                            if let Some(r) = released {
+                                let _ = r.await;
+                            }
+                            Ok(())
+                        }
+                    })
+                    .await
+                })
+            };
+            while up.targets().first().is_none_or(|t| t.1 == 0) {
+                tokio::task::yield_now().await;
+            }
+            let e = up
+                .call("orders", &options(true), |_| async { Ok(()) })
+                .await
+                .err()
+                .expect("full");
+            assert_eq!(e.kind, ErrorKind::BulkheadFull);
+            assert_eq!(e.status(), 503);
+            let _ = release.send(());
+            held.await.expect("task").expect("the first call ends well");
+            assert!(
+                up.call("orders", &options(true), |_| async { Ok(()) })
+                    .await
+                    .is_ok()
+            );
+        }
+    }
 }
