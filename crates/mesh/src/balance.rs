@@ -5,7 +5,6 @@
 //! latency. A pick returns a [`Lease`] that counts the request in flight
 //! until it is dropped and records its latency when finished.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -63,7 +62,7 @@ struct Stats {
 #[derive(Default)]
 pub struct Balancer {
     next: AtomicUsize,
-    stats: Mutex<HashMap<String, Arc<Stats>>>,
+    stats: Mutex<crate::FastMap<String, Arc<Stats>>>,
 }
 
 /// A chosen instance (its index in the list picked from). Counts as in

@@ -221,10 +221,7 @@ impl Request<'_> {
             }
         }
         // The caller's trace (or a new one), with a span id of this call.
-        let parent = self.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
-        if let Ok(v) = HeaderValue::from_str(&child_traceparent(parent)) {
-            self.headers.insert(TRACEPARENT, v);
-        }
+        continue_trace(&mut self.headers);
         let options = CallOptions {
             strategy: Strategy::RoundRobin,
             timeout: self.timeout,
@@ -238,7 +235,7 @@ impl Request<'_> {
         let (reply, _) = self
             .client
             .upstreams
-            .call(&self.service, &options, |member| async move {
+            .call(&self.service, &options, |member, _| async move {
                 let url = format!("http://{}{path}", member.authority);
                 let response = http
                     .request(method.clone(), url)
@@ -290,46 +287,64 @@ async fn read(mut response: reqwest::Response) -> Result<Reply, Failure> {
 /// Whether `tp` is a well-formed `traceparent` (W3C Trace Context: four
 /// fields, any version but `ff`) with a trace id that is not all zeros.
 pub fn valid_traceparent(tp: &str) -> bool {
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let mut parts = tp.split('-');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some(version), Some(trace), Some(span), Some(flags), None) => {
-            hex(version, 2)
-                && version != "ff"
-                && hex(trace, 32)
-                && hex(span, 16)
-                && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0')
+    valid_traceparent_bytes(tp.as_bytes())
+}
+
+/// [`valid_traceparent`] on the field's bytes: `vv-<32 hex>-<16 hex>-ff`,
+/// 55 bytes exactly.
+fn valid_traceparent_bytes(tp: &[u8]) -> bool {
+    tp.len() == 55
+        && tp.iter().enumerate().all(|(i, &b)| match i {
+            2 | 35 | 52 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+        && !tp[..2].eq_ignore_ascii_case(b"ff")
+        && tp[3..35].iter().any(|&b| b != b'0')
+}
+
+/// Gives an outgoing call a `traceparent` in the trace of the one
+/// `headers` carry (a new trace without one, or when it is malformed),
+/// with a span id of its own. The gateway does this on every request, so
+/// it is built on the stack and allocates once.
+pub fn continue_trace(headers: &mut HeaderMap) {
+    // One lookup for the read and the write.
+    match headers.entry(TRACEPARENT) {
+        header::Entry::Occupied(mut e) => {
+            let child = child_traceparent(Some(e.get().as_bytes()));
+            e.insert(child);
         }
-        _ => false,
+        header::Entry::Vacant(e) => {
+            e.insert(child_traceparent(None));
+        }
     }
 }
 
 /// A `traceparent` in the trace of `parent` (a new trace without one, or
 /// when it is malformed), with a new span id.
-pub fn child_traceparent(parent: Option<&str>) -> String {
-    use std::fmt::Write as _;
-    // Built in place: the gateway makes one per request.
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
-    let flags = match parent.filter(|p| valid_traceparent(p)) {
+pub fn child_traceparent(parent: Option<&[u8]>) -> HeaderValue {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match parent.filter(|p| valid_traceparent_bytes(p)) {
         Some(p) => {
-            out.extend(p[3..35].chars().map(|c| c.to_ascii_lowercase()));
-            &p[53..55]
+            out[3..35].copy_from_slice(&p[3..35]);
+            out[53..55].copy_from_slice(&p[53..55]);
+            out.make_ascii_lowercase();
         }
-        None => {
-            let _ = write!(out, "{:032x}", rand::random::<u128>() | 1);
-            "01"
-        }
-    };
-    let _ = write!(out, "-{:016x}-{flags}", rand::random::<u64>() | 1);
-    out
+        None => hex(&mut out[3..35], rand::random::<u128>() | 1),
+    }
+    hex(&mut out[36..52], u128::from(rand::random::<u64>() | 1));
+    // Hex digits and dashes: always a valid field value.
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// Writes the low `out.len() / 2` bytes of `v` as lowercase hex.
+fn hex(out: &mut [u8], v: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let bytes = v.to_be_bytes();
+    let bytes = &bytes[bytes.len() - out.len() / 2..];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
 }
 
 /// A whole answer.
@@ -378,17 +393,36 @@ mod tests {
     #[test]
     fn traceparents_keep_the_trace_and_get_a_new_span() {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let child = child_traceparent(Some(parent));
+        let child = child_traceparent(Some(parent.as_bytes()));
+        let child = child.to_str().unwrap();
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(child.ends_with("-01"));
         assert_ne!(child, parent);
-        assert!(valid_traceparent(&child));
+        assert!(valid_traceparent(child));
+        let upper = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-0A";
+        let child = child_traceparent(Some(upper.as_bytes()));
+        assert!(
+            child
+                .to_str()
+                .unwrap()
+                .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        );
+        assert!(child.to_str().unwrap().ends_with("-0a"));
+        assert!(!valid_traceparent(
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1"
+        ));
+        assert!(!valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7+01"
+        ));
         assert!(!valid_traceparent(
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
         ));
         assert!(!valid_traceparent(&format!("{parent}-extra")));
-        let fresh = child_traceparent(Some("garbage"));
-        assert_eq!(fresh.len(), 55);
-        assert!(!fresh.contains("garbage"));
+        let fresh = child_traceparent(Some(b"garbage"));
+        assert!(valid_traceparent(fresh.to_str().unwrap()));
+        assert_ne!(fresh, child_traceparent(None));
     }
 }

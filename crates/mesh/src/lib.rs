@@ -16,6 +16,12 @@ pub mod upstream;
 pub use client::Client;
 pub use error::{CallError, ErrorKind};
 
+/// A map keyed by the system's own values (addresses, service names,
+/// instance ids, secret-keyed digests), never by what a client chooses:
+/// hashed with foldhash, a fraction of SipHash's cost on every request,
+/// where SipHash's resistance to chosen collisions buys nothing.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};

@@ -9,7 +9,6 @@
 //! HTTP/1 connections, services through [`crate::client::Client`], so the
 //! logic exists once whatever carries the bytes.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -296,7 +295,7 @@ pub struct Upstreams {
     settings: Settings,
     probe: Probe,
     epoch: Instant,
-    pools: RwLock<HashMap<String, Arc<Pool>>>,
+    pools: RwLock<crate::FastMap<String, Arc<Pool>>>,
     instruments: Instruments,
 }
 
@@ -391,8 +390,10 @@ impl Upstreams {
         )
     }
 
-    fn millis(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// Milliseconds from this pool's start to `at`.
+    fn millis(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.epoch).as_millis();
+        u64::try_from(since).unwrap_or(u64::MAX)
     }
 
     /// Reads the instance list from discovery, keeping what is known of
@@ -425,19 +426,32 @@ impl Upstreams {
             instances: listed,
         });
         pool.refreshed
-            .store(self.millis().max(1), Ordering::Relaxed);
+            .store(self.millis(Instant::now()).max(1), Ordering::Relaxed);
         Ok(())
     }
 
     /// The current instances: read again inline when none are known yet,
-    /// in the background when the list is stale.
-    async fn members(self: &Arc<Self>, pool: &Arc<Pool>) -> Result<Arc<Snapshot>, CallError> {
+    /// in the background when the list is stale (at `now`).
+    async fn members(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+        now: Instant,
+    ) -> Result<Arc<Snapshot>, CallError> {
+        if let Some(snap) = self.known(pool, now) {
+            return Ok(snap);
+        }
+        Box::pin(self.refresh(pool)).await?;
+        Ok(Self::snapshot(pool))
+    }
+
+    /// [`Self::members`] without waiting: `None` when they must be read
+    /// first. The clock reading is the caller's (one fewer per call).
+    fn known(self: &Arc<Self>, pool: &Arc<Pool>, now: Instant) -> Option<Arc<Snapshot>> {
         let at = pool.refreshed.load(Ordering::Relaxed);
-        let stale = self.millis().saturating_sub(at) > REFRESH_EVERY.as_millis() as u64;
+        let stale = self.millis(now).saturating_sub(at) > REFRESH_EVERY.as_millis() as u64;
         let snap = Self::snapshot(pool);
         if at == 0 || (stale && snap.members.is_empty()) {
-            Box::pin(self.refresh(pool)).await?;
-            return Ok(Self::snapshot(pool));
+            return None;
         }
         if stale && !pool.refreshing.swap(true, Ordering::AcqRel) {
             let (me, p) = (Arc::clone(self), Arc::clone(pool));
@@ -448,19 +462,18 @@ impl Upstreams {
                 p.refreshing.store(false, Ordering::Release);
             });
         }
-        Ok(snap)
+        Some(snap)
     }
 
-    /// Chooses an instance by `strategy`, skipping unhealthy and ejected
-    /// ones and those in `tried`.
-    async fn pick(
-        self: &Arc<Self>,
-        pool: &Arc<Pool>,
+    /// Chooses an instance of `snap` by `strategy`, skipping unhealthy
+    /// and ejected ones and those in `tried`.
+    fn pick(
+        pool: &Pool,
+        snap: &Snapshot,
         strategy: Strategy,
         client: Option<IpAddr>,
         tried: &[String],
     ) -> Result<Pick, CallError> {
-        let snap = self.members(pool).await?;
         let unavailable = |kind| CallError::new(&pool.service, kind, true);
         if snap.members.is_empty() {
             return Err(unavailable(ErrorKind::NoInstance));
@@ -513,7 +526,8 @@ impl Upstreams {
     }
 
     /// Makes one call to `service`: `attempt` sends the request to the
-    /// instance it is given. A failed attempt counts against that
+    /// instance it is given, with the attempt's start (a transport that
+    /// keeps time needs no clock read of its own). A failed attempt counts against that
     /// instance's breaker and goes again to another instance when safe
     /// (a connection failure, or an idempotent request), as often as
     /// `options.retries` and the retry budget allow. A timeout is not
@@ -527,30 +541,37 @@ impl Upstreams {
         attempt: F,
     ) -> Result<(R, Arc<Member>), CallError>
     where
-        F: FnMut(Arc<Member>) -> Fut,
+        F: FnMut(Arc<Member>, Instant) -> Fut,
         Fut: Future<Output = Result<R, Failure>>,
     {
         let pool = self.pool(service);
         let started = Instant::now();
-        let result = self.attempts(&pool, options, started, attempt).await;
+        let mut took = None;
+        let result = self
+            .attempts(&pool, options, started, &mut took, attempt)
+            .await;
         let outcome = match &result {
             Ok(_) => ErrorKind::ALL.len(),
             Err(e) => e.kind.index(),
         };
         pool.outcomes[outcome].inc();
-        pool.latency.observe(started.elapsed().as_secs_f64());
+        let took = took.unwrap_or_else(|| started.elapsed());
+        pool.latency.observe(took.as_secs_f64());
         result
     }
 
+    /// `took` is set to the call's time when its last attempt was its
+    /// first (nearly always): one clock read fewer.
     async fn attempts<R, F, Fut>(
         self: &Arc<Self>,
         pool: &Arc<Pool>,
         options: &CallOptions,
         call_started: Instant,
+        took: &mut Option<Duration>,
         mut attempt: F,
     ) -> Result<(R, Arc<Member>), CallError>
     where
-        F: FnMut(Arc<Member>) -> Fut,
+        F: FnMut(Arc<Member>, Instant) -> Fut,
         Fut: Future<Output = Result<R, Failure>>,
     {
         let service = pool.service.as_str();
@@ -567,24 +588,34 @@ impl Upstreams {
                 tracing::debug!(service, "retry budget spent");
                 break;
             }
-            let pick = match self
-                .pick(pool, options.strategy, options.client, &tried)
-                .await
-            {
+            let now = if n == 0 { call_started } else { Instant::now() };
+            let snap = match self.known(pool, now) {
+                Some(snap) => snap,
+                None => match self.members(pool, now).await {
+                    Ok(snap) => snap,
+                    Err(e) => return Err(failure.unwrap_or(e)),
+                },
+            };
+            let pick = match Self::pick(pool, &snap, options.strategy, options.client, &tried) {
                 Ok(p) => p,
                 Err(e) => return Err(failure.unwrap_or(e)),
             };
             let member = Arc::clone(&pick.member);
             let alternatives = pick.alternatives;
             // One clock read fewer on the first (nearly every) attempt.
-            let started = if n == 0 { call_started } else { Instant::now() };
-            match tokio::time::timeout(options.timeout, attempt(Arc::clone(&member))).await {
+            let started = now;
+            let answer =
+                tokio::time::timeout(options.timeout, attempt(Arc::clone(&member), started));
+            let answer = answer.await;
+            let elapsed = started.elapsed();
+            *took = (n == 0).then_some(elapsed);
+            match answer {
                 Ok(Ok(answer)) => {
-                    pick.finish(true, started.elapsed());
+                    pick.finish(true, elapsed);
                     return Ok((answer, member));
                 }
                 Ok(Err(f)) => {
-                    pick.finish(false, started.elapsed());
+                    pick.finish(false, elapsed);
                     tracing::warn!(service, instance = %member.instance.id, error = %f.cause, "call failed");
                     let safe = options.idempotent || f.kind == ErrorKind::Connect;
                     failure = Some(CallError::new(service, f.kind, safe).because(f.cause));
@@ -594,7 +625,7 @@ impl Upstreams {
                     tried.push(member.instance.id.clone());
                 }
                 Err(_) => {
-                    pick.finish(false, started.elapsed());
+                    pick.finish(false, elapsed);
                     return Err(
                         CallError::new(service, ErrorKind::Timeout, options.idempotent)
                             .because(format!("no answer within {:?}", options.timeout)),
@@ -619,7 +650,7 @@ impl Upstreams {
         let mut out = Vec::new();
         for name in names {
             let pool = self.pool(&name);
-            let snap = self.members(&pool).await?;
+            let snap = self.members(&pool, Instant::now()).await?;
             out.extend(snap.members.iter().map(|m| m.view()));
         }
         Ok(out)
@@ -861,7 +892,7 @@ mod tests {
             let up = two_instances(8).await;
             let tries = AtomicUsize::new(0);
             let (answer, member) = up
-                .call("orders", &options(false), |m| {
+                .call("orders", &options(false), |m, _| {
                     let n = tries.fetch_add(1, Ordering::SeqCst);
                     async move {
                         if n == 0 {
@@ -879,7 +910,7 @@ mod tests {
             for idempotent in [false, true] {
                 let tries = AtomicUsize::new(0);
                 let e = up
-                    .call("orders", &options(idempotent), |_| {
+                    .call("orders", &options(idempotent), |_, _| {
                         tries.fetch_add(1, Ordering::SeqCst);
                         async { Err::<(), _>(Failure::bad_answer("reset")) }
                     })
@@ -893,7 +924,7 @@ mod tests {
 
             let tries = AtomicUsize::new(0);
             let e = up
-                .call("orders", &options(true), |_| {
+                .call("orders", &options(true), |_, _| {
                     tries.fetch_add(1, Ordering::SeqCst);
                     std::future::pending::<Result<(), Failure>>()
                 })
@@ -905,7 +936,7 @@ mod tests {
             assert_eq!(tries.load(Ordering::SeqCst), 1, "a timeout is not retried");
 
             let e = up
-                .call("payments", &options(true), |_| async { Ok(()) })
+                .call("payments", &options(true), |_, _| async { Ok(()) })
                 .await
                 .err()
                 .expect("nothing registered");
@@ -925,7 +956,7 @@ mod tests {
                     ..options(true)
                 };
                 tokio::spawn(async move {
-                    up.call("orders", &long, move |_| {
+                    up.call("orders", &long, move |_, _| {
                         let released = released.take();
                         async move {
                             if let Some(r) = released {
@@ -941,7 +972,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             let e = up
-                .call("orders", &options(true), |_| async { Ok(()) })
+                .call("orders", &options(true), |_, _| async { Ok(()) })
                 .await
                 .err()
                 .expect("full");
@@ -950,7 +981,7 @@ mod tests {
             let _ = release.send(());
             held.await.expect("task").expect("the first call ends well");
             assert!(
-                up.call("orders", &options(true), |_| async { Ok(()) })
+                up.call("orders", &options(true), |_, _| async { Ok(()) })
                     .await
                     .is_ok()
             );

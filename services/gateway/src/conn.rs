@@ -25,7 +25,6 @@
 //! strips `Upgrade`, so an upstream has no cause to switch).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -104,7 +103,7 @@ impl Upstream {
 type IdleList = Vec<(Upstream, Instant)>;
 
 thread_local! {
-    static IDLE: RefCell<HashMap<Arc<str>, IdleList>> = RefCell::default();
+    static IDLE: RefCell<bazaar_mesh::FastMap<Arc<str>, IdleList>> = RefCell::default();
     /// When this thread's idle lists were last swept.
     static SWEPT: Cell<Option<Instant>> = const { Cell::new(None) };
 }

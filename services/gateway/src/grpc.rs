@@ -79,12 +79,17 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Whether a path names a gRPC method: `/<package>.<Service>/<Method>`.
+/// Asked of every request: a REST path fails at its first segment, which
+/// has no dot.
 pub fn owns(path: &str) -> bool {
-    let mut parts = path.trim_start_matches('/').split('/');
-    matches!(
-        (parts.next(), parts.next(), parts.next()),
-        (Some(service), Some(method), None) if service.contains('.') && !method.is_empty()
-    )
+    let Some(rest) = path.as_bytes().strip_prefix(b"/") else {
+        return false;
+    };
+    let Some(slash) = rest.iter().position(|&b| b == b'/') else {
+        return false;
+    };
+    let (service, method) = (&rest[..slash], &rest[slash + 1..]);
+    service.contains(&b'.') && !method.is_empty() && !method.contains(&b'/')
 }
 
 /// gRPC status codes the gateway answers with itself.
@@ -174,7 +179,7 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    crate::proxy::trace(&mut parts.headers);
+    bazaar_mesh::client::continue_trace(&mut parts.headers);
     // gRPC servers may insist on it; the stripping above took it out.
     parts
         .headers
@@ -192,7 +197,7 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     let client = &g.grpc;
     let answer = g
         .upstreams
-        .call(route.service, &options, |member: Arc<Member>| {
+        .call(route.service, &options, |member: Arc<Member>, _| {
             let body = body.take();
             async move {
                 let body = body.ok_or_else(|| Failure::connect("the request was already sent"))?;

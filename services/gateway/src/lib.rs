@@ -107,10 +107,10 @@ impl Application {
         let fast = FastPath {
             claims: proxy::owns,
             route: |path| {
-                if grpc::owns(path) {
-                    "grpc"
-                } else {
+                if path.starts_with("/api/") {
                     "/api/{*rest}"
+                } else {
+                    "grpc"
                 }
             },
             handler: move |req: Request, peer: SocketAddr| {

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -186,47 +186,39 @@ impl Gateway {
             client: Some(client),
         };
         let mut headers = headers;
-        trace(&mut headers);
+        bazaar_mesh::client::continue_trace(&mut headers);
         let (headers, body) = (&headers, &body);
         let (response, member) = self
             .upstreams
-            .call(call.service, &options, |member: Arc<Member>| async move {
-                let req = conn::Outgoing {
-                    method,
-                    target: path_and_query,
-                    host: &member.host,
-                    headers,
-                    body,
-                };
-                conn::send(&member.authority, &req, Instant::now())
-                    .await
-                    .map_err(|e| match e {
-                        SendError::Connect(..) => Failure::connect(e),
-                        SendError::Failed(_) => Failure::bad_answer(e),
-                    })
-            })
+            .call(
+                call.service,
+                &options,
+                |member: Arc<Member>, started| async move {
+                    let req = conn::Outgoing {
+                        method,
+                        target: path_and_query,
+                        host: &member.host,
+                        headers,
+                        body,
+                    };
+                    conn::send(&member.authority, &req, started)
+                        .await
+                        .map_err(|e| match e {
+                            SendError::Connect(..) => Failure::connect(e),
+                            SendError::Failed(_) => Failure::bad_answer(e),
+                        })
+                },
+            )
             .await
             .map_err(|e| Problem::from_call(&e))?;
         Ok(Answer { response, member })
     }
 }
 
-/// Gives an upstream call a `traceparent` in the caller's trace (a new
-/// one if it came with none), with a span id of its own.
-pub fn trace(headers: &mut HeaderMap) {
-    let parent = headers
-        .get(&bazaar_mesh::client::TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
-    let child = bazaar_mesh::client::child_traceparent(parent);
-    if let Ok(v) = HeaderValue::from_str(&child) {
-        headers.insert(bazaar_mesh::client::TRACEPARENT, v);
-    }
-}
-
 /// The proxy without the router: `/api/…` requests the gateway does not
 /// answer itself (see [`owns`]).
 pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
-    if crate::grpc::is_grpc(req.headers()) && crate::grpc::owns(req.uri().path()) {
+    if crate::grpc::owns(req.uri().path()) && crate::grpc::is_grpc(req.headers()) {
         return crate::grpc::handle(g, peer, req).await;
     }
     crate::edge::around(g, peer, req, |edge, req| async move {
@@ -238,14 +230,14 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
 /// Whether a path goes straight to the proxy: everything below `/api/`
 /// except the gateway's own endpoints, and gRPC methods.
 pub fn owns(path: &str) -> bool {
-    crate::grpc::owns(path)
-        || path.starts_with("/api/")
-            && !matches!(
-                path,
-                "/api/v1/me/overview"
-                    | "/api/v1/admin/dead-letters"
-                    | "/api/v1/admin/dead-letters/replay"
-            )
+    path.starts_with("/api/")
+        && !matches!(
+            path,
+            "/api/v1/me/overview"
+                | "/api/v1/admin/dead-letters"
+                | "/api/v1/admin/dead-letters/replay"
+        )
+        || crate::grpc::owns(path)
 }
 
 fn respond(result: Result<Response, Problem>) -> Response {
@@ -324,7 +316,7 @@ const IDENTITIES: usize = 10_000;
 thread_local! {
     /// By the address of the verifier's shared claims. Each entry holds
     /// its claims, so the address cannot be reused while it is here.
-    static IDENTITY: std::cell::RefCell<std::collections::HashMap<usize, Known>> =
+    static IDENTITY: std::cell::RefCell<bazaar_mesh::FastMap<usize, Known>> =
         std::cell::RefCell::default();
 }
 
