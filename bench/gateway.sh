@@ -54,30 +54,9 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { # url name
-  for _ in $(seq 1 150); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "bench: $2 did not come up at $1" >&2; exit 1
-}
-
-AUTH_PORT=$(free_port); CATALOG_PORT=$(free_port); GW_PORT=$(free_port); NGINX_PORT=$(free_port)
-export BAZAAR_DATA_DIR=$WORK/data BAZAAR_REGISTRY=static RUST_LOG=${RUST_LOG:-warn} BAZAAR_LOG_FORMAT=json
-export BAZAAR_SERVICES__AUTH=http://127.0.0.1:$AUTH_PORT BAZAAR_SERVICES__CATALOG=http://127.0.0.1:$CATALOG_PORT
-export BAZAAR_ADMIN_EMAIL=admin@bench.local BAZAAR_ADMIN_PASSWORD=bench-admin-pw
-export BAZAAR_ARGON2_MEMORY_KIB=1024 BAZAAR_ARGON2_ITERATIONS=1
-
-cat >"$WORK/gateway.toml" <<EOF
-[gateway]
-access_log = false
-
-[[gateway.routes]]
-prefix = "/products"
-methods = ["GET"]
-service = "catalog"
-auth = true
-cache_ttl_secs = 0
-rate_limit = { requests = 1000000000, per_secs = 1, key = "user" }
-EOF
+# Ports, environment and $WORK/gateway.toml of the upstream and gateway.
+source bench/edge_setup.sh
+GW_PORT=$(free_port); NGINX_PORT=$(free_port)
 
 # Each server in a session of its own, as nginx puts itself (it daemonizes)
 # and as separate services run: with the kernel's autogroup scheduling on
