@@ -284,12 +284,7 @@ async fn user_service_over_grpc_through_the_gateway() {
     wait_ready(&system.gateway_url).await;
     exercise(&system.gateway_url, &Api::new(&system.gateway_url)).await;
     // The gateway counts gRPC calls as such, and its calls to users.
-    let metrics = reqwest::get(format!("{}/metrics", system.gateway_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&system.gateway_url).await;
     assert!(
         metrics
             .lines()

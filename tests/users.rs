@@ -287,19 +287,12 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
         took[2] < Duration::from_millis(50),
         "the open breaker answered in {took:?}"
     );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scraped = metrics(&base).await;
     assert!(
-        metrics.lines().any(|l| l.starts_with("mesh_breaker_state{")
+        scraped.lines().any(|l| l.starts_with("mesh_breaker_state{")
             && l.contains("target=\"orders\"")
             && l.ends_with(" 2")),
-        "{metrics}"
+        "{scraped}"
     );
 
     // Orders back: once the open time is up, the probe closes it.
@@ -323,19 +316,12 @@ async fn orders_down_or_slow_is_503_or_504_fast_and_the_breaker_recovers() {
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert_eq!(body["detail"], "orders did not answer in time");
     assert!(took >= Duration::from_millis(400), "{took:?}");
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scraped = metrics(&base).await;
     assert!(
-        metrics.lines().any(|l| l.starts_with("mesh_calls_total{")
+        scraped.lines().any(|l| l.starts_with("mesh_calls_total{")
             && l.contains("outcome=\"timeout\"")
             && l.contains("target=\"orders\"")),
-        "{metrics}"
+        "{scraped}"
     );
     orders.hang.store(false, Ordering::SeqCst);
     users.stop().await.unwrap();

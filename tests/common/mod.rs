@@ -333,3 +333,13 @@ pub async fn address_of(system: &bazaar::System, service: &str) -> String {
         .address
         .clone()
 }
+
+/// The text of `base`'s `/metrics`.
+pub async fn metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}

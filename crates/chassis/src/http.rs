@@ -696,14 +696,7 @@ where
 /// The W3C trace context header.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// A new root `traceparent`: random trace and span ids, sampled.
-pub fn new_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
-}
-
-pub use bazaar_mesh::client::valid_traceparent;
+pub use bazaar_mesh::client::{new_traceparent, valid_traceparent};
 
 /// A request's trace context, for the messages it causes: its
 /// `traceparent` (a new one if it came without a valid one) and its

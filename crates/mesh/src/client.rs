@@ -322,6 +322,17 @@ pub fn continue_trace(headers: &mut HeaderMap) {
 /// A `traceparent` in the trace of `parent` (a new trace without one, or
 /// when it is malformed), with a new span id.
 pub fn child_traceparent(parent: Option<&[u8]>) -> HeaderValue {
+    // Hex digits and dashes: always a valid field value.
+    HeaderValue::from_bytes(&traceparent(parent)).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// A new root `traceparent`: random trace and span ids, sampled.
+pub fn new_traceparent() -> String {
+    traceparent(None).iter().map(|&b| char::from(b)).collect()
+}
+
+/// [`child_traceparent`]'s 55 bytes, built on the stack.
+fn traceparent(parent: Option<&[u8]>) -> [u8; 55] {
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
     match parent.filter(|p| valid_traceparent_bytes(p)) {
         Some(p) => {
@@ -332,8 +343,7 @@ pub fn child_traceparent(parent: Option<&[u8]>) -> HeaderValue {
         None => hex(&mut out[3..35], rand::random::<u128>() | 1),
     }
     hex(&mut out[36..52], u128::from(rand::random::<u64>() | 1));
-    // Hex digits and dashes: always a valid field value.
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(""))
+    out
 }
 
 /// Writes the low `out.len() / 2` bytes of `v` as lowercase hex.

@@ -527,8 +527,8 @@ impl Upstreams {
 
     /// Makes one call to `service`: `attempt` sends the request to the
     /// instance it is given, with the attempt's start (a transport that
-    /// keeps time needs no clock read of its own). A failed attempt counts against that
-    /// instance's breaker and goes again to another instance when safe
+    /// keeps time needs no clock read of its own). A failed attempt counts
+    /// against that instance's breaker and goes again to another instance when safe
     /// (a connection failure, or an idempotent request), as often as
     /// `options.retries` and the retry budget allow. A timeout is not
     /// retried: the next would wait as long. Answers of any status are
@@ -588,10 +588,11 @@ impl Upstreams {
                 tracing::debug!(service, "retry budget spent");
                 break;
             }
-            let now = if n == 0 { call_started } else { Instant::now() };
-            let snap = match self.known(pool, now) {
+            // One clock read fewer on the first (nearly every) attempt.
+            let started = if n == 0 { call_started } else { Instant::now() };
+            let snap = match self.known(pool, started) {
                 Some(snap) => snap,
-                None => match self.members(pool, now).await {
+                None => match self.members(pool, started).await {
                     Ok(snap) => snap,
                     Err(e) => return Err(failure.unwrap_or(e)),
                 },
@@ -602,11 +603,8 @@ impl Upstreams {
             };
             let member = Arc::clone(&pick.member);
             let alternatives = pick.alternatives;
-            // One clock read fewer on the first (nearly every) attempt.
-            let started = now;
-            let answer =
-                tokio::time::timeout(options.timeout, attempt(Arc::clone(&member), started));
-            let answer = answer.await;
+            let attempted = attempt(Arc::clone(&member), started);
+            let answer = tokio::time::timeout(options.timeout, attempted).await;
             let elapsed = started.elapsed();
             *took = (n == 0).then_some(elapsed);
             match answer {
