@@ -147,6 +147,7 @@ async fn upstreams(
                 address: format!("http://{}", plug.addr),
                 version: "test".into(),
                 tags: tag.iter().map(|t| (*t).to_owned()).collect(),
+                ..Instance::default()
             })
             .await
             .unwrap();
@@ -1150,7 +1151,7 @@ async fn route_table_reloads_live_without_disturbing_requests() {
             id: "echo-slow".into(),
             address: format!("http://{}", slow_echo.addr),
             version: "test".into(),
-            tags: vec![],
+            ..Instance::default()
         })
         .await
         .unwrap();

@@ -2,15 +2,20 @@
 //! starts them all on the in-memory bus and registry; `bazaar serve` starts
 //! one against the configured RabbitMQ, database and registry.
 
+pub mod configure;
 pub mod dlq;
 pub mod load;
+pub mod supervise;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bazaar_bus::Bus;
+use bazaar_chassis::live::Live;
 use bazaar_chassis::{Config, ServiceContext, Shutdown};
+use bazaar_mesh::etcd::EtcdRegistry;
 use bazaar_mesh::{Discovery, MemoryRegistry, Registry, StaticRegistry};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -63,16 +68,30 @@ impl System {
     }
 }
 
+/// What every service of a process shares.
+#[derive(Clone)]
+struct Shared {
+    config: Arc<Config>,
+    live: Live,
+    bus: Bus,
+    discovery: Discovery,
+}
+
 /// Builds and starts one instance of `service`, on `listener`.
 async fn start_one(
     service: &'static str,
-    config: Arc<Config>,
-    bus: Bus,
-    discovery: Discovery,
+    shared: &Shared,
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    let ctx = ServiceContext::new(service, config, bus, discovery);
+    let mut ctx = ServiceContext::new(
+        service,
+        shared.config.clone(),
+        shared.bus.clone(),
+        shared.discovery.clone(),
+    )
+    .with_live(shared.live.clone());
+    ctx.actions = actions(service);
     let task = match service {
         "auth" => {
             let app = bazaar_auth::Application::build(ctx).await?;
@@ -114,6 +133,16 @@ async fn start_one(
     Ok(task)
 }
 
+/// The action patterns each service answers (`POST /act`).
+fn actions(service: &str) -> Vec<bazaar_mesh::actions::Action> {
+    match service {
+        "catalog" => bazaar_catalog::actions(),
+        "orders" => bazaar_orders::actions(),
+        "inventory" => bazaar_inventory::actions(),
+        _ => Vec::new(),
+    }
+}
+
 fn service_name(name: &str) -> anyhow::Result<&'static str> {
     SERVICES
         .iter()
@@ -125,6 +154,33 @@ fn service_name(name: &str) -> anyhow::Result<&'static str> {
                 SERVICES.join(", ")
             )
         })
+}
+
+/// The live configuration of this process (the file, and etcd's keys
+/// when it is given); the log level follows it.
+async fn follow_config(
+    config: &Arc<Config>,
+    etcd: Option<bazaar_mesh::etcd::Client>,
+    shutdown: &Shutdown,
+) -> Live {
+    let live = Live::start(config.clone(), etcd, shutdown.clone()).await;
+    let mut level = config.log_level.clone();
+    let first = live.current();
+    if first.log_level != level {
+        level.clone_from(&first.log_level);
+        if let Err(e) = bazaar_chassis::telemetry::set_level(&level) {
+            tracing::error!(error = %e, "log level not applied");
+        }
+    }
+    live.on_change(move |c| {
+        if c.log_level != level {
+            level.clone_from(&c.log_level);
+            if let Err(e) = bazaar_chassis::telemetry::set_level(&level) {
+                tracing::error!(error = %e, "log level not applied");
+            }
+        }
+    });
+    live
 }
 
 /// RabbitMQ when `amqp_url` is set, else the in-memory bus.
@@ -169,6 +225,13 @@ pub async fn up(
     let bus = connect_bus(&config).await?;
     let discovery = Discovery::new(Arc::new(MemoryRegistry::default()));
     let shutdown = Shutdown::default();
+    let live = follow_config(&config, None, &shutdown).await;
+    let shared = Shared {
+        config: config.clone(),
+        live,
+        bus: bus.clone(),
+        discovery: discovery.clone(),
+    };
     let gateway_url = format!("http://{}", gateway.local_addr()?);
     let mut tasks = Vec::new();
     let mut gateway = Some(gateway);
@@ -182,16 +245,9 @@ pub async fn up(
                     bazaar_chassis::http::bind(&config.host, 0).await?
                 }
             };
-            let task = start_one(
-                service,
-                config.clone(),
-                bus.clone(),
-                discovery.clone(),
-                listener,
-                shutdown.clone(),
-            )
-            .await
-            .with_context(|| format!("cannot start {service}"))?;
+            let task = start_one(service, &shared, listener, shutdown.clone())
+                .await
+                .with_context(|| format!("cannot start {service}"))?;
             tasks.push((service.to_owned(), task));
         }
     }
@@ -214,10 +270,27 @@ pub async fn serve(config: Config, service: &str) -> anyhow::Result<System> {
         );
     }
     let bus = connect_bus(&config).await?;
+    let etcd = match config.etcd_endpoints() {
+        e if e.is_empty() => None,
+        endpoints => Some(
+            bazaar_mesh::etcd::connect(&endpoints)
+                .await
+                .context("etcd_endpoints")?,
+        ),
+    };
     let registry: Arc<dyn Registry> = match config.registry.as_str() {
         "static" => Arc::new(StaticRegistry::new(&config.static_addresses())),
         "memory" => Arc::new(MemoryRegistry::default()),
-        other => anyhow::bail!("unknown registry {other:?}: expected memory or static"),
+        "etcd" => {
+            let client = etcd.clone().context(
+                "registry = \"etcd\" needs etcd_endpoints (BAZAAR_ETCD_ENDPOINTS), e.g. http://127.0.0.1:2379",
+            )?;
+            Arc::new(EtcdRegistry::new(
+                client,
+                Duration::from_secs(config.registry_ttl_secs),
+            ))
+        }
+        other => anyhow::bail!("unknown registry {other:?}: expected memory, etcd or static"),
     };
     let discovery = Discovery::new(registry);
     let port = if service == "gateway" && config.port == 0 {
@@ -228,15 +301,14 @@ pub async fn serve(config: Config, service: &str) -> anyhow::Result<System> {
     let listener = bazaar_chassis::http::bind(&config.host, port).await?;
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = Shutdown::default();
-    let task = start_one(
-        service,
-        config.clone(),
-        bus.clone(),
-        discovery.clone(),
-        listener,
-        shutdown.clone(),
-    )
-    .await?;
+    let live = follow_config(&config, etcd, &shutdown).await;
+    let shared = Shared {
+        config: config.clone(),
+        live,
+        bus: bus.clone(),
+        discovery: discovery.clone(),
+    };
+    let task = start_one(service, &shared, listener, shutdown.clone()).await?;
     Ok(System {
         gateway_url: url,
         shutdown,

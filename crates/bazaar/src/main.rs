@@ -36,6 +36,12 @@ enum Command {
         /// Extra instances, e.g. `catalog=3,orders=2`.
         #[arg(long, default_value = "")]
         replicas: String,
+        /// Every service as its own supervised child process on RabbitMQ,
+        /// PostgreSQL and etcd (BAZAAR_AMQP_URL, BAZAAR_DATABASE_URL,
+        /// BAZAAR_ETCD_ENDPOINTS): the production shape on one machine.
+        /// A child that dies is restarted; logs go to <data-dir>/logs.
+        #[arg(long)]
+        distributed: bool,
     },
     /// Run one service (auth, catalog, orders, inventory, payments,
     /// notifications or gateway) against the
@@ -77,6 +83,15 @@ enum Command {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// The live configuration in etcd, by the dotted keys of bazaar.toml
+    /// (`bazaar config set features.v2_products false`).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+        /// etcd endpoints, comma-separated (default: BAZAAR_ETCD_ENDPOINTS, else http://127.0.0.1:2379).
+        #[arg(long, global = true)]
+        etcd: Option<String>,
+    },
     /// Dead letters: messages that failed every attempt or could not be
     /// parsed. Talks to RabbitMQ directly when BAZAAR_AMQP_URL is set (or
     /// --amqp is given), else to a running system's gateway (--gateway) as
@@ -94,6 +109,23 @@ enum Command {
         #[arg(long, global = true, env = "BAZAAR_TOKEN")]
         token: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print a key's effective value and where it came from (default,
+    /// file, env, override or etcd); a section prints every key in it.
+    Get { key: String },
+    /// Put a value in etcd (JSON: `false`, `0.5`, `["a"]`; other text is
+    /// taken as a string). Checked against the key first; running
+    /// services apply it within a second.
+    Set { key: String, value: String },
+    /// Remove a key from etcd: the file, environment and defaults decide
+    /// it again.
+    Unset { key: String },
+    /// Print the keys in etcd (or one key, or a section), then each
+    /// change, until Ctrl-C.
+    Watch { key: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -121,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config =
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    bazaar_chassis::telemetry::init(config.log_format.as_deref());
+    bazaar_chassis::telemetry::init(config.log_format.as_deref(), &config.log_level);
     bazaar_chassis::http::raise_open_files_limit();
     let system = match cli.command {
         Command::Load {
@@ -165,6 +197,22 @@ async fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Command::Config { action, etcd } => {
+            let endpoints = bazaar::configure::endpoints(etcd, &config);
+            match action {
+                ConfigAction::Get { key } => {
+                    bazaar::configure::get(config, &endpoints, &key).await?
+                }
+                ConfigAction::Set { key, value } => {
+                    bazaar::configure::set(&endpoints, &key, &value).await?;
+                }
+                ConfigAction::Unset { key } => bazaar::configure::unset(&endpoints, &key).await?,
+                ConfigAction::Watch { key } => {
+                    bazaar::configure::watch(&endpoints, key.as_deref()).await?;
+                }
+            }
+            return Ok(());
+        }
         Command::Dlq {
             action,
             amqp,
@@ -205,10 +253,17 @@ async fn main() -> anyhow::Result<()> {
             port,
             data_dir,
             replicas,
+            distributed,
         } => {
             config.gateway_port = port;
             config.data_dir = data_dir;
             let replicas = bazaar::parse_replicas(&replicas)?;
+            if distributed {
+                let shutdown = bazaar_chassis::Shutdown::default();
+                shutdown.on_signals();
+                let file = config.file.clone();
+                return bazaar::supervise::run(config, file, port, &replicas, shutdown).await;
+            }
             let gateway = bazaar_chassis::http::bind(&config.host, port).await?;
             let system = bazaar::up(config, &replicas, gateway).await?;
             bazaar_chassis::telemetry::say(&format!(

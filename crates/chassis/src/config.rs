@@ -13,7 +13,7 @@ pub use gateway::{GatewayConfig, RateLimitConfig, RouteConfig};
 
 /// Everything a Bazaar process can be told. Each field's unit and default is
 /// documented; `bazaar.toml` at the repository root shows them all.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// Address services bind. Default `127.0.0.1`.
@@ -35,9 +35,25 @@ pub struct Config {
     /// `amqp://…` for RabbitMQ; unset: the in-memory bus.
     #[serde(deserialize_with = "lenient::opt")]
     pub amqp_url: Option<String>,
-    /// `memory` (embedded) or `static` (addresses from `services`). Default `memory`.
+    /// `memory` (embedded), `etcd` (instances under leases in etcd) or
+    /// `static` (addresses from `services`). Default `memory`.
     #[serde(deserialize_with = "lenient::text")]
     pub registry: String,
+    /// etcd's client URLs, comma-separated (`http://127.0.0.1:2379`). When
+    /// set, the keys under `/bazaar/config/` are the top configuration
+    /// layer, watched; `registry = "etcd"` needs it. Default unset.
+    #[serde(deserialize_with = "lenient::opt")]
+    pub etcd_endpoints: Option<String>,
+    /// Lifetime of an instance's registration in etcd, in seconds, renewed
+    /// while its `/ready` answers 200: how long a killed instance stays
+    /// listed at most. Default 10.
+    pub registry_ttl_secs: u64,
+    /// Log filter when `RUST_LOG` is unset: a level (`debug`, `info`,
+    /// `warn`…) or `tracing` directives. Live. Default `info`.
+    #[serde(deserialize_with = "lenient::text")]
+    pub log_level: String,
+    /// Feature flags (`[features]`), live.
+    pub features: FeaturesConfig,
     /// Static addresses: service name → comma-separated base URLs.
     #[serde(deserialize_with = "lenient::map")]
     pub services: HashMap<String, String>,
@@ -120,8 +136,23 @@ pub struct Config {
     pub file: Option<PathBuf>,
 }
 
+/// `[features]`: switches read live (a change in etcd applies within a
+/// second, without a restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Serve `/api/v2/products` (prices as objects). Default true.
+    pub v2_products: bool,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        Self { v2_products: true }
+    }
+}
+
 /// `[inventory]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct InventoryConfig {
     /// Units a new product starts with. Default 100.
@@ -144,7 +175,7 @@ impl Default for InventoryConfig {
 
 /// `[calls]`: how a service calls another (the mesh client). The
 /// gateway's own upstream calls take the `[gateway]` settings instead.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CallsConfig {
     /// Time for one attempt, whole answer included, in ms. Default 5000.
@@ -205,6 +236,10 @@ impl Default for Config {
             database_schema_prefix: String::new(),
             amqp_url: None,
             registry: "memory".into(),
+            etcd_endpoints: None,
+            registry_ttl_secs: 10,
+            log_level: "info".into(),
+            features: FeaturesConfig::default(),
             services: HashMap::new(),
             log_format: None,
             body_limit: 1024 * 1024,
@@ -243,26 +278,45 @@ impl Default for Config {
 
 impl Config {
     /// Defaults < the TOML file (if it exists) < `BAZAAR_*` environment.
+    /// (The etcd layer on top is [`crate::live`]'s.)
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
-        let mut fig = Figment::from(Serialized::defaults(Config::default()));
         let path = file.map_or_else(|| PathBuf::from("bazaar.toml"), Path::to_path_buf);
         let found = path.exists();
-        if found {
-            fig = fig.merge(Toml::file(&path));
-        } else if file.is_some() {
+        if !found && file.is_some() {
             return Err(Box::new(figment::Error::from(format!(
                 "config file {} does not exist",
                 path.display()
             ))));
         }
-        fig = fig.merge(Env::prefixed("BAZAAR_").split("__").ignore(&[
+        let file = found.then_some(path);
+        let mut config: Config = Self::layers(file.as_deref()).extract().map_err(Box::new)?;
+        config.file = file;
+        Ok(config)
+    }
+
+    /// The layers below etcd's: defaults < `file` < `BAZAAR_*`.
+    pub fn layers(file: Option<&Path>) -> Figment {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            fig = fig.merge(Toml::file(path));
+        }
+        fig.merge(Env::prefixed("BAZAAR_").split("__").ignore(&[
             "test_amqp_url",
             "test_database_url",
             "test_etcd_url",
-        ]));
-        let mut config: Config = fig.extract().map_err(Box::new)?;
-        config.file = found.then_some(path);
-        Ok(config)
+        ]))
+    }
+
+    /// `etcd_endpoints` as a list.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd_endpoints
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
     }
 
     /// The retry policy of every reliable consumer.

@@ -324,6 +324,9 @@ async fn register(
         } else {
             Vec::new()
         },
+        health: format!("http://{addr}/ready"),
+        patterns: ctx.actions.clone(),
+        refused: Vec::new(),
     };
     let registry = ctx.discovery.registry().clone();
     registry

@@ -10,6 +10,7 @@ pub mod h2c;
 pub mod http;
 pub mod id;
 pub mod json;
+pub mod live;
 pub mod messaging;
 pub mod metrics;
 pub mod paging;
@@ -24,6 +25,7 @@ use bazaar_bus::Bus;
 use bazaar_mesh::Discovery;
 
 pub use auth::{AuthUser, Verifier};
+pub use bazaar_mesh::actions::Action;
 pub use config::Config;
 pub use json::Json;
 pub use metrics::Metrics;
@@ -46,6 +48,11 @@ pub struct ServiceContext {
     /// Calls other services by name (breakers, retries, bulkhead).
     pub calls: bazaar_mesh::Client,
     pub verifier: Arc<Verifier>,
+    /// The configuration as it changes while running (`config` is the
+    /// one read at start).
+    pub live: live::Live,
+    /// The action patterns this instance registers (`POST /act`).
+    pub actions: Vec<bazaar_mesh::actions::Action>,
 }
 
 impl ServiceContext {
@@ -62,6 +69,8 @@ impl ServiceContext {
         Self {
             name,
             instance_id: format!("{name}-{}", uuid::Uuid::now_v7()),
+            live: live::Live::fixed(config.clone()),
+            actions: Vec::new(),
             config,
             metrics,
             bus,
@@ -69,6 +78,15 @@ impl ServiceContext {
             calls,
             verifier,
         }
+    }
+}
+
+impl ServiceContext {
+    /// The same context, following `live` for what changes while running.
+    #[must_use]
+    pub fn with_live(mut self, live: live::Live) -> Self {
+        self.live = live;
+        self
     }
 }
 

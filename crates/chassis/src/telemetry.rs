@@ -1,17 +1,49 @@
 //! Logs through `tracing`: pretty on a terminal, JSON in production
-//! (`BAZAAR_LOG_FORMAT=json`). Filter with `RUST_LOG` (default `info`).
+//! (`BAZAAR_LOG_FORMAT=json`). Filter with `RUST_LOG`, else the
+//! configuration's `log_level` (live: [`set_level`]).
 
 use std::io::{IsTerminal, Write as _};
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
+/// Replaces the installed filter.
+type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// The installed filter, to change the level while running (`None`
+/// when `RUST_LOG` decides, or another subscriber was installed first).
+static FILTER: OnceLock<Reload> = OnceLock::new();
+
+/// lapin warns with the whole message on each unroutable command; the
+/// bus already reports those (`BusError::Unroutable`).
+const QUIET: &str = "sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn";
+
+fn filter_for(level: &str) -> Result<EnvFilter, String> {
+    let level = level.trim();
+    if level.is_empty() {
+        return Err("the log level is empty".into());
+    }
+    EnvFilter::try_new(format!("{level},{QUIET}")).map_err(|e| format!("log level {level:?}: {e}"))
+}
+
+/// Changes the log filter to `level` (a level or `tracing` directives).
+/// Without effect when `RUST_LOG` is set: the operator's word wins.
+pub fn set_level(level: &str) -> Result<(), String> {
+    let filter = filter_for(level)?;
+    if let Some(reload) = FILTER.get() {
+        reload(filter)?;
+        tracing::info!(level, "log level changed");
+    }
+    Ok(())
+}
+
 /// Installs the process's log subscriber once; later calls do nothing.
-pub fn init(format: Option<&str>) {
-    // lapin warns with the whole message on each unroutable command; the
-    // bus already reports those (`BusError::Unroutable`).
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn")
-    });
+pub fn init(format: Option<&str>, level: &str) {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let reloadable = from_env.is_none();
+    let filter = from_env
+        .or_else(|| filter_for(level).ok())
+        .unwrap_or_else(|| EnvFilter::new(format!("info,{QUIET}")));
     let json = match format {
         Some(f) => f.eq_ignore_ascii_case("json"),
         None => !std::io::stdout().is_terminal(),
@@ -20,16 +52,28 @@ pub fn init(format: Option<&str>) {
         .with_writer(|| Forgiving(std::io::stdout()))
         .with_env_filter(filter)
         .with_target(false);
-    let _ = if json {
-        builder
+    // The handle's type depends on the format: each branch keeps its own.
+    let reload: Option<Reload> = if json {
+        let b = builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init()
+            .with_filter_reloading();
+        let h = b.reload_handle();
+        b.try_init()
+            .ok()
+            .map(|()| Box::new(move |f| h.reload(f).map_err(|e| e.to_string())) as Reload)
     } else {
-        builder.compact().try_init()
+        let b = builder.compact().with_filter_reloading();
+        let h = b.reload_handle();
+        b.try_init()
+            .ok()
+            .map(|()| Box::new(move |f| h.reload(f).map_err(|e| e.to_string())) as Reload)
     };
+    if let Some(r) = reload.filter(|_| reloadable) {
+        let _ = FILTER.set(r);
+    }
 }
 
 /// Prints a line for the operator on stdout. A closed stdout (the reader

@@ -250,6 +250,7 @@ mod tests {
                 address: format!("http://127.0.0.1:{}", 7000 + i),
                 version: "1".into(),
                 tags: vec![format!("weight={w}")],
+                ..Instance::default()
             })
             .collect()
     }

@@ -131,7 +131,7 @@ fn path(segments: &[&str]) -> Result<String, &'static str> {
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
-fn escape_into(out: &mut String, s: &str) {
+pub(crate) fn escape_into(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

@@ -3,14 +3,17 @@
 //! [`client::Client`] services use).
 //!
 //! [`Registry`] is the backend trait; [`MemoryRegistry`] serves the embedded
-//! mode (every service registers the ephemeral port it bound) and
-//! [`StaticRegistry`] takes addresses from configuration (`serve` mode,
-//! Kubernetes Services). [`Discovery`] picks an instance round-robin.
+//! mode (every service registers the ephemeral port it bound),
+//! [`etcd::EtcdRegistry`] the distributed one (leases, a watched prefix)
+//! and [`StaticRegistry`] takes addresses from configuration (Kubernetes
+//! Services). [`Discovery`] picks an instance round-robin.
 
+pub mod actions;
 pub mod balance;
 pub mod breaker;
 pub mod client;
 pub mod error;
+pub mod etcd;
 pub mod upstream;
 
 pub use client::Client;
@@ -28,9 +31,10 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 /// One running instance of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     /// The service name, e.g. `catalog`.
     pub name: String,
@@ -41,6 +45,17 @@ pub struct Instance {
     pub version: String,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Its readiness URL (`…/ready`): the etcd registry keeps the
+    /// instance's lease alive only while it answers 200.
+    #[serde(default)]
+    pub health: String,
+    /// The action patterns it answers (`POST /act` on the gateway).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<actions::Action>,
+    /// Patterns refused at registration (taken by, or ambiguous with,
+    /// another service's), shown in `/_admin/services`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<actions::Refused>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,41 +66,70 @@ pub enum MeshError {
     Unavailable(String),
 }
 
-/// A registry backend.
+/// A registry backend. Every backend passes the suite in
+/// `tests/conformance.rs`.
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
+    /// Adds the instance (replacing one with its name and id). Its action
+    /// patterns are checked against the other services' first
+    /// ([`actions::admit`]).
     async fn register(&self, instance: Instance) -> Result<(), MeshError>;
     async fn deregister(&self, name: &str, id: &str) -> Result<(), MeshError>;
     /// The instances of one service, in registration order.
     async fn list(&self, name: &str) -> Result<Vec<Instance>, MeshError>;
     /// Every registered instance.
     async fn all(&self) -> Result<Vec<Instance>, MeshError>;
+    /// Ticks after each change of the registered instances (callers
+    /// read their lists again at once instead of on their next poll).
+    fn changes(&self) -> watch::Receiver<u64>;
 }
 
 // === impl MemoryRegistry ===
 
 /// In-process registry: the embedded mode and tests.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct MemoryRegistry {
     services: Arc<RwLock<HashMap<String, Vec<Instance>>>>,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        Self {
+            services: Arc::default(),
+            changed: Arc::new(watch::channel(0).0),
+        }
+    }
 }
 
 #[async_trait]
 impl Registry for MemoryRegistry {
-    async fn register(&self, instance: Instance) -> Result<(), MeshError> {
-        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
-        let list = services.entry(instance.name.clone()).or_default();
-        list.retain(|i| i.id != instance.id);
-        list.push(instance);
+    async fn register(&self, mut instance: Instance) -> Result<(), MeshError> {
+        {
+            let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+            let others: Vec<Instance> = services.values().flatten().cloned().collect();
+            actions::admit(&others, &mut instance);
+            let list = services.entry(instance.name.clone()).or_default();
+            list.retain(|i| i.id != instance.id);
+            list.push(instance);
+        }
+        self.changed.send_modify(|n| *n += 1);
         Ok(())
     }
 
     async fn deregister(&self, name: &str, id: &str) -> Result<(), MeshError> {
-        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(list) = services.get_mut(name) {
-            list.retain(|i| i.id != id);
+        {
+            let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = services.get_mut(name) {
+                list.retain(|i| i.id != id);
+            }
         }
+        self.changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     async fn list(&self, name: &str) -> Result<Vec<Instance>, MeshError> {
@@ -104,9 +148,11 @@ impl Registry for MemoryRegistry {
 /// Addresses from configuration (`name → [base URL]`, each optionally
 /// followed by ` weight=N`); registering is a no-op because something else
 /// (Compose, a Kubernetes Service) owns the addresses.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct StaticRegistry {
     services: HashMap<String, Vec<Instance>>,
+    /// Never sends: the table does not change.
+    unchanging: Arc<watch::Sender<u64>>,
 }
 
 impl StaticRegistry {
@@ -121,19 +167,24 @@ impl StaticRegistry {
                         let url = words.next().unwrap_or_default();
                         let mut tags = vec!["static".to_owned()];
                         tags.extend(words.map(str::to_owned));
+                        let address = url.trim_end_matches('/').to_owned();
                         Instance {
                             name: name.clone(),
                             id: url.to_owned(),
-                            address: url.trim_end_matches('/').to_owned(),
-                            version: String::new(),
+                            health: format!("{address}/ready"),
+                            address,
                             tags,
+                            ..Instance::default()
                         }
                     })
                     .collect();
                 (name.clone(), instances)
             })
             .collect();
-        Self { services }
+        Self {
+            services,
+            unchanging: Arc::new(watch::channel(0).0),
+        }
     }
 }
 
@@ -153,6 +204,10 @@ impl Registry for StaticRegistry {
 
     async fn all(&self) -> Result<Vec<Instance>, MeshError> {
         Ok(self.services.values().flatten().cloned().collect())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.unchanging.subscribe()
     }
 }
 
@@ -198,7 +253,7 @@ mod tests {
             id: id.into(),
             address: format!("http://{id}"),
             version: "1".into(),
-            tags: vec![],
+            ..Instance::default()
         }
     }
 

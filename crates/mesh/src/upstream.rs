@@ -79,6 +79,8 @@ impl Member {
             address: self.instance.address.clone(),
             healthy: self.healthy(),
             breaker: self.breaker.state(),
+            patterns: self.instance.patterns.clone(),
+            refused: self.instance.refused.clone(),
         }
     }
 
@@ -193,6 +195,12 @@ pub struct InstanceView {
     pub address: String,
     pub healthy: bool,
     pub breaker: BreakerState,
+    /// The action patterns it answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<crate::actions::Action>,
+    /// Its patterns refused at registration, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<crate::actions::Refused>,
 }
 
 /// How the calls of one [`Upstreams`] behave.
@@ -320,6 +328,8 @@ impl Upstreams {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.retain(|u| u.strong_count() > 0);
         all.push(Arc::downgrade(&me));
+        drop(all);
+        tokio::spawn(follow_changes(Arc::downgrade(&me)));
         me
     }
 
@@ -680,6 +690,35 @@ impl Upstreams {
     }
 }
 
+/// Reads every target's instances again as soon as the registry reports
+/// a change (between its changes, the lists are read once a second):
+/// a new instance gets calls, and a departed one none, at once.
+async fn follow_changes(upstreams: Weak<Upstreams>) {
+    let Some(mut changes) = upstreams
+        .upgrade()
+        .map(|u| u.discovery.registry().changes())
+    else {
+        return;
+    };
+    while changes.changed().await.is_ok() {
+        let Some(me) = upstreams.upgrade() else {
+            return;
+        };
+        let pools: Vec<Arc<Pool>> = me
+            .pools
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for pool in pools {
+            if let Err(e) = me.refresh(&pool).await {
+                tracing::warn!(service = %pool.service, error = %e, "cannot refresh instances");
+            }
+        }
+    }
+}
+
 /// Polls every instance's `/health` until the pools are dropped: two
 /// failures in a row mark it unhealthy; a pass marks it healthy and lets
 /// an ejected instance's probe through.
@@ -856,7 +895,7 @@ mod tests {
                         id: id.into(),
                         address: format!("http://{id}.invalid:1"),
                         version: String::new(),
-                        tags: vec![],
+                        ..Instance::default()
                     })
                     .await
                     .expect("register");

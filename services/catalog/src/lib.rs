@@ -13,6 +13,27 @@ use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The action patterns catalog answers (`POST /act` on the gateway):
+/// `{"role":"catalog","cmd":"get","id":…}` is one product,
+/// `{"role":"catalog","cmd":"list"}` a page of them (other keys are the
+/// list's query: `q`, `limit`, `cursor`…).
+pub fn actions() -> Vec<bazaar_chassis::Action> {
+    use bazaar_chassis::Action;
+    use serde_json::json;
+    vec![
+        Action::new(
+            json!({"role": "catalog", "cmd": "get", "id": "*"}),
+            "GET",
+            "/products/{id}",
+        ),
+        Action::new(
+            json!({"role": "catalog", "cmd": "list"}),
+            "GET",
+            "/products",
+        ),
+    ]
+}
+
 /// A built catalog service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,

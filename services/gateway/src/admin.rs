@@ -125,11 +125,12 @@ pub struct Seen {
     view: bazaar_mesh::upstream::InstanceView,
 }
 
-async fn list_services(
+/// The operator views are for loopback callers and admins.
+async fn operator(
     g: &crate::proxy::Shared,
     edge: &crate::edge::Edge,
     headers: &axum::http::HeaderMap,
-) -> Result<Json<Vec<Seen>>, Problem> {
+) -> Result<(), Problem> {
     if !edge.client.is_loopback() {
         match g.claims(headers).await? {
             None => return Err(Problem::unauthorized("an admin token is required")),
@@ -137,6 +138,35 @@ async fn list_services(
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// `GET /_admin/config`: the gateway's effective configuration, each
+/// dotted key with its value and where it came from (`default`, `file`,
+/// `env`, `etcd`); passwords, and the passwords in URLs, masked. From
+/// loopback, or with an admin token.
+pub async fn config(
+    State(g): State<crate::proxy::Shared>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let g = &g;
+    crate::edge::around(g, peer, req, |edge, req| async move {
+        match operator(g, &edge, req.headers()).await {
+            Ok(()) => Json(bazaar_chassis::live::shown(&g.config.effective())).into_response(),
+            Err(p) => p.into_response(),
+        }
+    })
+    .await
+}
+
+async fn list_services(
+    g: &crate::proxy::Shared,
+    edge: &crate::edge::Edge,
+    headers: &axum::http::HeaderMap,
+) -> Result<Json<Vec<Seen>>, Problem> {
+    operator(g, edge, headers).await?;
     let own = g.upstreams.view().await.map_err(|e| {
         tracing::warn!(error = %e, "cannot list instances");
         Problem::unavailable("service discovery is unavailable")

@@ -5,6 +5,7 @@
 //! and roles at the edge; limits rates; caches public reads; transforms
 //! v2 bodies; aggregates `/api/v1/me/overview`.
 
+mod act;
 mod admin;
 mod cache;
 mod conn;
@@ -37,7 +38,8 @@ pub struct Application {
 impl Application {
     /// Checks the route table; a bad one stops the start with its reason.
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let table = table::Table::compile(&ctx.config.gateway, default_timeout(&ctx))
+        let start = ctx.live.current();
+        let table = table::Table::compile(&start.gateway, &start.features, default_timeout(&ctx))
             .map_err(|e| anyhow::anyhow!("gateway route table: {e}"))?;
         Ok(Self { ctx, table })
     }
@@ -49,14 +51,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let config = &self.ctx.config;
         let live = table::Live::new(self.table);
-        if let Some(file) = &config.file {
-            live.watch(
-                file.clone(),
-                config.gateway.clone(),
-                default_timeout(&self.ctx),
-                shutdown.clone(),
-            );
-        }
+        live.follow(&self.ctx.live, default_timeout(&self.ctx));
         let g = &config.gateway;
         let probe: bazaar_mesh::upstream::Probe = Arc::new(|member| {
             Box::pin(async move { conn::healthy(&member.authority, &member.host).await })
@@ -85,6 +80,7 @@ impl Application {
             body_limit: config.body_limit,
             grpc: grpc::client(),
             grpc_timeout: default_timeout(&self.ctx),
+            config: self.ctx.live.clone(),
         });
         // The admin API takes the edge as middleware; the gateway's own
         // handlers call it directly (no extra boxed layer on the hot path).
@@ -99,6 +95,8 @@ impl Application {
         let edge = Router::new()
             .route("/api/v1/me/overview", get(overview::overview))
             .route("/_admin/services", get(admin::services))
+            .route("/_admin/config", get(admin::config))
+            .route("/act", axum::routing::any(act::act))
             .with_state(state.clone())
             .merge(admin);
         // The proxied requests skip the router (its per-route machinery

@@ -39,6 +39,8 @@ pub struct Gateway {
     pub grpc: crate::grpc::Client,
     /// A gRPC call's time, unless its `grpc-timeout` asks for less.
     pub grpc_timeout: Duration,
+    /// The process's live configuration (`/_admin/config`).
+    pub config: bazaar_chassis::live::Live,
 }
 
 pub type Shared = Arc<Gateway>;

@@ -3,14 +3,11 @@
 //! a request keeps the table it started with.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
-use bazaar_chassis::Config;
-use bazaar_chassis::Shutdown;
-use bazaar_chassis::config::{GatewayConfig, RouteConfig};
+use bazaar_chassis::config::{FeaturesConfig, GatewayConfig, RouteConfig};
 use bazaar_mesh::balance::Strategy;
 use serde::Deserialize;
 
@@ -278,8 +275,13 @@ fn compile_route(r: &RouteConfig, default_timeout: Duration) -> Result<Route, St
 }
 
 impl Table {
-    /// Compiles `[gateway]`; the message names the route at fault.
-    pub fn compile(g: &GatewayConfig, default_timeout: Duration) -> Result<Self, String> {
+    /// Compiles `[gateway]` (and the feature flags that switch built-in
+    /// routes); the message names the route at fault.
+    pub fn compile(
+        g: &GatewayConfig,
+        features: &FeaturesConfig,
+        default_timeout: Duration,
+    ) -> Result<Self, String> {
         let mut routes = Vec::new();
         for (i, r) in g.routes.iter().enumerate() {
             routes.push(
@@ -288,7 +290,13 @@ impl Table {
             );
         }
         if g.default_routes {
-            for r in builtin() {
+            let switched_off = |r: &RouteConfig| {
+                !features.v2_products
+                    && r.service == "catalog"
+                    && r.prefix == "/products"
+                    && r.versions.iter().any(|v| v == "v2")
+            };
+            for r in builtin().into_iter().filter(|r| !switched_off(r)) {
                 routes.push(compile_route(&r, default_timeout)?);
             }
         }
@@ -374,7 +382,7 @@ impl Table {
     }
 }
 
-/// The live table, replaced when the configuration file changes.
+/// The live table, replaced when the configuration changes.
 #[derive(Clone)]
 pub struct Live(Arc<RwLock<Arc<Table>>>);
 
@@ -399,54 +407,27 @@ impl Live {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
     }
 
-    /// Watches `file` (polling its modification time and size once a
-    /// second; read once more at the first poll, in case it changed while
-    /// the gateway started) and swaps in the new table when `[gateway]`
-    /// changed from `running`. A file that does not parse or compile
-    /// leaves the running table in place.
-    pub fn watch(
-        &self,
-        file: PathBuf,
-        mut running: GatewayConfig,
-        default_timeout: Duration,
-        shutdown: Shutdown,
-    ) {
+    /// Follows the live configuration: when `[gateway]` or `[features]`
+    /// changes (the file edited, a key put in etcd), the new table is
+    /// swapped in. One that does not compile leaves the running table.
+    pub fn follow(&self, config: &bazaar_chassis::live::Live, default_timeout: Duration) {
         let live = self.clone();
-        tokio::spawn(async move {
-            let stamp = |f: &PathBuf| -> Option<(SystemTime, u64)> {
-                let m = std::fs::metadata(f).ok()?;
-                Some((m.modified().ok()?, m.len()))
-            };
-            let mut seen = None;
-            loop {
-                tokio::select! {
-                    () = shutdown.wait() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        let start = config.current();
+        let mut running = (start.gateway.clone(), start.features.clone());
+        config.on_change(move |c| {
+            if running.0 == c.gateway && running.1 == c.features {
+                return;
+            }
+            match Table::compile(&c.gateway, &c.features, default_timeout) {
+                Ok(table) => {
+                    tracing::info!(routes = table.len(), "route table reloaded");
+                    live.replace(table);
+                    running = (c.gateway.clone(), c.features.clone());
                 }
-                let now = stamp(&file);
-                if now == seen || now.is_none() {
-                    continue;
-                }
-                seen = now;
-                let compiled = Config::load(Some(&file))
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| {
-                        let table = Table::compile(&c.gateway, default_timeout)?;
-                        Ok((c.gateway, table))
-                    });
-                match compiled {
-                    Ok((gateway, _)) if gateway == running => {}
-                    Ok((gateway, table)) => {
-                        tracing::info!(file = %file.display(), routes = table.len(), "route table reloaded");
-                        live.replace(table);
-                        running = gateway;
-                    }
-                    Err(e) => tracing::error!(
-                        file = %file.display(),
-                        error = %e,
-                        "the changed configuration is invalid; keeping the running route table"
-                    ),
-                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the changed gateway configuration is invalid; keeping the running route table"
+                ),
             }
         });
     }
@@ -461,7 +442,7 @@ mod tests {
         let g: GatewayConfig = figment::Figment::from(Toml::string(extra))
             .extract()
             .unwrap();
-        Table::compile(&g, Duration::from_secs(10)).unwrap()
+        Table::compile(&g, &FeaturesConfig::default(), Duration::from_secs(10)).unwrap()
     }
 
     #[test]
@@ -558,7 +539,8 @@ mod tests {
             let g: GatewayConfig = figment::Figment::from(Toml::string(toml))
                 .extract()
                 .unwrap();
-            let e = Table::compile(&g, Duration::from_secs(1)).unwrap_err();
+            let e =
+                Table::compile(&g, &FeaturesConfig::default(), Duration::from_secs(1)).unwrap_err();
             assert!(e.contains(needle), "{e}");
         }
     }

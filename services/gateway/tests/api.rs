@@ -56,7 +56,7 @@ async fn register(app: &TestApp, address: &str) {
         id: address.into(),
         address: address.into(),
         version: "test".into(),
-        tags: vec![],
+        ..Instance::default()
     };
     app.registry.register(instance).await.unwrap();
 }

@@ -26,6 +26,16 @@ use store::Outcome;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The action patterns inventory answers:
+/// `{"role":"inventory","cmd":"stock","product_id":…}` is a product's stock.
+pub fn actions() -> Vec<bazaar_chassis::Action> {
+    vec![bazaar_chassis::Action::new(
+        serde_json::json!({"role": "inventory", "cmd": "stock", "product_id": "*"}),
+        "GET",
+        "/inventory/{product_id}",
+    )]
+}
+
 /// A built inventory service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,

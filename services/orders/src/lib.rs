@@ -29,6 +29,19 @@ use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The action patterns orders answers: `{"role":"orders","cmd":"list"}`
+/// is the caller's orders (a token is needed).
+pub fn actions() -> Vec<bazaar_chassis::Action> {
+    vec![
+        bazaar_chassis::Action::new(
+            serde_json::json!({"role": "orders", "cmd": "list"}),
+            "GET",
+            "/orders",
+        )
+        .authenticated(&[]),
+    ]
+}
+
 /// A built orders service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,

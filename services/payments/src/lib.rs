@@ -7,7 +7,6 @@ mod http;
 pub mod provider;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bazaar_bus::{Failure, QueueSpec, Received};
@@ -47,11 +46,8 @@ impl Application {
         listener: TcpListener,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
-        let config = &self.ctx.config;
         let provider = Arc::new(Simulated {
-            decline_above: config.payments_decline_above,
-            failure_rate: config.payments_failure_rate.clamp(0.0, 1.0),
-            latency: Duration::from_millis(config.payments_latency_ms),
+            config: self.ctx.live.clone(),
         });
         let db = &self.state.db;
         let outbox = Outbox::spawn(db.clone(), self.ctx.bus.clone(), shutdown.clone());

@@ -27,31 +27,35 @@ pub trait Provider: Send + Sync + 'static {
     async fn refund(&self, req: &ChargePayment) -> Result<(), Transient>;
 }
 
-/// The simulated provider (`payments_*` settings).
-#[derive(Debug, Clone)]
+/// The simulated provider: the `payments_*` settings, read live at each
+/// call (its failure rate can be raised in etcd to rehearse an outage).
+#[derive(Clone)]
 pub struct Simulated {
-    pub decline_above: Option<i64>,
-    pub failure_rate: f64,
-    pub latency: Duration,
+    pub config: bazaar_chassis::live::Live,
 }
 
 impl Simulated {
-    async fn call(&self) -> Result<(), Transient> {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
+    /// Waits the simulated latency, fails the simulated share, and gives
+    /// the decline limit in force.
+    async fn call(&self) -> Result<Option<i64>, Transient> {
+        let config = self.config.current();
+        let latency = Duration::from_millis(config.payments_latency_ms);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
         }
-        if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
+        let failure_rate = config.payments_failure_rate.clamp(0.0, 1.0);
+        if failure_rate > 0.0 && rand::random::<f64>() < failure_rate {
             return Err(Transient("simulated outage".into()));
         }
-        Ok(())
+        Ok(config.payments_decline_above)
     }
 }
 
 #[async_trait]
 impl Provider for Simulated {
     async fn charge(&self, req: &ChargePayment) -> Result<Charge, Transient> {
-        self.call().await?;
-        match self.decline_above {
+        let decline_above = self.call().await?;
+        match decline_above {
             Some(limit) if req.amount > limit => Ok(Charge::Declined(format!(
                 "amount {} exceeds the limit of {limit}",
                 req.amount
@@ -61,6 +65,6 @@ impl Provider for Simulated {
     }
 
     async fn refund(&self, _req: &ChargePayment) -> Result<(), Transient> {
-        self.call().await
+        self.call().await.map(|_| ())
     }
 }

@@ -1,0 +1,165 @@
+//! `POST /act`: a JSON message goes to the service whose registered
+//! pattern matches it most specifically (Seneca's mesh), through the same
+//! call path as every proxied request. The message names no port and no
+//! service: `{"role":"catalog","cmd":"get","id":"…"}`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bazaar_chassis::Problem;
+use bazaar_mesh::actions::{self, NoRoute};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+
+use crate::edge::{Edge, ServedBy};
+use crate::proxy::{Call, Shared, set_identity};
+
+/// Largest message accepted.
+const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest answer passed back.
+const MAX_ANSWER: usize = 8 * 1024 * 1024;
+
+pub async fn act(
+    State(g): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let g = &g;
+    crate::edge::around(g, peer, req, |edge, req| async move {
+        match route(g, &edge, req).await {
+            Ok(r) => r,
+            Err(p) => p.into_response(),
+        }
+    })
+    .await
+}
+
+async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {
+    let (parts, body) = req.into_parts();
+    if parts.method != Method::POST {
+        return Err(Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "POST a JSON message to /act",
+        ));
+    }
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "send the message as application/json",
+        ));
+    }
+    let bytes = Limited::new(body, MAX_MESSAGE)
+        .collect()
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!("a message is at most {MAX_MESSAGE} bytes"),
+            )
+        })?
+        .to_bytes();
+    let message = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(Problem::invalid(
+                "message",
+                "the message must be a JSON object",
+            ));
+        }
+        Err(_) => return Err(Problem::bad_request("the message is not valid JSON")),
+    };
+    let instances = g
+        .upstreams
+        .discovery()
+        .registry()
+        .all()
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot list instances for /act");
+            Problem::unavailable("service discovery is unavailable")
+        })?;
+    let found = actions::resolve(&instances, &message).map_err(|e| match e {
+        NoRoute::Unmatched => Problem::not_found("no registered pattern matches the message"),
+        NoRoute::Ambiguous(which) => Problem::new(
+            StatusCode::CONFLICT,
+            "ambiguous-action",
+            format!("the message matches {which} equally; add a key to choose"),
+        ),
+    })?;
+    let action = &found.action;
+    let claims = g.claims(&parts.headers).await?;
+    if action.auth {
+        let Some(c) = &claims else {
+            return Err(Problem::unauthorized("this action needs a bearer token"));
+        };
+        if !action.roles.is_empty() && !action.roles.contains(&c.role) {
+            return Err(Problem::forbidden(format!(
+                "this action needs the role {}",
+                action.roles.join(" or ")
+            )));
+        }
+    }
+    let target = action
+        .target(&message)
+        .map_err(|e| Problem::invalid("message", e))?;
+    let method = match action.method.as_str() {
+        "POST" => Method::POST,
+        _ => Method::GET,
+    };
+    let mut headers = HeaderMap::new();
+    for name in [
+        header::AUTHORIZATION,
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("traceparent"),
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    set_identity(&mut headers, claims.as_ref());
+    let call = Call {
+        service: &found.service,
+        strategy: Default::default(),
+        timeout: Duration::from_secs(10),
+        retries: u32::from(method == Method::GET),
+    };
+    let answer = g
+        .send(&call, edge.client, &method, headers, &target, Bytes::new())
+        .await?;
+    let status = answer.response.status();
+    let content_type = answer.response.headers().get(header::CONTENT_TYPE).cloned();
+    let body = Limited::new(answer.response.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                format!("{} sent an answer that could not be read", found.service),
+            )
+        })?
+        .to_bytes();
+    let mut res = (status, body).into_response();
+    if let Some(ct) = content_type {
+        res.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    res.extensions_mut()
+        .insert(ServedBy(answer.member.instance.id.clone()));
+    Ok(res)
+}
