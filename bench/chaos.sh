@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# Chaos: every service as its own `bazaar serve` process on RabbitMQ and
-# PostgreSQL; simulated shoppers check out for LOAD_SECONDS while orders,
-# payments and inventory are each `kill -9`ed and restarted in turn and
-# RabbitMQ is restarted once. Then it waits for quiescence and audits the
-# databases. The last line is
+# Chaos: every service as its own process on RabbitMQ and PostgreSQL;
+# simulated shoppers check out for LOAD_SECONDS while services are
+# `kill -9`ed in turn and RabbitMQ is restarted once. Then it waits for
+# quiescence and audits the databases.
+#
+# MODE=distributed (the default): `bazaar up --distributed --replicas
+# catalog=2` on etcd; every service is killed once and its supervisor
+# brings it back, while a reader checks that no product read fails while
+# a catalog replica is down. MODE=serve: `bazaar serve` processes on
+# static addresses; orders, payments and inventory are killed and started
+# again by this script. The last line is
 #
 #   audit: orders=N confirmed=C cancelled=X pending=0 lost=0 duplicate_charges=0 stock_mismatch=0
 #
 # and the script fails unless pending, lost, duplicate_charges and
 # stock_mismatch are all 0.
 #
-# Env: LOAD_SECONDS (default 60), SHOPPERS (default 16), RATE (orders/s,
-# default 150), PROFILE (release or debug; default release),
-# BAZAAR_TEST_AMQP_URL, BAZAAR_TEST_DATABASE_URL.
+# Env: MODE, LOAD_SECONDS (default 60), SHOPPERS (default 16), RATE
+# (orders/s, default 150), PROFILE (release or debug; default release),
+# BAZAAR_TEST_AMQP_URL, BAZAAR_TEST_DATABASE_URL, BAZAAR_TEST_ETCD_URL
+# (default: an etcd of the script's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${MODE:-distributed}
 LOAD_SECONDS=${LOAD_SECONDS:-60}
 SHOPPERS=${SHOPPERS:-16}
 # Orders/s offered: below saturation, so the run measures recovery from
@@ -48,7 +56,34 @@ restart_rabbitmq() {
   echo "chaos: RabbitMQ is back"
 }
 
-serve_system
+# Distributed: kill -9 a child; its supervisor must bring it back.
+crash_child() { # service
+  local old new
+  old=$(child_of "$1")
+  [[ -n $old ]] || { echo "chaos: no running $1 child" >&2; exit 1; }
+  echo "chaos: kill -9 $1 (pid $old)"
+  kill -9 "$old"
+  for _ in $(seq 1 300); do
+    new=$(child_of "$1")
+    if [[ -n $new && $new != "$old" ]]; then echo "chaos: $1 is back (pid $new)"; return 0; fi
+    sleep 0.1
+  done
+  echo "chaos: $1 did not come back" >&2; exit 1
+}
+
+# Reads one product, uncached, in a loop; counts the reads that fail.
+read_products() { # seconds
+  local id ok=0 failed=0 end=$((SECONDS + $1)) code
+  id=$(curl -sf "$GW/api/v1/products?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
+  while (( SECONDS < end )); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'cache-control: no-cache' "$GW/api/v1/products/$id" || true)
+    if [[ $code == 200 ]]; then ok=$((ok + 1)); else failed=$((failed + 1)); fi
+    sleep 0.02
+  done
+  echo "$ok $failed"
+}
+
+if [[ $MODE == distributed ]]; then distributed_system; else serve_system; fi
 
 echo "chaos: ${LOAD_SECONDS}s of checkout load, $RATE orders/s from $SHOPPERS shoppers"
 "$BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" --rate "$RATE" \
@@ -56,11 +91,25 @@ echo "chaos: ${LOAD_SECONDS}s of checkout load, $RATE orders/s from $SHOPPERS sh
 LOAD=$!
 EXTRA_PIDS+=("$LOAD")
 
-STEP=$(( LOAD_SECONDS / 5 ))
-sleep "$STEP"; crash orders
-sleep "$STEP"; crash payments
-sleep "$STEP"; crash inventory
-sleep "$STEP"; restart_rabbitmq
+if [[ $MODE == distributed ]]; then
+  # Every service once (the gateway last), then the broker.
+  STEP=$(( LOAD_SECONDS / 10 )); (( STEP > 0 )) || STEP=1
+  sleep "$STEP"
+  read_products 8 >"$WORK/reads" &
+  READER=$!
+  sleep 1; crash_child catalog
+  wait "$READER"
+  read -r reads_ok reads_failed <"$WORK/reads"
+  echo "chaos: product reads while a catalog replica was down: ok=$reads_ok failed=$reads_failed"
+  for s in orders payments inventory auth users notifications gateway; do sleep "$STEP"; crash_child "$s"; done
+  sleep "$STEP"; restart_rabbitmq
+else
+  STEP=$(( LOAD_SECONDS / 5 ))
+  sleep "$STEP"; crash orders
+  sleep "$STEP"; crash payments
+  sleep "$STEP"; crash inventory
+  sleep "$STEP"; restart_rabbitmq
+fi
 
 if ! wait "$LOAD"; then
   echo "chaos: the load reported a problem" >&2
@@ -125,4 +174,8 @@ reasons=$(psql_db -F '=' -c "SELECT cancel_reason, count(*) FROM $O.orders WHERE
 dead=$("$BIN" dlq list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' || echo "?")
 echo "audit detail: charged=$charged cancelled_by_reason: ${reasons:-none} dead_letters=$dead"
 echo "audit: orders=$orders confirmed=$confirmed cancelled=$cancelled pending=$pending lost=$lost duplicate_charges=$duplicate_charges stock_mismatch=$stock_mismatch"
+if [[ $MODE == distributed && ( $reads_ok == 0 || $reads_failed != 0 ) ]]; then
+  echo "chaos: product reads failed while a catalog replica was down" >&2
+  exit 1
+fi
 [[ $orders -gt 0 && $pending == 0 && $lost == 0 && $duplicate_charges == 0 && $stock_mismatch == 0 ]]

@@ -32,6 +32,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 cleanup() {
   for s in "${SERVICES[@]}"; do [[ -n ${PID[$s]:-} ]] && kill "${PID[$s]}" 2>/dev/null || true; done
   for p in "${EXTRA_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The supervisor stops its children before etcd goes.
+  for p in "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [[ -n ${ETCD_PID:-} ]]; then kill "$ETCD_PID" 2>/dev/null || true; fi
   wait 2>/dev/null || true
   if [[ -n $VHOST ]]; then
     for s in "${SERVICES[@]}"; do psql_db -c "DROP SCHEMA IF EXISTS \"$PREFIX$s\" CASCADE" >/dev/null 2>&1 || true; done
@@ -78,3 +81,40 @@ serve_system() {
   GW="http://127.0.0.1:${PORT[gateway]}"
   wait_up "$GW"
 }
+
+# etcd for the distributed mode: BAZAAR_TEST_ETCD_URL when set, else one
+# of our own on free loopback ports with a temporary data dir. Sets ETCD.
+use_etcd() {
+  if [[ -n ${BAZAAR_TEST_ETCD_URL:-} ]]; then ETCD=$BAZAAR_TEST_ETCD_URL; return; fi
+  command -v etcd >/dev/null || { echo "bench: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
+  local c p; c=$(free_port); p=$(free_port)
+  etcd --data-dir "$WORK/etcd" --logger zap --log-level error \
+    --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+    --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+    --initial-cluster "default=http://127.0.0.1:$p" >"$WORK/etcd.log" 2>&1 &
+  ETCD_PID=$!
+  ETCD="http://127.0.0.1:$c"
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$c") 2>/dev/null && return 0; sleep 0.1; done
+  echo "bench: etcd did not start" >&2; exit 1
+}
+
+# `bazaar up --distributed` (every service a supervised child) on
+# RabbitMQ, PostgreSQL and etcd, with REPLICAS; sets GW and SUP.
+distributed_system() {
+  use_etcd
+  VHOST="bazaar-$PREFIX"
+  rabbitmqctl -q add_vhost "$VHOST" >/dev/null
+  rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
+  export BAZAAR_AMQP_URL="${AMQP%/*}/$VHOST" BAZAAR_DATABASE_URL=$DB BAZAAR_ETCD_ENDPOINTS=$ETCD
+  export BAZAAR_DATABASE_SCHEMA_PREFIX=$PREFIX
+  local port; port=$(free_port)
+  "$BIN" up --distributed --port "$port" --data-dir "$WORK/dist" --replicas "${REPLICAS:-catalog=2}" \
+    >"$WORK/up.log" 2>&1 &
+  SUP=$!
+  EXTRA_PIDS+=("$SUP")
+  GW="http://127.0.0.1:$port"
+  wait_up "$GW"
+}
+
+# The pid of one running child of the supervisor for a service.
+child_of() { { pgrep -P "$SUP" -f "serve $1 --port" || true; } | head -n1; }
