@@ -306,3 +306,63 @@ async fn bazaar_config_checks_values_and_writes_them_to_etcd() {
         .unwrap_err();
     assert!(format!("{e:#}").contains("cannot reach etcd"), "{e:#}");
 }
+
+/// `bazaar serve catalog` on etcd, as a child process with a 2 s lease.
+fn serve_catalog(etcd: &Etcd) -> std::process::Child {
+    let dir = std::env::temp_dir().join(format!("bazaar-mesh-{}", unique()));
+    std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
+        .args(["serve", "catalog", "--port", "0"])
+        .env("BAZAAR_REGISTRY", "etcd")
+        .env("BAZAAR_ETCD_ENDPOINTS", etcd.url())
+        .env("BAZAAR_REGISTRY_TTL_SECS", "2")
+        .env("BAZAAR_DATA_DIR", &dir)
+        .env("BAZAAR_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn catalogs(observer: &EtcdRegistry) -> usize {
+    observer.list("catalog").await.map_or(0, |l| l.len())
+}
+
+#[tokio::test]
+async fn a_killed_process_leaves_within_its_ttl_and_a_terminated_one_at_once() {
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let observer = registry(&etcd).await;
+    let mut killed = serve_catalog(&etcd);
+    support::within(Duration::from_secs(30), "registered", || async {
+        catalogs(&observer).await == 1
+    })
+    .await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let gone = support::within(Duration::from_secs(5), "expired", || async {
+        catalogs(&observer).await == 0
+    })
+    .await;
+    assert!(
+        gone < Duration::from_secs(4),
+        "kill -9: gone after {gone:?} (TTL 2 s)"
+    );
+
+    let mut stopped = serve_catalog(&etcd);
+    support::within(Duration::from_secs(30), "registered", || async {
+        catalogs(&observer).await == 1
+    })
+    .await;
+    let pid = rustix::process::Pid::from_child(&stopped);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let gone = support::within(
+        Duration::from_secs(1),
+        "deregistered on SIGTERM",
+        || async { catalogs(&observer).await == 0 },
+    )
+    .await;
+    eprintln!("SIGTERM: deregistered after {gone:?}");
+    let status = stopped.wait().unwrap();
+    assert!(status.success(), "a clean stop: {status}");
+}

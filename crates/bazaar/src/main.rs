@@ -43,10 +43,11 @@ enum Command {
         #[arg(long)]
         distributed: bool,
     },
-    /// Run one service (auth, catalog, orders, inventory, payments,
-    /// notifications or gateway) against the
-    /// configured RabbitMQ (BAZAAR_AMQP_URL), database (BAZAAR_DATABASE_URL)
-    /// and registry (BAZAAR_REGISTRY=static with BAZAAR_SERVICES__<NAME>=URL).
+    /// Run one service (auth, users, catalog, orders, inventory, payments,
+    /// notifications or gateway) against the configured RabbitMQ
+    /// (BAZAAR_AMQP_URL), database (BAZAAR_DATABASE_URL) and registry
+    /// (BAZAAR_REGISTRY=etcd with BAZAAR_ETCD_ENDPOINTS=URL, or
+    /// BAZAAR_REGISTRY=static with BAZAAR_SERVICES__<NAME>=URL).
     Serve {
         /// The service to run.
         service: String,

@@ -57,6 +57,50 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether each of the three answers a TCP connection: a clear message
+/// now rather than children failing their readiness for ever.
+pub async fn reachable(config: &Config) -> anyhow::Result<()> {
+    let mut targets = vec![
+        (
+            "RabbitMQ",
+            "amqp_url",
+            config.amqp_url.clone().unwrap_or_default(),
+            5672,
+        ),
+        (
+            "PostgreSQL",
+            "database_url",
+            config.database_url.clone().unwrap_or_default(),
+            5432,
+        ),
+    ];
+    for e in config.etcd_endpoints() {
+        targets.push(("etcd", "etcd_endpoints", e, 2379));
+    }
+    let mut down = Vec::new();
+    for (what, key, url, default_port) in targets {
+        let Ok(parsed) = reqwest::Url::parse(&url) else {
+            down.push(format!("{what}: {key} is not a URL"));
+            continue;
+        };
+        let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+        let port = parsed.port().unwrap_or(default_port);
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(2), connect).await,
+            Ok(Ok(_))
+        ) {
+            down.push(format!("{what} does not answer at {host}:{port} ({key})"));
+        }
+    }
+    anyhow::ensure!(
+        down.is_empty(),
+        "bazaar up --distributed: {}",
+        down.join("; ")
+    );
+    Ok(())
+}
+
 fn free_port(host: &str) -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind((host, 0)).context("cannot find a free port")?;
     Ok(l.local_addr()?.port())
@@ -71,6 +115,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     check(&config)?;
+    reachable(&config).await?;
     let exe = std::env::current_exe().context("cannot find the bazaar binary")?;
     let logs = config.data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -322,5 +367,55 @@ async fn render(table: Table) {
                 .and_then(|()| stdout.flush());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_names_each_thing_missing() {
+        let e = check(&Config::default()).unwrap_err().to_string();
+        for needed in [
+            "RabbitMQ",
+            "BAZAAR_AMQP_URL",
+            "PostgreSQL",
+            "BAZAAR_DATABASE_URL",
+            "etcd",
+            "BAZAAR_ETCD_ENDPOINTS",
+        ] {
+            assert!(e.contains(needed), "{needed} in {e}");
+        }
+        let sqlite = Config {
+            amqp_url: Some("amqp://127.0.0.1".into()),
+            database_url: Some("sqlite://x.db".into()),
+            etcd_endpoints: Some("http://127.0.0.1:2379".into()),
+            ..Config::default()
+        };
+        let e = check(&sqlite).unwrap_err().to_string();
+        assert!(e.contains("database_url") && !e.contains("amqp_url"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_answer_is_named() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let config = Config {
+            amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{port}/%2f")),
+            database_url: Some(format!("postgres://postgres@127.0.0.1:{port}/x")),
+            etcd_endpoints: Some(format!("http://127.0.0.1:{port}")),
+            ..Config::default()
+        };
+        let e = reachable(&config).await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "RabbitMQ does not answer at 127.0.0.1:{port} (amqp_url)"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("etcd does not answer"), "{e}");
     }
 }

@@ -64,14 +64,20 @@ impl Live {
                 Some(v.to_vec())
             })
         });
+        // Subscribed before the first read: no change falls in between.
+        let mut copies = mirror.as_ref().map(|m| m.subscribe());
         let mut keys = BTreeMap::new();
         if let Some(m) = &mirror {
             if m.synced(Duration::from_secs(3)).await {
-                keys = m.current().entries.clone();
+                if let Some(c) = copies.as_mut() {
+                    keys = c.borrow_and_update().entries.clone();
+                }
             } else {
                 tracing::warn!("etcd cannot be reached: starting without its configuration keys");
             }
         }
+        // Taken before the file is read: an edit from now on is noticed.
+        let mut stamp = file.as_deref().and_then(stamp_of);
         let first = state.build(&keys).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "configuration: keeping the values read at start");
             Effective {
@@ -81,8 +87,8 @@ impl Live {
         });
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
-            let mut copies = mirror.as_ref().map(|m| m.subscribe());
-            let mut stamp = file.as_deref().and_then(stamp_of);
+            // The mirror lives as long as this task.
+            let _mirror = mirror;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 let changed_keys = async {
@@ -443,6 +449,33 @@ mod tests {
             assert_eq!(e.sources["payments_failure_rate"], "file");
             Ok(())
         });
+    }
+
+    /// An edit of the file reaches the readers within about a second.
+    #[tokio::test]
+    async fn an_edited_file_applies_while_running() {
+        let dir = std::env::temp_dir().join(format!("bazaar-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let file = dir.join("bazaar.toml");
+        std::fs::write(&file, "payments_failure_rate = 0.0\n").unwrap_or_default();
+        let start = Arc::new(Config::load(Some(&file)).unwrap_or_default());
+        let shutdown = Shutdown::default();
+        let live = Live::start(start, None, shutdown.clone()).await;
+        assert_eq!(live.current().payments_failure_rate, 0.0);
+        let mut changes = live.subscribe();
+        std::fs::write(&file, "payments_failure_rate = 0.75\nlog_level = 'warn'\n")
+            .unwrap_or_default();
+        tokio::time::timeout(Duration::from_secs(3), changes.changed())
+            .await
+            .ok();
+        assert_eq!(live.current().payments_failure_rate, 0.75);
+        assert_eq!(live.effective().sources["payments_failure_rate"], "file");
+        // A broken edit leaves the running configuration in place.
+        std::fs::write(&file, "payments_failure_rate = 'lots'\n").unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(live.current().payments_failure_rate, 0.75);
+        shutdown.trigger();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -68,3 +68,44 @@ impl Provider for Simulated {
         self.call().await.map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bazaar_chassis::Config;
+    use bazaar_chassis::live::Live;
+
+    use super::*;
+
+    fn charge(amount: i64) -> ChargePayment {
+        ChargePayment {
+            order_id: "o".into(),
+            user_id: "u".into(),
+            amount,
+            currency: "EUR".into(),
+        }
+    }
+
+    /// The provider reads its settings at each call (they are live).
+    #[tokio::test]
+    async fn the_provider_follows_its_settings() {
+        let with = |rate: f64, decline: Option<i64>| Simulated {
+            config: Live::fixed(Arc::new(Config {
+                payments_failure_rate: rate,
+                payments_decline_above: decline,
+                ..Config::default()
+            })),
+        };
+        assert!(matches!(
+            with(0.0, None).charge(&charge(10)).await,
+            Ok(Charge::Approved)
+        ));
+        assert!(with(1.0, None).charge(&charge(10)).await.is_err());
+        assert!(with(1.0, None).refund(&charge(10)).await.is_err());
+        assert!(matches!(
+            with(0.0, Some(5)).charge(&charge(10)).await,
+            Ok(Charge::Declined(_))
+        ));
+    }
+}
