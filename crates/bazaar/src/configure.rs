@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bazaar_chassis::Config;
-use bazaar_chassis::live::{self, Live};
+use bazaar_chassis::live::{self, LiveConfig};
 use bazaar_mesh::etcd::{self, CONFIG_PREFIX};
 use serde_json::Value;
 
@@ -40,9 +40,9 @@ pub fn parse_value(raw: &str) -> Value {
 /// Prints the effective value of `key` (every key below it, for a
 /// section) and where each came from.
 pub async fn get(config: Config, endpoints: &[String], key: &str) -> anyhow::Result<()> {
-    live::check_key(key).map_err(anyhow::Error::msg)?;
+    live::check_key(key)?;
     let c = client(endpoints).await?;
-    let live = Live::start(
+    let live = LiveConfig::start(
         Arc::new(config),
         Some(c),
         bazaar_chassis::Shutdown::default(),
@@ -84,7 +84,7 @@ pub async fn set(endpoints: &[String], key: &str, raw: &str) -> anyhow::Result<(
 
 /// Removes `key` from etcd: the layers below decide it again.
 pub async fn unset(endpoints: &[String], key: &str) -> anyhow::Result<()> {
-    live::check_key(key).map_err(anyhow::Error::msg)?;
+    live::check_key(key)?;
     let mut c = client(endpoints).await?;
     let deleted = c
         .delete(format!("{CONFIG_PREFIX}{key}"), None)
@@ -102,7 +102,7 @@ pub async fn unset(endpoints: &[String], key: &str) -> anyhow::Result<()> {
 /// Prints each change of `key` (or of every key) in etcd until Ctrl-C.
 pub async fn watch(endpoints: &[String], key: Option<&str>) -> anyhow::Result<()> {
     if let Some(k) = key {
-        live::check_key(k).map_err(anyhow::Error::msg)?;
+        live::check_key(k)?;
     }
     let c = client(endpoints).await?;
     let mirror = etcd::Mirror::start(c, CONFIG_PREFIX, |_, v| Some(v.to_vec()));

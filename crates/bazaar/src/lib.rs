@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bazaar_bus::Bus;
-use bazaar_chassis::live::Live;
+use bazaar_chassis::live::LiveConfig;
 use bazaar_chassis::{Config, ServiceContext, Shutdown};
 use bazaar_mesh::etcd::EtcdRegistry;
 use bazaar_mesh::{Discovery, MemoryRegistry, Registry, StaticRegistry};
@@ -72,7 +72,7 @@ impl System {
 #[derive(Clone)]
 struct Shared {
     config: Arc<Config>,
-    live: Live,
+    live: LiveConfig,
     bus: Bus,
     discovery: Discovery,
 }
@@ -162,8 +162,8 @@ async fn follow_config(
     config: &Arc<Config>,
     etcd: Option<bazaar_mesh::etcd::Client>,
     shutdown: &Shutdown,
-) -> Live {
-    let live = Live::start(config.clone(), etcd, shutdown.clone()).await;
+) -> LiveConfig {
+    let live = LiveConfig::start(config.clone(), etcd, shutdown.clone()).await;
     let mut level = config.log_level.clone();
     let first = live.current();
     if first.log_level != level {

@@ -50,7 +50,7 @@ pub struct ServiceContext {
     pub verifier: Arc<Verifier>,
     /// The configuration as it changes while running (`config` is the
     /// one read at start).
-    pub live: live::Live,
+    pub live: live::LiveConfig,
     /// The action patterns this instance registers (`POST /act`).
     pub actions: Vec<bazaar_mesh::actions::Action>,
 }
@@ -69,7 +69,7 @@ impl ServiceContext {
         Self {
             name,
             instance_id: format!("{name}-{}", uuid::Uuid::now_v7()),
-            live: live::Live::fixed(config.clone()),
+            live: live::LiveConfig::fixed(config.clone()),
             actions: Vec::new(),
             config,
             metrics,
@@ -84,7 +84,7 @@ impl ServiceContext {
 impl ServiceContext {
     /// The same context, following `live` for what changes while running.
     #[must_use]
-    pub fn with_live(mut self, live: live::Live) -> Self {
+    pub fn with_live(mut self, live: live::LiveConfig) -> Self {
         self.live = live;
         self
     }

@@ -2,7 +2,7 @@
 //! keys under `/bazaar/config/` (one per dotted key of `bazaar.toml`,
 //! each a JSON value: `/bazaar/config/features.v2_products` = `false`).
 //!
-//! [`Live`] holds the effective configuration and tells its readers when
+//! [`LiveConfig`] holds the effective configuration and tells its readers when
 //! it changes: when the file is edited (checked every second) or a key in
 //! etcd is put or deleted (watched). A value that does not fit its key is
 //! logged and ignored: the key keeps its last good value. Readers decide
@@ -22,6 +22,23 @@ use tokio::sync::watch;
 
 use crate::{Config, Shutdown};
 
+/// Why a configuration (or one key of it) was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0:?} is not a configuration key")]
+    UnknownKey(String),
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
 /// The configuration in effect, with where each value came from.
 #[derive(Debug)]
 pub struct Effective {
@@ -33,17 +50,14 @@ pub struct Effective {
 
 /// The effective configuration, kept current.
 #[derive(Clone)]
-pub struct Live {
+pub struct LiveConfig {
     rx: watch::Receiver<Arc<Effective>>,
 }
 
-impl Live {
+impl LiveConfig {
     /// A configuration that never changes (tests, tools).
     pub fn fixed(config: Arc<Config>) -> Self {
-        let sources = Layers::new(&config)
-            .base()
-            .map(|f| sources(&f))
-            .unwrap_or_default();
+        let sources = sources(&Layers::new(&config).base());
         let (tx, rx) = watch::channel(Arc::new(Effective { config, sources }));
         // The sender is dropped: readers keep the value, and see no change.
         drop(tx);
@@ -81,7 +95,7 @@ impl Live {
         let first = state.build(&keys).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "configuration: keeping the values read at start");
             Effective {
-                sources: state.base().map(|f| sources(&f)).unwrap_or_default(),
+                sources: sources(&state.base()),
                 config: start,
             }
         });
@@ -196,26 +210,27 @@ impl Layers {
     }
 
     /// Defaults < file < environment < the start's own values.
-    fn base(&self) -> Result<Figment, String> {
+    fn base(&self) -> Figment {
         let mut fig = Config::layers(self.file.as_deref());
         for (k, v) in &self.overrides {
             fig = fig.merge(Named::new("override", k, v));
         }
-        Ok(fig)
+        fig
     }
 
     /// The layers below etcd, then each etcd key that fits (a key that
     /// does not keeps its last good value, if it had one).
-    fn build(&mut self, keys: &BTreeMap<String, Vec<u8>>) -> Result<Effective, String> {
-        let mut fig = self.base()?;
-        let mut config: Config = fig.extract().map_err(|e| e.to_string())?;
+    fn build(&mut self, keys: &BTreeMap<String, Vec<u8>>) -> Result<Effective, ConfigError> {
+        let mut fig = self.base();
+        let mut config: Config = fig.extract().map_err(ConfigError::from)?;
         self.last_good.retain(|k, _| keys.contains_key(k));
         for (key, raw) in keys {
-            let value = serde_json::from_slice::<Value>(raw).map_err(|e| e.to_string());
+            let value = serde_json::from_slice::<Value>(raw)
+                .map_err(|e| ConfigError::NotJson(e.to_string()));
             let applied = value.and_then(|v| {
                 check_key(key)?;
                 let next = fig.clone().merge(Named::new("etcd", key, &v));
-                let c: Config = next.extract().map_err(|e| e.to_string())?;
+                let c: Config = next.extract().map_err(ConfigError::from)?;
                 Ok((next, c, v))
             });
             match applied {
@@ -298,7 +313,7 @@ pub fn flatten(value: &Value) -> BTreeMap<String, Value> {
 
 /// Whether `key` is a key of `bazaar.toml`: a setting, a whole section,
 /// or an entry of a table of names (`services.auth`).
-pub fn check_key(key: &str) -> Result<(), String> {
+pub fn check_key(key: &str) -> Result<(), ConfigError> {
     let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
     let known = flatten(&defaults);
     let fits = known.contains_key(key)
@@ -309,18 +324,18 @@ pub fn check_key(key: &str) -> Result<(), String> {
     if fits {
         Ok(())
     } else {
-        Err(format!("{key:?} is not a configuration key"))
+        Err(ConfigError::UnknownKey(key.to_owned()))
     }
 }
 
 /// Checks that `value` fits `key` (on the defaults).
-pub fn check(key: &str, value: &Value) -> Result<(), String> {
+pub fn check(key: &str, value: &Value) -> Result<(), ConfigError> {
     check_key(key)?;
     Figment::from(figment::providers::Serialized::defaults(Config::default()))
         .merge(Named::new("etcd", key, value))
         .extract::<Config>()
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(ConfigError::from)
 }
 
 /// Where each leaf of the effective configuration came from.
@@ -460,7 +475,7 @@ mod tests {
         std::fs::write(&file, "payments_failure_rate = 0.0\n").unwrap_or_default();
         let start = Arc::new(Config::load(Some(&file)).unwrap_or_default());
         let shutdown = Shutdown::default();
-        let live = Live::start(start, None, shutdown.clone()).await;
+        let live = LiveConfig::start(start, None, shutdown.clone()).await;
         assert_eq!(live.current().payments_failure_rate, 0.0);
         let mut changes = live.subscribe();
         std::fs::write(&file, "payments_failure_rate = 0.75\nlog_level = 'warn'\n")

@@ -87,12 +87,12 @@ impl Action {
     /// the path's `{key}` places, and the keys the pattern does not fix
     /// as query parameters. A value must be text, a number or a boolean,
     /// and a path value must not be empty, `.` or `..`.
-    pub fn target(&self, message: &serde_json::Map<String, Value>) -> Result<String, String> {
+    pub fn target(&self, message: &serde_json::Map<String, Value>) -> Result<String, BadMessage> {
         let text = |key: &str, v: &Value| match v {
             Value::String(s) => Ok(s.clone()),
             Value::Number(n) => Ok(n.to_string()),
             Value::Bool(b) => Ok(b.to_string()),
-            _ => Err(format!("{key} must be text, a number or a boolean")),
+            _ => Err(BadMessage::NotScalar(key.to_owned())),
         };
         let mut out = String::new();
         let mut used = Vec::new();
@@ -102,10 +102,10 @@ impl Action {
                 Some(key) => {
                     let v = message
                         .get(key)
-                        .ok_or_else(|| format!("{key} is missing"))?;
+                        .ok_or_else(|| BadMessage::Missing(key.to_owned()))?;
                     let v = text(key, v)?;
                     if v.is_empty() || v == "." || v == ".." {
-                        return Err(format!("{key} must not be empty, '.' or '..'"));
+                        return Err(BadMessage::BadSegment(key.to_owned()));
                     }
                     crate::client::escape_into(&mut out, &v);
                     used.push(key);
@@ -204,6 +204,17 @@ pub fn admit(registered: &[Instance], new: &mut Instance) {
         }
     }
     new.patterns = kept;
+}
+
+/// Why a message cannot be sent to the route that matched it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BadMessage {
+    #[error("{0} is missing")]
+    Missing(String),
+    #[error("{0} must be text, a number or a boolean")]
+    NotScalar(String),
+    #[error("{0} must not be empty, '.' or '..'")]
+    BadSegment(String),
 }
 
 /// Where a message goes: the service and its action.

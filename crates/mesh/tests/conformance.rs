@@ -44,10 +44,10 @@ async fn ids(r: &dyn Registry, name: &str) -> Vec<String> {
 }
 
 /// What every backend that takes registrations must do. Lists may lag a
-/// registration by the backend's propagation (etcd: its watch), never
-/// by more than a second.
+/// registration by the backend's propagation (etcd: its watch; how long,
+/// `bench/discovery.sh` measures).
 async fn dynamic_suite(r: Arc<dyn Registry>) {
-    let settle = Duration::from_secs(1);
+    let settle = Duration::from_secs(5);
     assert!(r.list("catalog").await.unwrap().is_empty());
     let mut changes = r.changes();
     changes.mark_unchanged();

@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bazaar_mesh::etcd::{self, EtcdRegistry};
 use bazaar_mesh::{Instance, Registry};
@@ -96,13 +96,11 @@ async fn a_crashed_instance_leaves_when_its_lease_runs_out_and_a_stopped_one_at_
         listed(&observer, "stopped")
     })
     .await;
-    let started = Instant::now();
     stopping.deregister("catalog", "stopped").await.unwrap();
     within(Duration::from_secs(1), "deregistered at once", || async {
         !listed(&observer, "stopped").await
     })
     .await;
-    assert!(started.elapsed() < Duration::from_secs(1));
 }
 
 #[tokio::test]

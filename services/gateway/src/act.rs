@@ -38,6 +38,7 @@ pub async fn act(
     .await
 }
 
+/// Read, resolve, authorise, forward: each a stage below.
 async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {
     let (parts, body) = req.into_parts();
     if parts.method != Method::POST {
@@ -47,8 +48,51 @@ async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Proble
             "POST a JSON message to /act",
         ));
     }
-    let json = parts
-        .headers
+    let message = read_message(&parts.headers, body).await?;
+    let instances = g
+        .upstreams
+        .discovery()
+        .registry()
+        .all()
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot list instances for /act");
+            Problem::unavailable("service discovery is unavailable")
+        })?;
+    let found = actions::resolve(&instances, &message).map_err(|e| match e {
+        NoRoute::Unmatched => Problem::not_found("no registered pattern matches the message"),
+        NoRoute::Ambiguous(which) => Problem::new(
+            StatusCode::CONFLICT,
+            "ambiguous-action",
+            format!("the message matches {which} equally; add a key to choose"),
+        ),
+    })?;
+    let claims = g.claims(&parts.headers).await?;
+    authorise(&found.action, claims.as_deref())?;
+    let target = found
+        .action
+        .target(&message)
+        .map_err(|e| Problem::invalid("message", e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    for name in [
+        header::AUTHORIZATION,
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("traceparent"),
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    set_identity(&mut headers, claims.as_ref());
+    forward(g, edge, &found, &target, headers).await
+}
+
+/// The message: a JSON object of at most [`MAX_MESSAGE`] bytes.
+async fn read_message(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<serde_json::Map<String, Value>, Problem> {
+    let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
@@ -74,65 +118,49 @@ async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Proble
             )
         })?
         .to_bytes();
-    let message = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(Problem::invalid(
-                "message",
-                "the message must be a JSON object",
-            ));
-        }
-        Err(_) => return Err(Problem::bad_request("the message is not valid JSON")),
-    };
-    let instances = g
-        .upstreams
-        .discovery()
-        .registry()
-        .all()
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "cannot list instances for /act");
-            Problem::unavailable("service discovery is unavailable")
-        })?;
-    let found = actions::resolve(&instances, &message).map_err(|e| match e {
-        NoRoute::Unmatched => Problem::not_found("no registered pattern matches the message"),
-        NoRoute::Ambiguous(which) => Problem::new(
-            StatusCode::CONFLICT,
-            "ambiguous-action",
-            format!("the message matches {which} equally; add a key to choose"),
-        ),
-    })?;
-    let action = &found.action;
-    let claims = g.claims(&parts.headers).await?;
-    if action.auth {
-        let Some(c) = &claims else {
-            return Err(Problem::unauthorized("this action needs a bearer token"));
-        };
-        if !action.roles.is_empty() && !action.roles.contains(&c.role) {
-            return Err(Problem::forbidden(format!(
-                "this action needs the role {}",
-                action.roles.join(" or ")
-            )));
-        }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Problem::invalid(
+            "message",
+            "the message must be a JSON object",
+        )),
+        Err(_) => Err(Problem::bad_request("the message is not valid JSON")),
     }
-    let target = action
-        .target(&message)
-        .map_err(|e| Problem::invalid("message", e))?;
-    let method = match action.method.as_str() {
+}
+
+/// The pattern's own rule: a token, and one of its roles.
+fn authorise(
+    action: &actions::Action,
+    claims: Option<&bazaar_chassis::auth::Claims>,
+) -> Result<(), Problem> {
+    if !action.auth {
+        return Ok(());
+    }
+    let Some(c) = claims else {
+        return Err(Problem::unauthorized("this action needs a bearer token"));
+    };
+    if !action.roles.is_empty() && !action.roles.contains(&c.role) {
+        return Err(Problem::forbidden(format!(
+            "this action needs the role {}",
+            action.roles.join(" or ")
+        )));
+    }
+    Ok(())
+}
+
+/// Sends the request through the gateway's call path and passes the
+/// service's answer back as it is.
+async fn forward(
+    g: &Shared,
+    edge: &Edge,
+    found: &actions::Route,
+    target: &str,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let method = match found.action.method.as_str() {
         "POST" => Method::POST,
         _ => Method::GET,
     };
-    let mut headers = HeaderMap::new();
-    for name in [
-        header::AUTHORIZATION,
-        HeaderName::from_static("x-request-id"),
-        HeaderName::from_static("traceparent"),
-    ] {
-        if let Some(v) = parts.headers.get(&name) {
-            headers.insert(name, v.clone());
-        }
-    }
-    set_identity(&mut headers, claims.as_ref());
     let call = Call {
         service: &found.service,
         strategy: Default::default(),
@@ -140,7 +168,7 @@ async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Proble
         retries: u32::from(method == Method::GET),
     };
     let answer = g
-        .send(&call, edge.client, &method, headers, &target, Bytes::new())
+        .send(&call, edge.client, &method, headers, target, Bytes::new())
         .await?;
     let status = answer.response.status();
     let content_type = answer.response.headers().get(header::CONTENT_TYPE).cloned();

@@ -40,7 +40,7 @@ pub struct Gateway {
     /// A gRPC call's time, unless its `grpc-timeout` asks for less.
     pub grpc_timeout: Duration,
     /// The process's live configuration (`/_admin/config`).
-    pub config: bazaar_chassis::live::Live,
+    pub config: bazaar_chassis::live::LiveConfig,
 }
 
 pub type Shared = Arc<Gateway>;

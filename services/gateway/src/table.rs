@@ -410,7 +410,7 @@ impl Live {
     /// Follows the live configuration: when `[gateway]` or `[features]`
     /// changes (the file edited, a key put in etcd), the new table is
     /// swapped in. One that does not compile leaves the running table.
-    pub fn follow(&self, config: &bazaar_chassis::live::Live, default_timeout: Duration) {
+    pub fn follow(&self, config: &bazaar_chassis::live::LiveConfig, default_timeout: Duration) {
         let live = self.clone();
         let start = config.current();
         let mut running = (start.gateway.clone(), start.features.clone());

@@ -31,7 +31,7 @@ pub trait Provider: Send + Sync + 'static {
 /// call (its failure rate can be raised in etcd to rehearse an outage).
 #[derive(Clone)]
 pub struct Simulated {
-    pub config: bazaar_chassis::live::Live,
+    pub config: bazaar_chassis::live::LiveConfig,
 }
 
 impl Simulated {
@@ -74,7 +74,7 @@ mod tests {
     use std::sync::Arc;
 
     use bazaar_chassis::Config;
-    use bazaar_chassis::live::Live;
+    use bazaar_chassis::live::LiveConfig;
 
     use super::*;
 
@@ -91,7 +91,7 @@ mod tests {
     #[tokio::test]
     async fn the_provider_follows_its_settings() {
         let with = |rate: f64, decline: Option<i64>| Simulated {
-            config: Live::fixed(Arc::new(Config {
+            config: LiveConfig::fixed(Arc::new(Config {
                 payments_failure_rate: rate,
                 payments_decline_above: decline,
                 ..Config::default()
