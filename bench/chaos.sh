@@ -174,6 +174,21 @@ reasons=$(psql_db -F '=' -c "SELECT cancel_reason, count(*) FROM $O.orders WHERE
 dead=$("$BIN" dlq list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' || echo "?")
 echo "audit detail: charged=$charged cancelled_by_reason: ${reasons:-none} dead_letters=$dead"
 echo "audit: orders=$orders confirmed=$confirmed cancelled=$cancelled pending=$pending lost=$lost duplicate_charges=$duplicate_charges stock_mismatch=$stock_mismatch"
+if [[ $MODE == distributed ]]; then
+  # The supervisor killed outright: its children stop too (they asked the
+  # kernel for SIGTERM when it dies), none is left serving as an orphan.
+  mapfile -t CHILDREN < <(pgrep -P "$SUP" || true)
+  kill -9 "$SUP"
+  orphans=${#CHILDREN[@]}
+  for _ in $(seq 1 150); do
+    orphans=0
+    for c in "${CHILDREN[@]}"; do kill -0 "$c" 2>/dev/null && orphans=$((orphans + 1)); done
+    (( orphans == 0 )) && break
+    sleep 0.1
+  done
+  echo "chaos: supervisor killed with -9: ${#CHILDREN[@]} children, $orphans still running after it"
+  (( ${#CHILDREN[@]} > 0 && orphans == 0 )) || { echo "chaos: orphans left behind" >&2; exit 1; }
+fi
 if [[ $MODE == distributed && ( $reads_ok == 0 || $reads_failed != 0 ) ]]; then
   echo "chaos: product reads failed while a catalog replica was down" >&2
   exit 1

@@ -28,19 +28,7 @@ else
 fi
 EXAMPLE=${CARGO_TARGET_DIR:-target}/$PROFILE/examples/propagation
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-if [[ -n ${BAZAAR_TEST_ETCD_URL:-} ]]; then
-  ETCD=$BAZAAR_TEST_ETCD_URL
-else
-  command -v etcd >/dev/null || { echo "bench: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
-  C=$(free_port); P=$(free_port)
-  etcd --data-dir "$WORK/etcd" --logger zap --log-level error \
-    --listen-client-urls "http://127.0.0.1:$C" --advertise-client-urls "http://127.0.0.1:$C" \
-    --listen-peer-urls "http://127.0.0.1:$P" --initial-advertise-peer-urls "http://127.0.0.1:$P" \
-    --initial-cluster "default=http://127.0.0.1:$P" >"$WORK/etcd.log" 2>&1 &
-  ETCD_PID=$!
-  ETCD="http://127.0.0.1:$C"
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$C") 2>/dev/null && break; sleep 0.1; done
-fi
+source bench/etcd.sh
+use_etcd
 
 RUST_LOG=${RUST_LOG:-error} "$EXAMPLE" --etcd "$ETCD" --trials "$TRIALS"

@@ -46,7 +46,9 @@ trap cleanup EXIT
 
 wait_up() { # gateway url
   for _ in $(seq 1 150); do curl -sf "$1/api/v1/products?limit=1" >/dev/null && return 0; sleep 0.2; done
-  echo "bench: the system at $1 did not come up" >&2; exit 1
+  echo "bench: the system at $1 did not come up" >&2
+  [[ -f $WORK/up.log ]] && tail -20 "$WORK/up.log" >&2
+  exit 1
 }
 
 # `bazaar up` on a fresh data dir; sets GW.
@@ -82,21 +84,7 @@ serve_system() {
   wait_up "$GW"
 }
 
-# etcd for the distributed mode: BAZAAR_TEST_ETCD_URL when set, else one
-# of our own on free loopback ports with a temporary data dir. Sets ETCD.
-use_etcd() {
-  if [[ -n ${BAZAAR_TEST_ETCD_URL:-} ]]; then ETCD=$BAZAAR_TEST_ETCD_URL; return; fi
-  command -v etcd >/dev/null || { echo "bench: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
-  local c p; c=$(free_port); p=$(free_port)
-  etcd --data-dir "$WORK/etcd" --logger zap --log-level error \
-    --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
-    --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
-    --initial-cluster "default=http://127.0.0.1:$p" >"$WORK/etcd.log" 2>&1 &
-  ETCD_PID=$!
-  ETCD="http://127.0.0.1:$c"
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$c") 2>/dev/null && return 0; sleep 0.1; done
-  echo "bench: etcd did not start" >&2; exit 1
-}
+source "$(dirname "${BASH_SOURCE[0]}")/etcd.sh"
 
 # `bazaar up --distributed` (every service a supervised child) on
 # RabbitMQ, PostgreSQL and etcd, with REPLICAS; sets GW and SUP.

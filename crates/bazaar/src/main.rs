@@ -274,6 +274,9 @@ async fn main() -> anyhow::Result<()> {
             system
         }
         Command::Serve { service, port } => {
+            if let Ok(pid) = std::env::var(bazaar::supervise::SUPERVISOR_PID) {
+                bazaar::supervise::follow_supervisor(&pid)?;
+            }
             if let Some(p) = port {
                 config.port = p;
                 config.gateway_port = p;

@@ -19,6 +19,24 @@ use tokio::process::{Child, Command};
 
 use crate::SERVICES;
 
+/// Tells a child which process supervises it: the child stops (SIGTERM,
+/// so it drains) when that process dies, even by SIGKILL.
+pub const SUPERVISOR_PID: &str = "BAZAAR_SUPERVISOR_PID";
+
+/// In a child: asks the kernel for SIGTERM when the supervisor dies, and
+/// refuses to start if it is already gone (no orphan keeps serving).
+pub fn follow_supervisor(pid: &str) -> anyhow::Result<()> {
+    let expected: i32 = pid.parse().context("BAZAAR_SUPERVISOR_PID is not a pid")?;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+        .context("cannot follow the supervisor")?;
+    let parent = rustix::process::Pid::as_raw(rustix::process::getppid());
+    anyhow::ensure!(
+        parent == expected,
+        "the supervisor (pid {expected}) is gone"
+    );
+    Ok(())
+}
+
 /// One child as the table shows it.
 #[derive(Debug, Clone)]
 struct Row {
@@ -210,6 +228,7 @@ impl Spec {
             .env("BAZAAR_REGISTRY", "etcd")
             .env("BAZAAR_HOST", &self.host)
             .env("BAZAAR_LOG_FORMAT", "json")
+            .env(SUPERVISOR_PID, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -304,6 +304,7 @@ impl Config {
             "test_amqp_url",
             "test_database_url",
             "test_etcd_url",
+            "supervisor_pid",
         ]))
     }
 
@@ -421,6 +422,19 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    /// The commented `bazaar.toml` at the root is what `bazaar up` reads
+    /// from a fresh clone: it must parse, and (all commented) change nothing.
+    #[test]
+    fn the_shipped_bazaar_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bazaar.toml");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(!text.is_empty(), "{} is missing", path.display());
+        let parsed = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&text))
+            .extract::<Config>();
+        assert_eq!(parsed.map_err(|e| e.to_string()), Ok(Config::default()));
     }
 
     #[test]

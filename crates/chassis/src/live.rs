@@ -35,7 +35,8 @@ pub enum ConfigError {
 
 impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
-        Self::Invalid(e.to_string())
+        // figment names keys with their profile (`default.`): not ours.
+        Self::Invalid(e.to_string().replace("key \"default.", "key \""))
     }
 }
 

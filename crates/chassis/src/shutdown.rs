@@ -55,25 +55,31 @@ impl Shutdown {
         });
     }
 
-    /// Triggers on SIGINT (Ctrl-C) or SIGTERM.
+    /// Triggers on SIGINT (Ctrl-C), SIGTERM or SIGHUP (its terminal closed).
     pub fn on_signals(&self) {
         let this = self.clone();
         tokio::spawn(async move {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            let unix = |kind| async move {
+                match tokio::signal::unix::signal(kind) {
                     Ok(mut s) => {
                         s.recv().await;
                     }
                     Err(_) => std::future::pending::<()>().await,
                 }
             };
+            #[cfg(unix)]
+            let (term, hangup) = (
+                unix(tokio::signal::unix::SignalKind::terminate()),
+                unix(tokio::signal::unix::SignalKind::hangup()),
+            );
             #[cfg(not(unix))]
-            let term = std::future::pending::<()>();
+            let (term, hangup) = (std::future::pending::<()>(), std::future::pending::<()>());
             tokio::select! {
                 _ = ctrl_c => {},
                 _ = term => {},
+                _ = hangup => {},
             }
             tracing::info!("shutdown signal received");
             this.trigger();

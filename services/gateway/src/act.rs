@@ -29,11 +29,8 @@ pub async fn act(
     req: Request,
 ) -> Response {
     let g = &g;
-    crate::edge::around(g, peer, req, |edge, req| async move {
-        match route(g, &edge, req).await {
-            Ok(r) => r,
-            Err(p) => p.into_response(),
-        }
+    crate::edge::answer(g, peer, req, |edge, req| async move {
+        route(g, &edge, req).await
     })
     .await
 }
@@ -175,13 +172,7 @@ async fn forward(
     let body = Limited::new(answer.response.into_body(), MAX_ANSWER)
         .collect()
         .await
-        .map_err(|_| {
-            Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "bad-gateway",
-                format!("{} sent an answer that could not be read", found.service),
-            )
-        })?
+        .map_err(|_| crate::proxy::unreadable(&found.service))?
         .to_bytes();
     let mut res = (status, body).into_response();
     if let Some(ct) = content_type {

@@ -107,10 +107,9 @@ pub async fn services(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
     let g = &g;
-    crate::edge::around(g, peer, req, |edge, req| async move {
-        list_services(g, &edge, req.headers()).await.into_response()
+    crate::edge::answer(g, peer, req, |edge, req| async move {
+        list_services(g, &edge, req.headers()).await
     })
     .await
 }
@@ -150,13 +149,10 @@ pub async fn config(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
     let g = &g;
-    crate::edge::around(g, peer, req, |edge, req| async move {
-        match operator(g, &edge, req.headers()).await {
-            Ok(()) => Json(bazaar_chassis::live::shown(&g.config.effective())).into_response(),
-            Err(p) => p.into_response(),
-        }
+    crate::edge::answer(g, peer, req, |edge, req| async move {
+        operator(g, &edge, req.headers()).await?;
+        Ok::<_, Problem>(Json(bazaar_chassis::live::shown(&g.config.effective())))
     })
     .await
 }

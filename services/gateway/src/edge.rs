@@ -47,6 +47,19 @@ pub async fn edge(
     .await
 }
 
+/// [`around`] for a handler of the gateway's own: its problem is the answer.
+pub async fn answer<F, Fut, R>(g: &Shared, peer: SocketAddr, req: Request, inner: F) -> Response
+where
+    F: FnOnce(Edge, Request) -> Fut,
+    Fut: Future<Output = Result<R, Problem>>,
+    R: IntoResponse,
+{
+    around(g, peer, req, |edge, req| async move {
+        inner(edge, req).await.into_response()
+    })
+    .await
+}
+
 /// Runs `inner` with the request's [`Edge`], answering CORS preflights
 /// itself and adding CORS headers and the access log line around it.
 pub async fn around<F, Fut>(g: &Shared, peer: SocketAddr, req: Request, inner: F) -> Response

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bazaar_chassis::{Json, Problem};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -77,8 +77,8 @@ pub async fn overview(
     req: Request,
 ) -> Response {
     let g = &g;
-    crate::edge::around(g, peer, req, |edge, req| async move {
-        aggregate(g, &edge, req.headers()).await.into_response()
+    crate::edge::answer(g, peer, req, |edge, req| async move {
+        aggregate(g, &edge, req.headers()).await
     })
     .await
 }

@@ -289,6 +289,15 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 /// Identity comes only from a verified token, never from the client.
+/// An upstream's answer that broke off or ran past the size read.
+pub fn unreadable(service: &str) -> Problem {
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        "bad-gateway",
+        format!("{service} sent an answer that could not be read"),
+    )
+}
+
 pub fn set_identity(headers: &mut HeaderMap, claims: Option<&Arc<Claims>>) {
     for h in [X_USER_ID, X_USER_ROLE, X_USER_EMAIL] {
         headers.remove(h);
@@ -601,13 +610,7 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
         let mut bytes = Limited::new(body, BUFFER_CAP)
             .collect()
             .await
-            .map_err(|_| {
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "bad-gateway",
-                    format!("{} sent an answer that could not be read", route.service),
-                )
-            })?
+            .map_err(|_| unreadable(&route.service))?
             .to_bytes();
         if transform == Some(Transform::PriceObject)
             && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes)
