@@ -154,7 +154,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config =
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    bazaar_chassis::telemetry::init(config.log_format.as_deref(), &config.log_level);
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    // The tools print their results; only warnings of their own are news.
+    let tool = matches!(cli.command, Command::Config { .. } | Command::Dlq { .. });
+    let level = if tool {
+        "warn"
+    } else {
+        config.log_level.as_str()
+    };
+    bazaar_chassis::telemetry::init(config.log_format.as_deref(), level);
     bazaar_chassis::http::raise_open_files_limit();
     let system = match cli.command {
         Command::Load {

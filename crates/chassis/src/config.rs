@@ -308,6 +308,19 @@ impl Config {
         ]))
     }
 
+    /// What the types cannot say: a `log_level` that is a level, a
+    /// failure rate between 0 and 1.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::telemetry::check_level(&self.log_level)?;
+        if !(0.0..=1.0).contains(&self.payments_failure_rate) {
+            return Err(format!(
+                "payments_failure_rate must be between 0 and 1, not {}",
+                self.payments_failure_rate
+            ));
+        }
+        Ok(())
+    }
+
     /// `etcd_endpoints` as a list.
     pub fn etcd_endpoints(&self) -> Vec<String> {
         self.etcd_endpoints

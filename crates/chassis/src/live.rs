@@ -232,6 +232,7 @@ impl Layers {
                 check_key(key)?;
                 let next = fig.clone().merge(Named::new("etcd", key, &v));
                 let c: Config = next.extract().map_err(ConfigError::from)?;
+                c.validate().map_err(ConfigError::Invalid)?;
                 Ok((next, c, v))
             });
             match applied {
@@ -335,8 +336,9 @@ pub fn check(key: &str, value: &Value) -> Result<(), ConfigError> {
     Figment::from(figment::providers::Serialized::defaults(Config::default()))
         .merge(Named::new("etcd", key, value))
         .extract::<Config>()
-        .map(|_| ())
-        .map_err(ConfigError::from)
+        .map_err(ConfigError::from)?
+        .validate()
+        .map_err(ConfigError::Invalid)
 }
 
 /// Where each leaf of the effective configuration came from.
@@ -420,6 +422,9 @@ mod tests {
         assert!(check("services.auth", &json!("http://a:1")).is_ok());
         assert!(check("gateway.routes", &json!([])).is_ok());
         assert!(check("features.v2_products", &json!("maybe")).is_err());
+        assert!(check("log_level", &json!("verbose")).is_err());
+        assert!(check("log_level", &json!("debug")).is_ok());
+        assert!(check("payments_failure_rate", &json!(1.5)).is_err());
         assert!(check("no_such_key", &json!(1)).is_err());
         assert!(check("gateway.no_such_key", &json!(1)).is_err());
     }

@@ -18,11 +18,32 @@ static FILTER: OnceLock<Reload> = OnceLock::new();
 /// bus already reports those (`BusError::Unroutable`).
 const QUIET: &str = "sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn";
 
-fn filter_for(level: &str) -> Result<EnvFilter, String> {
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `log_level`: a level, or comma-separated `target=level`
+/// directives with at most one bare level. (`tracing` takes a bare word
+/// as a target to log at every level, so `verbose` would silence
+/// everything else: refused.)
+pub fn check_level(level: &str) -> Result<(), String> {
     let level = level.trim();
     if level.is_empty() {
         return Err("the log level is empty".into());
     }
+    for directive in level.split(',').map(str::trim) {
+        let lvl = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "log level {directive:?}: expected one of {} (or target=level)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn filter_for(level: &str) -> Result<EnvFilter, String> {
+    check_level(level)?;
+    let level = level.trim();
     EnvFilter::try_new(format!("{level},{QUIET}")).map_err(|e| format!("log level {level:?}: {e}"))
 }
 
@@ -98,5 +119,26 @@ impl std::io::Write for Forgiving {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_are_checked() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,bazaar_gateway=debug",
+            "off",
+            "hyper=trace",
+        ] {
+            assert!(check_level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "verbose", "info,loud", "hyper=lots"] {
+            assert!(check_level(bad).is_err(), "{bad}");
+        }
     }
 }
