@@ -84,6 +84,14 @@ enum Command {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// Exit 0 if a Bazaar process answers 200, else 1: a container's
+    /// health check (no curl in the image). Default URL: this process's
+    /// configured port (BAZAAR_PORT, else the gateway port) on loopback,
+    /// path /health.
+    Probe {
+        /// The URL to ask, e.g. http://127.0.0.1:8080/ready.
+        url: Option<String>,
+    },
     /// The live configuration in etcd, by the dotted keys of bazaar.toml
     /// (`bazaar config set features.v2_products false`).
     Config {
@@ -158,7 +166,10 @@ async fn main() -> anyhow::Result<()> {
         .validate()
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     // The tools print their results; only warnings of their own are news.
-    let tool = matches!(cli.command, Command::Config { .. } | Command::Dlq { .. });
+    let tool = matches!(
+        cli.command,
+        Command::Config { .. } | Command::Dlq { .. } | Command::Probe { .. }
+    );
     let level = if tool {
         "warn"
     } else {
@@ -207,6 +218,25 @@ async fn main() -> anyhow::Result<()> {
                 report.pending
             );
             return Ok(());
+        }
+        Command::Probe { url } => {
+            let port = if config.port == 0 {
+                config.gateway_port
+            } else {
+                config.port
+            };
+            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/health"));
+            let answered = reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()?
+                .get(&url)
+                .send()
+                .await;
+            match answered {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => anyhow::bail!("{url} answered {}", r.status()),
+                Err(e) => anyhow::bail!("{url} did not answer: {e}"),
+            }
         }
         Command::Config { action, etcd } => {
             let endpoints = bazaar::configure::endpoints(etcd, &config);

@@ -19,6 +19,12 @@ pub struct Config {
     /// Address services bind. Default `127.0.0.1`.
     #[serde(deserialize_with = "lenient::text")]
     pub host: String,
+    /// The host other instances reach this one at, when it is not the
+    /// address bound (a container or pod listening on `0.0.0.0`: its pod
+    /// IP, from the downward API). Registered with the bound port.
+    /// Default unset: the bound address.
+    #[serde(deserialize_with = "lenient::opt")]
+    pub advertise_host: Option<String>,
     /// Port of the service `bazaar serve` runs; 0 picks a free one. Default 0.
     pub port: u16,
     /// Port of the gateway. Default 8080.
@@ -229,6 +235,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             host: "127.0.0.1".into(),
+            advertise_host: None,
             port: 0,
             gateway_port: 8080,
             data_dir: PathBuf::from("./data"),
@@ -319,6 +326,20 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The base URL other instances call this one at, listening on `bound`.
+    pub fn advertised_url(&self, bound: std::net::SocketAddr) -> String {
+        match self.advertise_host.as_deref().map(str::trim) {
+            Some(h) if !h.is_empty() => {
+                if h.contains(':') && !h.starts_with('[') {
+                    format!("http://[{h}]:{}", bound.port())
+                } else {
+                    format!("http://{h}:{}", bound.port())
+                }
+            }
+            _ => format!("http://{bound}"),
+        }
     }
 
     /// `etcd_endpoints` as a list.
@@ -448,6 +469,19 @@ mod tests {
             .merge(Toml::string(&text))
             .extract::<Config>();
         assert_eq!(parsed.map_err(|e| e.to_string()), Ok(Config::default()));
+    }
+
+    #[test]
+    fn the_advertised_url_takes_the_bound_port() {
+        let bound: std::net::SocketAddr = "0.0.0.0:7001".parse().unwrap_or_else(|_| unreachable!());
+        let mut c = Config::default();
+        assert_eq!(c.advertised_url(bound), "http://0.0.0.0:7001");
+        c.advertise_host = Some("10.1.2.3".into());
+        assert_eq!(c.advertised_url(bound), "http://10.1.2.3:7001");
+        c.advertise_host = Some("fd00::5".into());
+        assert_eq!(c.advertised_url(bound), "http://[fd00::5]:7001");
+        c.advertise_host = Some("catalog-0.catalog".into());
+        assert_eq!(c.advertised_url(bound), "http://catalog-0.catalog:7001");
     }
 
     #[test]

@@ -317,13 +317,14 @@ async fn register(
     let instance = Instance {
         name: ctx.name.to_owned(),
         id: ctx.instance_id.clone(),
-        address: format!("http://{addr}"),
+        address: ctx.config.advertised_url(addr),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         tags: if ctx.config.weight > 1 {
             vec![format!("weight={}", ctx.config.weight)]
         } else {
             Vec::new()
         },
+        // The instance's own keeper asks it: the bound address is right.
         health: format!("http://{addr}/ready"),
         patterns: ctx.actions.clone(),
         refused: Vec::new(),
