@@ -36,6 +36,8 @@ pub struct Claims {
 pub struct Audience {
     pub issuer: String,
     pub audience: String,
+    /// How often the keys are read again, in seconds.
+    pub jwks_refresh_secs: i64,
 }
 
 impl Audience {
@@ -43,6 +45,7 @@ impl Audience {
         Self {
             issuer: config.token_issuer.clone(),
             audience: config.token_audience.clone(),
+            jwks_refresh_secs: i64::try_from(config.jwks_refresh_secs.max(1)).unwrap_or(60),
         }
     }
 }
@@ -59,6 +62,10 @@ pub struct Verifier {
     /// call of a session, at every hop; its bytes decide the outcome, so a
     /// hit needs only the expiry checked again.
     verified: Mutex<HashMap<String, Arc<Claims>, TailHash>>,
+    /// Unix time of the last JWKS read (or attempt): the keys are read
+    /// again every `refresh_secs`, so a retired key stops verifying.
+    fetched_at: std::sync::atomic::AtomicI64,
+    refresh_secs: i64,
 }
 
 /// Hashes a token by its last bytes only: they are its signature, random
@@ -118,6 +125,8 @@ impl Verifier {
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::default(),
+            fetched_at: std::sync::atomic::AtomicI64::new(0),
+            refresh_secs: audience.jwks_refresh_secs,
         }
     }
 
@@ -129,6 +138,8 @@ impl Verifier {
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::default(),
+            fetched_at: std::sync::atomic::AtomicI64::new(0),
+            refresh_secs: audience.jwks_refresh_secs,
         };
         v.set_keys(jwks);
         v
@@ -142,6 +153,10 @@ impl Verifier {
             .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
             .collect();
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.fetched_at.store(
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -170,6 +185,11 @@ impl Verifier {
 
     /// [`Verifier::verify_shared`] at the Unix time `now`.
     async fn verify_at(&self, token: &str, now: i64) -> Result<Arc<Claims>, Problem> {
+        if self.calls.is_some()
+            && now - self.fetched_at.load(std::sync::atomic::Ordering::Relaxed) >= self.refresh_secs
+        {
+            self.refresh_stale(now).await;
+        }
         let remembered = self
             .verified
             .lock()
@@ -229,15 +249,50 @@ impl Verifier {
             })
     }
 
+    /// Reads the keys again after `refresh_secs` (one caller does; the
+    /// others go on with the keys they have). A failed read keeps them,
+    /// and is tried again after another period.
+    async fn refresh_stale(&self, now: i64) {
+        let Ok(mut last) = self.last_fetch.try_lock() else {
+            return;
+        };
+        self.fetched_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        *last = Some(Instant::now());
+        if let Err(e) = self.fetch_keys().await {
+            tracing::warn!(detail = %e.detail, "cannot read the signing keys again; keeping the ones known");
+        }
+    }
+
+    /// For a token of an unknown key: reads the keys, at most once per
+    /// [`REFETCH_INTERVAL`] (keys a client makes up cannot make it call
+    /// auth more often). A caller that finds a read too recent waits for
+    /// the interval to pass rather than refusing a key made a moment ago;
+    /// callers that waited while another read are answered by that read.
     async fn refetch(&self) -> Result<(), Problem> {
+        if self.calls.is_none() {
+            return Ok(());
+        }
+        let asked = Instant::now();
+        let mut last = self.last_fetch.lock().await;
+        if let Some(t) = *last {
+            if t > asked {
+                return Ok(());
+            }
+            let since = t.elapsed();
+            if since < REFETCH_INTERVAL {
+                tokio::time::sleep(REFETCH_INTERVAL - since).await;
+            }
+        }
+        *last = Some(Instant::now());
+        self.fetch_keys().await
+    }
+
+    /// Reads auth's JWKS and takes its keys.
+    async fn fetch_keys(&self) -> Result<(), Problem> {
         let Some(calls) = &self.calls else {
             return Ok(());
         };
-        let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL) {
-            return Ok(());
-        }
-        *last = Some(Instant::now());
         let fetched = async {
             let reply = calls
                 .get("auth", &[".well-known", "jwks.json"])
@@ -381,6 +436,7 @@ mod tests {
         Audience {
             issuer: "bazaar".into(),
             audience: "bazaar-api".into(),
+            jwks_refresh_secs: 60,
         }
     }
 

@@ -83,6 +83,9 @@ pub struct Config {
     /// `aud` of access tokens, checked by the gateway and every service. Default `bazaar-api`.
     #[serde(deserialize_with = "lenient::text")]
     pub token_audience: String,
+    /// How often every service reads auth's signing keys (JWKS) again, in
+    /// seconds: a retired key stops verifying within this time. Default 60.
+    pub jwks_refresh_secs: u64,
     /// Argon2id memory cost in KiB. Default 19456 (OWASP); tests use less.
     pub argon2_memory_kib: u32,
     /// Argon2id iterations. Default 2.
@@ -256,6 +259,7 @@ impl Default for Config {
             refresh_token_ttl_secs: 30 * 24 * 3600,
             token_issuer: "bazaar".into(),
             token_audience: "bazaar-api".into(),
+            jwks_refresh_secs: 60,
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
             argon2_concurrency: 0,

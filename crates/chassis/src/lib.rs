@@ -108,6 +108,14 @@ pub fn ago(before: std::time::Duration) -> String {
     timestamp(time::OffsetDateTime::now_utc().saturating_sub(before))
 }
 
+/// A timestamp of [`now`]'s format, `by` later (the same text if it
+/// does not parse).
+pub fn timestamp_after(at: &str, by: std::time::Duration) -> String {
+    let by = time::Duration::try_from(by).unwrap_or(time::Duration::MAX);
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .map_or_else(|_| at.to_owned(), |t| timestamp(t.saturating_add(by)))
+}
+
 fn timestamp(t: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"

@@ -1,4 +1,5 @@
-//! The auth HTTP API: register, login, refresh, me, JWKS.
+//! The auth HTTP API: register, login, refresh, me, JWKS, and the signing
+//! keys' rotation (admin).
 
 use std::sync::Arc;
 
@@ -44,6 +45,9 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/me", get(me))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/auth/.well-known/jwks.json", get(jwks))
+        .route("/auth/keys", get(keys))
+        .route("/auth/keys/rotate", post(rotate))
+        .route("/auth/keys/retire", post(retire))
         .with_state(state)
 }
 
@@ -123,6 +127,80 @@ async fn jwks(State(s): State<AppState>) -> Result<Json<jsonwebtoken::jwk::JwkSe
         .await
         .map(Json)
         .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
+}
+
+/// `GET /auth/keys` (admin): the stored signing keys, oldest first.
+async fn keys(
+    State(s): State<AppState>,
+    caller: AuthUser,
+) -> Result<Json<Vec<crate::keys::KeyInfo>>, Problem> {
+    caller.require_admin()?;
+    crate::keys::list(&s.db.read)
+        .await
+        .map(Json)
+        .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
+}
+
+/// `POST /auth/keys/rotate` (admin): a new key signs from now on (every
+/// auth instance within seconds); the old ones still verify until retired.
+async fn rotate(
+    State(s): State<AppState>,
+    caller: AuthUser,
+) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
+    caller.require_admin()?;
+    let kid = crate::keys::rotate(&s.db.write)
+        .await
+        .map_err(|e| AuthError::Internal(format!("{e:#}")))?;
+    s.keys
+        .reload(&s.db.write)
+        .await
+        .map_err(|e| AuthError::Internal(format!("{e:#}")))?;
+    tracing::info!(%kid, by = %caller.id, "signing keys rotated");
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "kid": kid }))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetireBody {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /auth/keys/retire` (admin): deletes the keys whose tokens have
+/// all expired (409 when none has yet, saying until when); `{"force":
+/// true}` deletes every key but the newest at once.
+async fn retire(
+    State(s): State<AppState>,
+    caller: AuthUser,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Problem> {
+    caller.require_admin()?;
+    // No body is `{}`.
+    let force = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        serde_json::from_slice::<RetireBody>(&body)
+            .map_err(|e| {
+                if e.is_syntax() || e.is_eof() {
+                    Problem::bad_request("the body is not valid JSON")
+                } else {
+                    Problem::invalid("force", "expected {\"force\": true|false}")
+                }
+            })?
+            .force
+    };
+    let ttl =
+        std::time::Duration::from_secs(u64::try_from(s.config.access_token_ttl_secs).unwrap_or(0));
+    match crate::keys::retire(&s.db.write, ttl, force).await {
+        Ok(retired) => {
+            tracing::info!(?retired, force, by = %caller.id, "signing keys retired");
+            Ok(Json(serde_json::json!({ "retired": retired })))
+        }
+        Err(crate::keys::RetireError::TooSoon(kid, until)) => Err(Problem::conflict(format!(
+            "key {kid} may still have tokens in use until {until}; retire later, or force"
+        ))),
+        Err(crate::keys::RetireError::Db(e)) => Err(AuthError::Internal(format!("{e:#}")).into()),
+    }
 }
 
 /// An access token, and a refresh token in `family`.

@@ -59,6 +59,12 @@ impl Application {
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
         let db = self.state.db.clone();
+        // A rotation on another replica reaches this one.
+        let (keys, read) = (self.state.keys.clone(), db.read.clone());
+        shutdown.every(keys::RELOAD_EVERY, "reloading the signing key", move || {
+            let (keys, read) = (keys.clone(), read.clone());
+            async move { keys.reload(&read).await }
+        });
         let outbox = self.state.outbox.clone();
         outbox.start(db.clone(), self.ctx.bus.clone(), shutdown.clone());
         let spec = QueueSpec::new(AUTH_QUEUE).bind(USER, USER_PROFILE_DELETED);
