@@ -27,3 +27,16 @@ for _ in $(seq 1 30); do
 done
 (( up == 9 )) || { echo "compose: Prometheus scrapes $up of 9 services" >&2; exit 1; }
 echo "compose: Prometheus scrapes all 9 services"
+
+# The backup of docs/operations.md, as written there: dump this system's
+# schemas, restore them into an empty database, and find the same orders.
+restored="restore_${BAZAAR_DATABASE_SCHEMA_PREFIX%_}"
+dump=$(mktemp)
+pg_dump "$DB" --format=custom --schema="${BAZAAR_DATABASE_SCHEMA_PREFIX}*" --file="$dump"
+createdb -h 127.0.0.1 -U postgres "$restored"
+pg_restore --dbname="${DB%/*}/$restored" --no-owner "$dump"
+count() { psql "$1" -qAt -c "SELECT count(*) FROM \"${BAZAAR_DATABASE_SCHEMA_PREFIX}orders\".orders"; }
+before=$(count "$DB"); after=$(count "${DB%/*}/$restored")
+dropdb -h 127.0.0.1 -U postgres "$restored"; rm -f "$dump"
+[[ $before -gt 0 && $before == "$after" ]] || { echo "compose: backup restored $after of $before orders" >&2; exit 1; }
+echo "compose: backup and restore: $after orders"
