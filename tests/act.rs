@@ -235,3 +235,31 @@ async fn a_taken_or_ambiguous_pattern_is_refused_and_shown() {
     assert_eq!(s, StatusCode::OK);
     system.shutdown.trigger();
 }
+
+#[tokio::test]
+async fn actions_have_a_rate_limit_of_their_own() {
+    let (system, _dir) = common::embedded_with(|c| c.gateway.act_per_address_per_minute = 3).await;
+    let gw = system.gateway_url.clone();
+    wait_ready(&gw).await;
+    let list = json!({"role": "catalog", "cmd": "list", "limit": 1});
+    for _ in 0..3 {
+        assert_eq!(act(&gw, None, &list).await.0, StatusCode::OK);
+    }
+    let res = reqwest::Client::new()
+        .post(format!("{gw}/act"))
+        .json(&list)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(res.headers().contains_key("retry-after"));
+    // REST reads are not counted against it.
+    assert_eq!(
+        reqwest::get(format!("{gw}/api/v1/products?limit=1"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    system.shutdown.trigger();
+}

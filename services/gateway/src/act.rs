@@ -45,6 +45,9 @@ async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Proble
             "POST a JSON message to /act",
         ));
     }
+    if let Some(refused) = crate::proxy::act_limit(g, edge) {
+        return Ok(refused);
+    }
     let message = read_message(&parts.headers, body).await?;
     let instances = g
         .upstreams

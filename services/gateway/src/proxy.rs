@@ -441,6 +441,18 @@ fn registration_limit(g: &Gateway, edge: &Edge) -> Option<Response> {
     })
 }
 
+/// `POST /act`'s own limit per client address (429 past it).
+pub fn act_limit(g: &Gateway, edge: &Edge) -> Option<Response> {
+    let per_minute = edge.table.act_per_address_per_minute;
+    if per_minute == 0 {
+        return None;
+    }
+    let d = g
+        .buckets
+        .take(&format!("act|{}", edge.client), per_minute, MINUTE, 1.0);
+    (!d.allowed).then(|| limited(&d, "too many actions from this address; try again later"))
+}
+
 const MINUTE: Duration = Duration::from_secs(60);
 
 async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {

@@ -151,6 +151,7 @@ pub struct Table {
     pub login_failures_per_account: u32,
     pub login_failures_per_ip: u32,
     pub registrations_per_address_per_minute: u32,
+    pub act_per_address_per_minute: u32,
     pub body_timeout: Duration,
     pub access_log: bool,
 }
@@ -313,6 +314,7 @@ impl Table {
             login_failures_per_account: g.login_failures_per_account,
             login_failures_per_ip: g.login_failures_per_ip,
             registrations_per_address_per_minute: g.registrations_per_address_per_minute,
+            act_per_address_per_minute: g.act_per_address_per_minute,
             body_timeout: Duration::from_millis(g.body_timeout_ms.max(1)),
             access_log: g.access_log,
         })

@@ -29,6 +29,10 @@ pub struct GatewayConfig {
     /// Loopback clients are exempt (tests, `bazaar load`); an address a
     /// trusted proxy names in `X-Forwarded-For` is not. Default 20.
     pub registrations_per_address_per_minute: u32,
+    /// `POST /act` messages allowed per client address per minute before
+    /// 429 (actions skip the route table's own limits). 0: no limit.
+    /// Default 600.
+    pub act_per_address_per_minute: u32,
     /// How long a client may take to send a whole request body, counted
     /// from when its head arrived, in ms; past it, 408 and the connection
     /// is closed. Default 30000.
@@ -73,6 +77,7 @@ impl Default for GatewayConfig {
             login_failures_per_account: 10,
             login_failures_per_ip: 100,
             registrations_per_address_per_minute: 20,
+            act_per_address_per_minute: 600,
             body_timeout_ms: 30_000,
             max_connections_per_address: 512,
             threads: 0,
