@@ -175,6 +175,19 @@ async fn main() -> anyhow::Result<()> {
     } else {
         config.log_level.as_str()
     };
+    // The supervisor's live table owns the terminal: its log goes to a file.
+    if let Command::Up {
+        distributed: true,
+        data_dir,
+        ..
+    } = &cli.command
+        && std::io::IsTerminal::is_terminal(&std::io::stdout())
+    {
+        let logs = data_dir.join("logs");
+        std::fs::create_dir_all(&logs)
+            .and_then(|()| bazaar_chassis::telemetry::log_to_file(&logs.join("supervisor.log")))
+            .with_context(|| format!("cannot write logs to {}", logs.display()))?;
+    }
     bazaar_chassis::telemetry::init(config.log_format.as_deref(), level);
     bazaar_chassis::http::raise_open_files_limit();
     let system = match cli.command {

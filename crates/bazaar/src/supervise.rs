@@ -183,7 +183,7 @@ pub async fn run(
     let health = tokio::spawn(check_health(table.clone(), config.host.clone()));
     let show = std::io::stdout()
         .is_terminal()
-        .then(|| tokio::spawn(render(table.clone())));
+        .then(|| tokio::spawn(render(table.clone(), logs.clone())));
     bazaar_chassis::telemetry::say(&format!(
         "Bazaar is up (distributed): http://{}:{gateway_port}/api/v1/products — logs in {}",
         config.host,
@@ -358,7 +358,7 @@ async fn check_health(table: Table, host: String) {
 }
 
 /// Redraws the table on the terminal every second.
-async fn render(table: Table) {
+async fn render(table: Table, logs: PathBuf) {
     loop {
         let rows = table.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut out = String::from("\x1b[2J\x1b[H");
@@ -378,7 +378,10 @@ async fn render(table: Table) {
                 r.since.elapsed().as_secs()
             ));
         }
-        out.push_str("\nCtrl-C stops every service, the gateway first.\n");
+        out.push_str(&format!(
+            "\nLogs: {} (the supervisor's in supervisor.log).\nCtrl-C stops every service, the gateway first.\n",
+            logs.display()
+        ));
         {
             let mut stdout = std::io::stdout().lock();
             let _ = stdout

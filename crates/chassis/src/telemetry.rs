@@ -67,7 +67,7 @@ pub fn init(format: Option<&str>, level: &str) {
         .unwrap_or_else(|| EnvFilter::new(format!("info,{QUIET}")));
     let json = match format {
         Some(f) => f.eq_ignore_ascii_case("json"),
-        None => !std::io::stdout().is_terminal(),
+        None => LOG_FILE.get().is_some() || !std::io::stdout().is_terminal(),
     };
     let builder = tracing_subscriber::fmt()
         .with_writer(|| Forgiving(std::io::stdout()))
@@ -105,12 +105,32 @@ pub fn say(line: &str) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
+/// Where log lines go instead of stdout, when set before [`init`].
+static LOG_FILE: OnceLock<std::sync::Mutex<std::fs::File>> = OnceLock::new();
+
+/// Sends this process's log lines to `file` (appended) instead of stdout:
+/// a terminal that shows something else, as `bazaar up --distributed`'s
+/// live table. Call before [`init`].
+pub fn log_to_file(file: &std::path::Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)?;
+    let _ = LOG_FILE.set(std::sync::Mutex::new(f));
+    Ok(())
+}
+
 /// A log writer that never fails: a line that cannot be written (a
 /// broken pipe) is dropped, not buffered again behind the next one.
 struct Forgiving(std::io::Stdout);
 
 impl std::io::Write for Forgiving {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(file) = LOG_FILE.get() {
+            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = f.write_all(buf);
+            return Ok(buf.len());
+        }
         let mut out = self.0.lock();
         // Written whole or not at all; either way the line is done with.
         let _ = out.write_all(buf).and_then(|()| out.flush());
