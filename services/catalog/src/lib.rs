@@ -16,7 +16,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The action patterns catalog answers (`POST /act` on the gateway):
 /// `{"role":"catalog","cmd":"get","id":…}` is one product,
 /// `{"role":"catalog","cmd":"list"}` a page of them (other keys are the
-/// list's query: `q`, `limit`, `cursor`…).
+/// list's query: `limit`, `offset`, `q`).
 pub fn actions() -> Vec<bazaar_chassis::Action> {
     use bazaar_chassis::Action;
     use serde_json::json;
