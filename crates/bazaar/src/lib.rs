@@ -122,7 +122,9 @@ async fn start_one(
             tokio::spawn(app.run_until_stopped(listener, shutdown))
         }
         "gateway" => {
-            let app = bazaar_gateway::Application::build(ctx).await?;
+            let app = bazaar_gateway::Application::build(ctx)
+                .await?
+                .with_contract(&contract());
             tokio::spawn(app.run_until_stopped(listener, shutdown))
         }
         other => anyhow::bail!(
@@ -131,6 +133,11 @@ async fn start_one(
         ),
     };
     Ok(task)
+}
+
+/// The public API contract: every service's, as the gateway publishes it.
+pub fn contract() -> utoipa::openapi::OpenApi {
+    bazaar_gateway::openapi::public(vec![("catalog", bazaar_catalog::openapi())])
 }
 
 /// The action patterns each service answers (`POST /act`).

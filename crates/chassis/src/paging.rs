@@ -19,10 +19,16 @@ struct Raw {
 }
 
 /// Validated paging parameters plus the optional search text `q`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Paging {
+    /// Items per page, 1–200. Default 50.
+    #[param(required = false, minimum = 1, maximum = 200, default = 50)]
     pub limit: i64,
+    /// Items to skip. Default 0.
+    #[param(required = false, minimum = 0, default = 0)]
     pub offset: i64,
+    /// Search text.
     pub q: Option<String>,
 }
 

@@ -172,7 +172,7 @@ pub struct Notification {
 }
 
 /// A page of results: `{items, total, limit, offset}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub total: i64,
@@ -222,7 +222,7 @@ pub struct TokenPair {
 }
 
 /// A product in the catalog. `price` is in minor units of `currency`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Product {
     pub id: String,
     pub name: String,
@@ -235,7 +235,7 @@ pub struct Product {
 }
 
 /// One line of an order; `unit_price` in minor units.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OrderItem {
     pub product_id: String,
     pub name: String,
@@ -244,7 +244,7 @@ pub struct OrderItem {
 }
 
 /// An order as clients see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Order {
     pub id: String,
     pub user_id: String,

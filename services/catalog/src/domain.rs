@@ -5,7 +5,7 @@ use bazaar_chassis::problem::{FieldError, Problem};
 use serde::Deserialize;
 
 /// The body of `POST`/`PUT /products`, as sent.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ProductBody {
     pub name: String,
     #[serde(default)]

@@ -8,7 +8,6 @@ use axum::Router;
 use axum::extract::{FromRef, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bazaar_bus::{Bus, BusError, Envelope};
 use bazaar_chassis::db::Db;
 use bazaar_chassis::id::PathId;
@@ -39,18 +38,35 @@ impl FromRef<AppState> for Arc<Verifier> {
     }
 }
 
+/// The routes and their contract, from one source: each handler's
+/// `#[utoipa::path]` makes both (a route cannot exist without its spec).
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(buy))
+        .routes(routes!(fetch, replace, remove))
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/products", get(list).post(create))
-        .route("/products/buy", post(buy))
-        .route("/products/{id}", get(fetch).put(replace).delete(remove))
-        .with_state(state)
+    api().with_state(state).split_for_parts().0
+}
+
+/// Catalog's HTTP contract (OpenAPI 3.1), as the service serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
 fn db_error(e: sqlx::Error) -> Problem {
     Problem::internal(&e)
 }
 
+/// A page of products, newest first (`q` searches names and descriptions).
+#[utoipa::path(get, path = "/products", tag = "catalog", params(Paging),
+    responses(
+        (status = 200, description = "A page of products", body = Page<Product>),
+        (status = 422, description = "Bad paging values", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn list(State(s): State<AppState>, paging: Paging) -> Result<Response, Problem> {
     let version = store::version(&s.db.read).await.map_err(db_error)?;
     let key = (paging.q.clone(), paging.limit, paging.offset);
@@ -75,6 +91,14 @@ async fn list(State(s): State<AppState>, paging: Paging) -> Result<Response, Pro
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// One product.
+#[utoipa::path(get, path = "/products/{id}", tag = "catalog",
+    params(("id" = String, Path, description = "The product's id (a UUID)")),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn fetch(State(s): State<AppState>, PathId(id): PathId) -> Result<Json<Product>, Problem> {
     store::get(&s.db.read, &id)
         .await
@@ -83,6 +107,15 @@ async fn fetch(State(s): State<AppState>, PathId(id): PathId) -> Result<Json<Pro
         .ok_or_else(|| Problem::not_found("no such product"))
 }
 
+/// Adds a product (admin).
+#[utoipa::path(post, path = "/products", tag = "catalog", request_body = ProductBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The product added", body = Product),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn create(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -107,6 +140,17 @@ async fn create(
     Ok((StatusCode::CREATED, Json(product)))
 }
 
+/// Replaces a product's fields (admin).
+#[utoipa::path(put, path = "/products/{id}", tag = "catalog", request_body = ProductBody,
+    params(("id" = String, Path, description = "The product's id (a UUID)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The product as it is now", body = Product),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn replace(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -123,6 +167,16 @@ async fn replace(
     Ok(Json(product))
 }
 
+/// Deletes a product (admin).
+#[utoipa::path(delete, path = "/products/{id}", tag = "catalog",
+    params(("id" = String, Path, description = "The product's id (a UUID)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn remove(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -137,8 +191,10 @@ async fn remove(
     }
 }
 
-#[derive(Deserialize)]
+/// The products to buy, one id per unit (an id twice buys two).
+#[derive(Deserialize, utoipa::ToSchema)]
 struct BuyBody {
+    /// 1 to 100 product ids.
     ids: Vec<String>,
 }
 
@@ -146,6 +202,14 @@ struct BuyBody {
 const MAX_BUY_IDS: usize = 100;
 
 /// Prices the products and asks orders, over the bus, to create the order.
+#[utoipa::path(post, path = "/products/buy", tag = "catalog", request_body = BuyBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The order, PENDING", body = Order),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown or invalid ids", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Orders cannot take it now", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn buy(
     State(s): State<AppState>,
     caller: AuthUser,

@@ -13,6 +13,12 @@ use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Catalog's HTTP contract (OpenAPI 3.1), paths as the service serves
+/// them (the gateway publishes them below `/api/<version>`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// The action patterns catalog answers (`POST /act` on the gateway):
 /// `{"role":"catalog","cmd":"get","id":…}` is one product,
 /// `{"role":"catalog","cmd":"list"}` a page of them (other keys are the

@@ -12,6 +12,7 @@ mod conn;
 mod edge;
 mod grpc;
 mod limit;
+pub mod openapi;
 mod overview;
 mod proxy;
 mod table;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
+use axum::response::IntoResponse as _;
 use axum::routing::get;
 use bazaar_chassis::http::{FastPath, Readiness};
 use bazaar_chassis::{ServiceContext, Shutdown};
@@ -33,6 +35,8 @@ use tokio::net::TcpListener;
 pub struct Application {
     ctx: ServiceContext,
     table: table::Table,
+    /// The public contract, served at `/api/openapi.json`.
+    contract: bytes::Bytes,
 }
 
 impl Application {
@@ -41,7 +45,19 @@ impl Application {
         let start = ctx.live.current();
         let table = table::Table::compile(&start.gateway, &start.features, default_timeout(&ctx))
             .map_err(|e| anyhow::anyhow!("gateway route table: {e}"))?;
-        Ok(Self { ctx, table })
+        Ok(Self {
+            ctx,
+            table,
+            contract: bytes::Bytes::new(),
+        })
+    }
+
+    /// Publishes `contract` (the services' merged by [`openapi::public`])
+    /// at `/api/openapi.json`.
+    #[must_use]
+    pub fn with_contract(mut self, contract: &utoipa::openapi::OpenApi) -> Self {
+        self.contract = serde_json::to_vec(contract).unwrap_or_default().into();
+        self
     }
 
     pub async fn run_until_stopped(
@@ -92,7 +108,27 @@ impl Application {
             state.clone(),
             edge::edge,
         ));
+        let contract = self.contract.clone();
         let edge = Router::new()
+            .route(
+                "/api/openapi.json",
+                get(move || {
+                    let contract = contract.clone();
+                    async move {
+                        if contract.is_empty() {
+                            return bazaar_chassis::Problem::not_found(
+                                "no API contract is published",
+                            )
+                            .into_response();
+                        }
+                        (
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            contract,
+                        )
+                            .into_response()
+                    }
+                }),
+            )
             .route("/api/v1/me/overview", get(overview::overview))
             .route("/_admin/services", get(admin::services))
             .route("/_admin/config", get(admin::config))

@@ -236,6 +236,7 @@ pub fn owns(path: &str) -> bool {
         && !matches!(
             path,
             "/api/v1/me/overview"
+                | "/api/openapi.json"
                 | "/api/v1/admin/dead-letters"
                 | "/api/v1/admin/dead-letters/replay"
         )
