@@ -1,9 +1,10 @@
-//! The public API contract at `/api/openapi.json` (so far: catalog's
-//! paths, below /api/v1): OpenAPI 3.1, each operation with its problem+json
-//! errors and the bearer scheme where a token is needed; and every
-//! operation it describes is a route the service really has. (The other
-//! way round holds by construction: catalog's router is built from the
-//! same annotated handlers as its contract.)
+//! The public API contract at `/api/openapi.json` (so far: catalog,
+//! inventory, payments and notifications, below /api/v1): OpenAPI 3.1,
+//! each operation with its problem+json errors and the bearer scheme where
+//! a token is needed; and every operation it describes is a route the
+//! service really has. (The other way round holds by construction: those
+//! services' routers are built from the same annotated handlers as their
+//! contracts.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -54,10 +55,14 @@ async fn the_contract_describes_the_routes_and_only_them() {
     operations.sort();
     let expected = [
         ("DELETE", "/api/v1/products/{id}"),
+        ("GET", "/api/v1/inventory/{product_id}"),
+        ("GET", "/api/v1/notifications"),
+        ("GET", "/api/v1/payments/{order_id}"),
         ("GET", "/api/v1/products"),
         ("GET", "/api/v1/products/{id}"),
         ("POST", "/api/v1/products"),
         ("POST", "/api/v1/products/buy"),
+        ("PUT", "/api/v1/inventory/{product_id}"),
         ("PUT", "/api/v1/products/{id}"),
     ];
     let got: Vec<(&str, &str)> = operations
@@ -69,14 +74,20 @@ async fn the_contract_describes_the_routes_and_only_them() {
     // Each is a route of the service's own: asked directly, with an admin
     // token, none falls through to "no such route" or 405.
     let admin = Api::new(&gw).login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
-    let catalog = address_of(&system, "catalog").await;
     let http = reqwest::Client::new();
     for (method, path) in &operations {
-        let service_path = path
-            .trim_start_matches("/api/v1")
-            .replace("{id}", "0190c6a0-0000-7000-8000-000000000000");
+        let service_path = path.trim_start_matches("/api/v1");
+        let service = match service_path.split('/').nth(1).unwrap() {
+            "products" => "catalog",
+            other => other,
+        };
+        let base = address_of(&system, service).await;
+        let mut service_path = service_path.to_owned();
+        for param in ["{id}", "{product_id}", "{order_id}"] {
+            service_path = service_path.replace(param, "0190c6a0-0000-7000-8000-000000000000");
+        }
         let res = http
-            .request(method.parse().unwrap(), format!("{catalog}{service_path}"))
+            .request(method.parse().unwrap(), format!("{base}{service_path}"))
             .bearer_auth(&admin)
             .header("content-type", "application/json")
             .body("{}")

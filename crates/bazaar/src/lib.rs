@@ -137,7 +137,12 @@ async fn start_one(
 
 /// The public API contract: every service's, as the gateway publishes it.
 pub fn contract() -> utoipa::openapi::OpenApi {
-    bazaar_gateway::openapi::public(vec![("catalog", bazaar_catalog::openapi())])
+    bazaar_gateway::openapi::public(vec![
+        ("catalog", bazaar_catalog::openapi()),
+        ("inventory", bazaar_inventory::openapi()),
+        ("payments", bazaar_payments::openapi()),
+        ("notifications", bazaar_notifications::openapi()),
+    ])
 }
 
 /// The action patterns each service answers (`POST /act`).

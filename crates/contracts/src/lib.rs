@@ -139,7 +139,7 @@ pub struct ChargePayment {
 /// A payment as `GET /payments/{order_id}` returns it and as the
 /// `payment.*` events carry it. `status`: `CHARGED`, `DECLINED`,
 /// `REFUNDED`, or `VOIDED` (cancelled before any charge).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Payment {
     pub order_id: String,
     pub amount: i64,
@@ -148,7 +148,7 @@ pub struct Payment {
 }
 
 /// Stock of one product, `GET /inventory/{product_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Stock {
     pub product_id: String,
     pub available: i64,
@@ -156,13 +156,13 @@ pub struct Stock {
 }
 
 /// `PUT /inventory/{product_id}` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SetStock {
     pub available: i64,
 }
 
 /// A notification sent to a user.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Notification {
     pub id: String,
     pub kind: String,

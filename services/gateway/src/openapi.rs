@@ -76,6 +76,16 @@ pub fn public(services: Vec<(&str, OpenApi)>) -> OpenApi {
                         .is_some_and(|r| r.service == service);
                     if routed {
                         any |= op.is_some();
+                        // Operation ids must be unique in the document:
+                        // services name their handlers alike (`fetch`).
+                        if let Some(o) = op.as_mut() {
+                            let id = o.operation_id.take().unwrap_or_else(|| method.to_string());
+                            o.operation_id = Some(if version == "v1" {
+                                format!("{service}_{id}")
+                            } else {
+                                format!("{service}_{id}_{version}")
+                            });
+                        }
                     } else {
                         *op = None;
                     }
@@ -118,6 +128,11 @@ mod tests {
         );
         let p = &out.paths.paths["/api/v1/products/{id}"];
         assert!(p.get.is_some() && p.delete.is_some());
+        assert_eq!(
+            p.get.as_ref().and_then(|o| o.operation_id.as_deref()),
+            Some("catalog_GET"),
+            "ids are made unique per service"
+        );
         assert!(
             out.components
                 .unwrap()

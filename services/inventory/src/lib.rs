@@ -36,6 +36,11 @@ pub fn actions() -> Vec<bazaar_chassis::Action> {
     )]
 }
 
+/// Inventory's HTTP contract (OpenAPI 3.1), paths as the service serves them.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// A built inventory service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,

@@ -2,7 +2,6 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Json, Problem};
 use bazaar_contracts::{Notification, Page};
@@ -10,12 +9,28 @@ use sqlx::Row;
 
 pub use bazaar_chassis::http::ServiceState as AppState;
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/notifications", get(list))
-        .with_state(state)
+/// The routes and their contract, from the same annotated handlers.
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(list))
 }
 
+pub fn router(state: AppState) -> Router {
+    api().with_state(state).split_for_parts().0
+}
+
+/// Notifications' HTTP contract (OpenAPI 3.1), as the service serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The caller's notifications, newest first.
+#[utoipa::path(get, path = "/notifications", tag = "notifications", params(Paging),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of notifications", body = Page<Notification>),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Bad paging values", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn list(
     State(s): State<AppState>,
     caller: AuthUser,

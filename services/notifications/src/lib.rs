@@ -24,6 +24,11 @@ use channels::{Channels, Outgoing};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Notifications' HTTP contract (OpenAPI 3.1), paths as the service serves them.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// A built notifications service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,

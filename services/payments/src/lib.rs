@@ -24,6 +24,11 @@ use provider::{Charge, Provider, Simulated};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Payments' HTTP contract (OpenAPI 3.1), paths as the service serves them.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// A built payments service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,
