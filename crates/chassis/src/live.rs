@@ -316,8 +316,11 @@ pub fn flatten(value: &Value) -> BTreeMap<String, Value> {
 /// Whether `key` is a key of `bazaar.toml`: a setting, a whole section,
 /// or an entry of a table of names (`services.auth`).
 pub fn check_key(key: &str) -> Result<(), ConfigError> {
-    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
-    let known = flatten(&defaults);
+    // The keys of the defaults, flattened once: every etcd key of every
+    // rebuild is checked against them.
+    static KNOWN: std::sync::OnceLock<BTreeMap<String, Value>> = std::sync::OnceLock::new();
+    let known =
+        KNOWN.get_or_init(|| flatten(&serde_json::to_value(Config::default()).unwrap_or_default()));
     let fits = known.contains_key(key)
         || known.keys().any(|k| k.starts_with(&format!("{key}.")))
         || key.rsplit_once('.').is_some_and(

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bazaar_chassis::Problem;
 use bazaar_mesh::actions::{self, NoRoute};
@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 
 use crate::edge::{Edge, ServedBy};
-use crate::proxy::{Call, Shared, set_identity};
+use crate::proxy::{Call, Shared};
 
 /// Largest message accepted.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -73,17 +73,7 @@ async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Proble
         .action
         .target(&message)
         .map_err(|e| Problem::invalid("message", e.to_string()))?;
-    let mut headers = HeaderMap::new();
-    for name in [
-        header::AUTHORIZATION,
-        HeaderName::from_static("x-request-id"),
-        HeaderName::from_static("traceparent"),
-    ] {
-        if let Some(v) = parts.headers.get(&name) {
-            headers.insert(name, v.clone());
-        }
-    }
-    set_identity(&mut headers, claims.as_ref());
+    let headers = crate::overview::part_headers(&parts.headers, claims.as_ref());
     forward(g, edge, &found, &target, headers).await
 }
 

@@ -17,9 +17,13 @@ use serde_json::{Map, Value, json};
 use crate::edge::{Edge, ServedBy};
 use crate::proxy::{Call, Shared, set_identity};
 
-/// The headers each part is called with: the caller's token and identity,
-/// and the request's trace.
-fn part_headers(from: &HeaderMap, claims: &Arc<bazaar_chassis::auth::Claims>) -> HeaderMap {
+/// The headers a call the gateway makes for a client carries: the
+/// caller's token and identity, and the request's trace (the overview's
+/// parts, `/act`'s forward).
+pub(crate) fn part_headers(
+    from: &HeaderMap,
+    claims: Option<&Arc<bazaar_chassis::auth::Claims>>,
+) -> HeaderMap {
     let mut h = HeaderMap::new();
     for name in [
         header::AUTHORIZATION,
@@ -30,7 +34,7 @@ fn part_headers(from: &HeaderMap, claims: &Arc<bazaar_chassis::auth::Claims>) ->
             h.insert(name, v.clone());
         }
     }
-    set_identity(&mut h, Some(claims));
+    set_identity(&mut h, claims);
     h
 }
 
@@ -92,7 +96,7 @@ async fn aggregate(
         .claims(headers)
         .await?
         .ok_or_else(|| Problem::unauthorized("missing bearer token"))?;
-    let h = part_headers(headers, &claims);
+    let h = part_headers(headers, Some(&claims));
     let (profile, orders, notifications) = tokio::join!(
         part(g, edge, &h, "auth", "/auth/me"),
         part(g, edge, &h, "orders", "/orders?limit=5"),
