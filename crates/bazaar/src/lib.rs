@@ -138,6 +138,9 @@ async fn start_one(
 /// The public API contract: every service's, as the gateway publishes it.
 pub fn contract() -> utoipa::openapi::OpenApi {
     bazaar_gateway::openapi::public(vec![
+        ("auth", bazaar_auth::openapi()),
+        ("users", bazaar_users::openapi()),
+        ("orders", bazaar_orders::openapi()),
         ("catalog", bazaar_catalog::openapi()),
         ("inventory", bazaar_inventory::openapi()),
         ("payments", bazaar_payments::openapi()),

@@ -13,7 +13,7 @@ pub fn dead_letter_queue(queue: &str) -> String {
 const MAX_BROWSE: usize = 10_000;
 
 /// A message parked in a dead-letter queue.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// The message id (the envelope id for Bazaar messages).
     pub id: Option<String>,

@@ -95,15 +95,20 @@ pub mod topics {
 
 /// A product and a number of units: an order line as the buyer asks for it,
 /// and a line of a stock reservation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct StockLine {
+    #[schema(format = Uuid)]
     pub product_id: String,
+    /// 1 to 10 000 in a checkout.
+    #[schema(minimum = 1)]
     pub quantity: i64,
 }
 
-/// `POST /orders` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `POST /orders` body: 1 to 100 lines, each of 1 to 10 000 units.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(examples(json!({"items": [{"product_id": "0190c6a0-5b1e-7c3a-9f00-3c1d2e4f5a6b", "quantity": 2}]})))]
 pub struct Checkout {
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<StockLine>,
 }
 
@@ -158,6 +163,7 @@ pub struct Stock {
 /// `PUT /inventory/{product_id}` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SetStock {
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub available: i64,
 }
 
@@ -181,7 +187,8 @@ pub struct Page<T> {
 }
 
 /// A registered account, as `auth` returns it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(examples(json!({"id": "0190c6a0-0000-7000-8000-0000000000a1", "email": "ada@example.com", "name": "Ada", "role": "customer", "created_at": "2026-12-01T12:00:00Z"})))]
 pub struct User {
     pub id: String,
     pub email: String,
@@ -192,7 +199,8 @@ pub struct User {
 
 /// A user's profile, owned by the users service (`GET /users/me`), and
 /// the payload of the `user.profile.*` events.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(examples(json!({"id": "0190c6a0-0000-7000-8000-0000000000a1", "email": "ada@example.com", "name": "Ada", "phone": null, "address": "1 Analytical Way", "created_at": "2026-12-01T12:00:00Z", "updated_at": "2026-12-01T12:05:00Z"})))]
 pub struct Profile {
     pub id: String,
     pub email: String,
@@ -212,7 +220,8 @@ pub struct Register {
 }
 
 /// Tokens returned by login and refresh.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(examples(json!({"access_token": "eyJhbGciOiJFZERTQSIsImtpZCI6IjEifQ.e30.c2ln", "refresh_token": "q8Xk3lS2vN0pYbW7", "token_type": "Bearer", "expires_in": 900})))]
 pub struct TokenPair {
     pub access_token: String,
     pub refresh_token: String,
@@ -223,6 +232,7 @@ pub struct TokenPair {
 
 /// A product in the catalog. `price` is in minor units of `currency`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(examples(json!({"id": "0190c6a0-5b1e-7c3a-9f00-3c1d2e4f5a6b", "name": "Teapot", "description": "Holds 1.2 l", "price": 1299, "currency": "EUR", "image_url": null, "creator": "0190c6a0-0000-7000-8000-0000000000ad", "created_at": "2026-12-01T12:00:00Z"})))]
 pub struct Product {
     pub id: String,
     pub name: String,
@@ -245,6 +255,7 @@ pub struct OrderItem {
 
 /// An order as clients see it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(examples(json!({"id": "0190c6a1-0000-7000-8000-00000000000f", "user_id": "0190c6a0-0000-7000-8000-0000000000a1", "user_email": "ada@example.com", "user_name": "Ada", "items": [{"product_id": "0190c6a0-5b1e-7c3a-9f00-3c1d2e4f5a6b", "name": "Teapot", "unit_price": 1299, "quantity": 2}], "total": 2598, "currency": "EUR", "status": "CONFIRMED", "cancel_reason": null, "created_at": "2026-12-01T12:00:00Z", "updated_at": "2026-12-01T12:00:00Z"})))]
 pub struct Order {
     pub id: String,
     pub user_id: String,

@@ -4,11 +4,16 @@
 use bazaar_chassis::problem::{FieldError, Problem};
 use serde::Deserialize;
 
-/// The body of `POST /auth/register`, as sent.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /auth/register`, as sent: a password of 8 to 1024
+/// characters, a name of 1 to 200.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(examples(json!({"email": "ada@example.com", "password": "correct horse", "name": "Ada"})))]
 pub struct RegisterBody {
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
+    #[schema(min_length = 8, max_length = 1024)]
     pub password: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
 }
 

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use bazaar_chassis::auth::Claims;
 use bazaar_chassis::db::Db;
 use bazaar_chassis::{AuthUser, Config, Json, Problem, Verifier};
@@ -37,20 +36,47 @@ impl FromRef<AppState> for Arc<Verifier> {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/auth/register", post(register))
-        .route("/auth/login", post(login))
-        .route("/auth/refresh", post(refresh))
-        .route("/auth/me", get(me))
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/auth/.well-known/jwks.json", get(jwks))
-        .route("/auth/keys", get(keys))
-        .route("/auth/keys/rotate", post(rotate))
-        .route("/auth/keys/retire", post(retire))
-        .with_state(state)
+/// The routes and their contract, from the same annotated handlers.
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(me))
+        .routes(routes!(jwks))
+        .routes(routes!(keys))
+        .routes(routes!(rotate))
+        .routes(routes!(retire))
 }
 
+pub fn router(state: AppState) -> Router {
+    api()
+        .with_state(state.clone())
+        .split_for_parts()
+        .0
+        // The JWKS at the conventional root too, for verifiers that ask
+        // auth directly (not published: the gateway routes only /auth).
+        .merge(
+            Router::new()
+                .route("/.well-known/jwks.json", axum::routing::get(jwks))
+                .with_state(state),
+        )
+}
+
+/// Auth's HTTP contract (OpenAPI 3.1), as the service serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// Registers a customer account.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterBody,
+    responses(
+        (status = 201, description = "The account made", body = User),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The email is registered already", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid email, password or name", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn register(
     State(s): State<AppState>,
     Json(body): Json<RegisterBody>,
@@ -69,12 +95,21 @@ async fn register(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(examples(json!({"email": "ada@example.com", "password": "correct horse"})))]
 struct LoginBody {
     email: String,
     password: String,
 }
 
+/// Exchanges an email and password for an access and a refresh token.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginBody,
+    responses(
+        (status = 200, description = "The tokens", body = TokenPair),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong email or password", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is missing", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn login(
     State(s): State<AppState>,
     Json(body): Json<LoginBody>,
@@ -94,11 +129,20 @@ async fn login(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RefreshBody {
     refresh_token: String,
 }
 
+/// Exchanges a refresh token (once) for a new pair; a token used twice
+/// revokes its whole family.
+#[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshBody,
+    responses(
+        (status = 200, description = "The new tokens", body = TokenPair),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unknown, spent or expired refresh token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is missing", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn refresh(
     State(s): State<AppState>,
     Json(body): Json<RefreshBody>,
@@ -115,6 +159,13 @@ async fn refresh(
     Ok(Json(issue(&s, &user, &family).await?))
 }
 
+/// The caller's account.
+#[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account", body = User),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The account is gone", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<User>, Problem> {
     let user = store::by_id(&s.db.read, &caller.id)
         .await?
@@ -122,6 +173,11 @@ async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<User>, P
     Ok(Json(user))
 }
 
+/// The public keys that verify access tokens (RFC 7517).
+#[utoipa::path(get, path = "/auth/.well-known/jwks.json", tag = "auth",
+    responses(
+        (status = 200, description = "The key set", body = Jwks),
+    ))]
 async fn jwks(State(s): State<AppState>) -> Result<Json<jsonwebtoken::jwk::JwkSet>, Problem> {
     crate::keys::jwks(&s.db.read)
         .await
@@ -129,7 +185,13 @@ async fn jwks(State(s): State<AppState>) -> Result<Json<jsonwebtoken::jwk::JwkSe
         .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
 }
 
-/// `GET /auth/keys` (admin): the stored signing keys, oldest first.
+/// The stored signing keys, oldest first (admin).
+#[utoipa::path(get, path = "/auth/keys", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The keys (no secrets)", body = Vec<crate::keys::KeyInfo>),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn keys(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -141,12 +203,18 @@ async fn keys(
         .map_err(|e| AuthError::Internal(format!("{e:#}")).into())
 }
 
-/// `POST /auth/keys/rotate` (admin): a new key signs from now on (every
-/// auth instance within seconds); the old ones still verify until retired.
+/// A new signing key (admin): it signs from now on (every auth instance
+/// within seconds); the old ones still verify until retired.
+#[utoipa::path(post, path = "/auth/keys/rotate", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The new key's id", body = Rotated),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn rotate(
     State(s): State<AppState>,
     caller: AuthUser,
-) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
+) -> Result<(StatusCode, Json<Rotated>), Problem> {
     caller.require_admin()?;
     let kid = crate::keys::rotate(&s.db.write)
         .await
@@ -156,24 +224,54 @@ async fn rotate(
         .await
         .map_err(|e| AuthError::Internal(format!("{e:#}")))?;
     tracing::info!(%kid, by = %caller.id, "signing keys rotated");
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "kid": kid }))))
+    Ok((StatusCode::CREATED, Json(Rotated { kid })))
 }
 
-#[derive(Deserialize, Default)]
+/// The key made by a rotation.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Rotated {
+    kid: String,
+}
+
+/// The keys a retirement deleted.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Retired {
+    retired: Vec<String>,
+}
+
+/// A JSON Web Key Set: `keys`, each an Ed25519 public key (`kty` OKP,
+/// `crv` Ed25519, `kid`, `x`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the schema of jsonwebtoken's JwkSet, for the contract
+struct Jwks {
+    keys: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RetireBody {
     #[serde(default)]
     force: bool,
 }
 
-/// `POST /auth/keys/retire` (admin): deletes the keys whose tokens have
-/// all expired (409 when none has yet, saying until when); `{"force":
-/// true}` deletes every key but the newest at once.
+/// Deletes the signing keys whose tokens have all expired (admin); 409
+/// when none has yet, saying until when. `{"force": true}` deletes every
+/// key but the newest at once. No body is `{}`.
+#[utoipa::path(post, path = "/auth/keys/retire", tag = "auth", security(("bearer" = [])),
+    request_body(content = Option<RetireBody>),
+    responses(
+        (status = 200, description = "The keys deleted", body = Retired),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Tokens signed by the old keys may still be in use", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "force is not a boolean", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn retire(
     State(s): State<AppState>,
     caller: AuthUser,
     body: axum::body::Bytes,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<Retired>, Problem> {
     caller.require_admin()?;
     // No body is `{}`.
     let force = if body.iter().all(u8::is_ascii_whitespace) {
@@ -194,7 +292,7 @@ async fn retire(
     match crate::keys::retire(&s.db.write, ttl, force).await {
         Ok(retired) => {
             tracing::info!(?retired, force, by = %caller.id, "signing keys retired");
-            Ok(Json(serde_json::json!({ "retired": retired })))
+            Ok(Json(Retired { retired }))
         }
         Err(crate::keys::RetireError::TooSoon(kid, until)) => Err(Problem::conflict(format!(
             "key {kid} may still have tokens in use until {until}; retire later, or force"

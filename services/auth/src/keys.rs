@@ -27,7 +27,7 @@ pub struct SigningKey {
 pub const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A stored key, as `GET /auth/keys` lists it (no secret in it).
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub kid: String,
     pub created_at: String,

@@ -25,6 +25,12 @@ pub use error::AuthError;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Auth' HTTP contract (OpenAPI 3.1), paths as the service serves
+/// them (the gateway publishes them below `/api/<version>`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// A built auth service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,

@@ -6,12 +6,20 @@ use serde::Deserialize;
 
 /// The body of `POST`/`PUT /products`, as sent.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(examples(json!({"name": "Teapot", "description": "Holds 1.2 l", "price": 1299, "currency": "EUR"})))]
 pub struct ProductBody {
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     #[serde(default)]
+    #[schema(max_length = 5000)]
     pub description: String,
+    /// In minor units of `currency`.
+    #[schema(minimum = 1)]
     pub price: i64,
+    /// ISO 4217; default USD.
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     pub currency: Option<String>,
+    #[schema(max_length = 2000, pattern = "^https?://")]
     pub image_url: Option<String>,
 }
 

@@ -93,7 +93,7 @@ async fn list(State(s): State<AppState>, paging: Paging) -> Result<Response, Pro
 
 /// One product.
 #[utoipa::path(get, path = "/products/{id}", tag = "catalog",
-    params(("id" = String, Path, description = "The product's id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "The product's id (a UUID)")),
     responses(
         (status = 200, description = "The product", body = Product),
         (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
@@ -142,7 +142,7 @@ async fn create(
 
 /// Replaces a product's fields (admin).
 #[utoipa::path(put, path = "/products/{id}", tag = "catalog", request_body = ProductBody,
-    params(("id" = String, Path, description = "The product's id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "The product's id (a UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The product as it is now", body = Product),
@@ -169,7 +169,7 @@ async fn replace(
 
 /// Deletes a product (admin).
 #[utoipa::path(delete, path = "/products/{id}", tag = "catalog",
-    params(("id" = String, Path, description = "The product's id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "The product's id (a UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
@@ -193,8 +193,10 @@ async fn remove(
 
 /// The products to buy, one id per unit (an id twice buys two).
 #[derive(Deserialize, utoipa::ToSchema)]
+#[schema(examples(json!({"ids": ["0190c6a0-5b1e-7c3a-9f00-3c1d2e4f5a6b", "0190c6a0-5b1e-7c3a-9f00-3c1d2e4f5a6b"]})))]
 struct BuyBody {
     /// 1 to 100 product ids.
+    #[schema(min_items = 1, max_items = 100)]
     ids: Vec<String>,
 }
 

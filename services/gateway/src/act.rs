@@ -23,6 +23,24 @@ const MAX_MESSAGE: usize = 64 * 1024;
 /// Largest answer passed back.
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
 
+/// Sends a JSON message to the service whose registered pattern matches
+/// it most specifically, e.g. `{"role":"catalog","cmd":"get","id":"…"}`;
+/// the answer is that service's. A pattern may ask for a token or a role.
+#[utoipa::path(post, path = "/act", tag = "gateway", security((), ("bearer" = [])),
+    request_body(content = serde_json::Map<String, serde_json::Value>, description = "A JSON object of at most 64 KiB",
+        example = json!({"role": "catalog", "cmd": "get", "id": "0190c6a0-5b1e-7c3a-9f00-3c1d2e4f5a6b"})),
+    responses(
+        (status = 200, description = "The answer of the service that took the message", body = serde_json::Value),
+        (status = 400, description = "The body is not a JSON object", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "The pattern needs a token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The pattern needs another role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No pattern matches, or the service found nothing", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Several patterns match equally", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The message is too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The message lacks what the pattern needs", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many messages from this address", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Discovery or the service is unavailable", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn act(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -38,13 +56,6 @@ pub async fn act(
 /// Read, resolve, authorise, forward: each a stage below.
 async fn route(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {
     let (parts, body) = req.into_parts();
-    if parts.method != Method::POST {
-        return Err(Problem::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            "POST a JSON message to /act",
-        ));
-    }
     if let Some(refused) = crate::proxy::act_limit(g, edge) {
         return Ok(refused);
     }

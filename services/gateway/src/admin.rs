@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{FromRef, Query, State};
-use axum::routing::{get, post};
 use bazaar_bus::{Bus, DeadLetter};
 use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
 use bazaar_contracts::topics;
@@ -24,15 +23,22 @@ impl FromRef<AdminState> for Arc<Verifier> {
     }
 }
 
-pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/api/v1/admin/dead-letters", get(list))
-        .route("/api/v1/admin/dead-letters/replay", post(replay))
-        .with_state(state)
+/// The dead-letter API and its contract, from the same annotated handlers.
+pub fn api() -> utoipa_axum::router::OpenApiRouter<AdminState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(replay))
 }
 
-#[derive(Deserialize)]
+pub fn router(state: AdminState) -> Router {
+    api().with_state(state).split_for_parts().0
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Which {
+    /// One queue (e.g. `orders.saga`); default every Bazaar queue.
     queue: Option<String>,
 }
 
@@ -46,6 +52,16 @@ fn unavailable(e: bazaar_bus::BusError) -> Problem {
     Problem::unavailable("the message bus is unavailable")
 }
 
+/// The dead letters of one queue or of every Bazaar queue (admin).
+#[utoipa::path(get, path = "/api/v1/admin/dead-letters", tag = "gateway", security(("bearer" = [])),
+    params(Which),
+    responses(
+        (status = 200, description = "The dead letters", body = Vec<DeadLetter>),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown queue", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The message bus is unavailable", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn list(
     State(s): State<AdminState>,
     caller: AuthUser,
@@ -59,7 +75,10 @@ async fn list(
     Ok(Json(out))
 }
 
-#[derive(Deserialize)]
+/// Which dead letters to replay: one (`id`) or all (`all: true`), of one
+/// queue or of every queue.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(examples(json!({"queue": "orders.saga", "all": true})))]
 struct ReplayBody {
     queue: Option<String>,
     id: Option<String>,
@@ -67,13 +86,24 @@ struct ReplayBody {
     all: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Replayed {
     replayed: usize,
 }
 
 /// Replays one dead letter (`id`) or all of them (`all: true`), in one
-/// queue or every queue.
+/// queue or every queue (admin).
+#[utoipa::path(post, path = "/api/v1/admin/dead-letters/replay", tag = "gateway", security(("bearer" = [])),
+    request_body = ReplayBody,
+    responses(
+        (status = 200, description = "How many were replayed", body = Replayed),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No dead letter with that id", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown queue, or neither or both of id and all", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The message bus is unavailable", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn replay(
     State(s): State<AdminState>,
     caller: AuthUser,
@@ -102,6 +132,13 @@ async fn replay(
 /// as each service's mesh client sees the instances it calls (`caller`:
 /// that service, `caller_instance`: which of its instances). From
 /// loopback, or with an admin token.
+#[utoipa::path(get, path = "/_admin/services", tag = "operations", security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Every instance as each caller sees it: caller, caller_instance, name, id, address, healthy, breaker, patterns, refused", body = Vec<serde_json::Value>),
+        (status = 401, description = "Not from loopback, and no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Service discovery is unavailable", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn services(
     State(g): State<crate::proxy::Shared>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -144,6 +181,12 @@ async fn operator(
 /// dotted key with its value and where it came from (`default`, `file`,
 /// `env`, `etcd`); passwords, and the passwords in URLs, masked. From
 /// loopback, or with an admin token.
+#[utoipa::path(get, path = "/_admin/config", tag = "operations", security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Each dotted key with its value and source", body = std::collections::BTreeMap<String, ConfigEntry>),
+        (status = 401, description = "Not from loopback, and no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn config(
     State(g): State<crate::proxy::Shared>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -224,4 +267,14 @@ async fn calls_of(
         .ok()?
         .to_bytes();
     serde_json::from_slice(&bytes).ok()
+}
+
+/// One key of `/_admin/config`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the shape of `live::shown`'s entries, for the contract
+pub struct ConfigEntry {
+    /// The value in effect (secrets masked).
+    value: serde_json::Value,
+    /// `default`, `file`, `env`, `override` or `etcd`.
+    source: String,
 }

@@ -31,6 +31,42 @@ use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_mesh::breaker::BreakerSettings;
 use tokio::net::TcpListener;
 
+/// The gateway's own operations (beside the proxied ones) and their
+/// contract, from the same annotated handlers.
+fn own_api() -> utoipa_axum::router::OpenApiRouter<proxy::Shared> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(overview::overview))
+        .routes(routes!(admin::services))
+        .routes(routes!(admin::config))
+        .routes(routes!(act::act))
+}
+
+/// The contract of what the gateway serves itself (paths as clients see
+/// them); [`openapi::public`] adds it to the services'.
+pub fn own_openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = own_api().into_openapi();
+    doc.merge(admin::api().into_openapi());
+    doc
+}
+
+/// Swagger UI at `/api/docs`, its assets inside the binary, reading the
+/// contract at `/api/openapi.json`.
+fn docs() -> Router {
+    use utoipa_swagger_ui::{Config, SwaggerUi};
+    SwaggerUi::new(DOCS)
+        .config(
+            Config::from(CONTRACT)
+                .try_it_out_enabled(true)
+                .persist_authorization(true),
+        )
+        .into()
+}
+
+/// Where the contract and its Swagger UI are served.
+const CONTRACT: &str = "/api/openapi.json";
+const DOCS: &str = "/api/docs";
+
 /// A built gateway, ready to serve.
 pub struct Application {
     ctx: ServiceContext,
@@ -109,9 +145,11 @@ impl Application {
             edge::edge,
         ));
         let contract = self.contract.clone();
-        let edge = Router::new()
+        let edge = own_api()
+            .split_for_parts()
+            .0
             .route(
-                "/api/openapi.json",
+                CONTRACT,
                 get(move || {
                     let contract = contract.clone();
                     async move {
@@ -129,12 +167,9 @@ impl Application {
                     }
                 }),
             )
-            .route("/api/v1/me/overview", get(overview::overview))
-            .route("/_admin/services", get(admin::services))
-            .route("/_admin/config", get(admin::config))
-            .route("/act", axum::routing::any(act::act))
             .with_state(state.clone())
-            .merge(admin);
+            .merge(admin)
+            .merge(docs());
         // The proxied requests skip the router (its per-route machinery
         // costs several boxed futures per request).
         let trusted = state.live.clone();

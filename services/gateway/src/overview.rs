@@ -2,6 +2,7 @@
 //! profile, latest orders and notification count, fetched in parallel.
 //! A part that fails is `null` and named in `errors`; the rest still comes.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use axum::response::Response;
 use bazaar_chassis::{Json, Problem};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use crate::edge::{Edge, ServedBy};
 use crate::proxy::{Call, Shared, set_identity};
@@ -75,6 +76,15 @@ async fn part(
     serde_json::from_slice(&body).map_err(|_| format!("{service} sent malformed JSON"))
 }
 
+/// The caller's account, five latest orders and notification count,
+/// fetched in parallel; a part that fails is `null`, named in `errors`,
+/// and the rest still comes (`partial: true`).
+#[utoipa::path(get, path = "/api/v1/me/overview", tag = "gateway", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The overview", body = Overview),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many requests", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn overview(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -91,7 +101,7 @@ async fn aggregate(
     g: &Shared,
     edge: &Edge,
     headers: &HeaderMap,
-) -> Result<(Extension<ServedBy>, Json<Value>), Problem> {
+) -> Result<(Extension<ServedBy>, Json<Overview>), Problem> {
     let claims = g
         .claims(headers)
         .await?
@@ -102,27 +112,58 @@ async fn aggregate(
         part(g, edge, &h, "orders", "/orders?limit=5"),
         part(g, edge, &h, "notifications", "/notifications?limit=1"),
     );
-    let mut errors = Map::new();
+    let mut errors = BTreeMap::new();
     let mut take = |name: &str, r: Result<Value, String>| match r {
-        Ok(v) => v,
+        Ok(v) => Some(v),
         Err(e) => {
-            errors.insert(name.to_owned(), Value::String(e));
-            Value::Null
+            errors.insert(name.to_owned(), e);
+            None
         }
     };
     let profile = take("profile", profile);
-    let orders = take("orders", orders);
-    let notifications = take("notifications", notifications);
-    let body = json!({
-        "profile": profile,
-        "orders": if orders.is_null() { Value::Null } else {
-            json!({ "latest": orders["items"], "total": orders["total"] })
-        },
-        "notifications": if notifications.is_null() { Value::Null } else {
-            json!({ "total": notifications["total"] })
-        },
-        "partial": !errors.is_empty(),
-        "errors": errors,
+    let orders = take("orders", orders).map(|mut o| Latest {
+        latest: o["items"].take(),
+        total: o["total"].take(),
     });
+    let notifications = take("notifications", notifications).map(|mut n| Count {
+        total: n["total"].take(),
+    });
+    let body = Overview {
+        profile,
+        orders,
+        notifications,
+        partial: !errors.is_empty(),
+        errors,
+    };
     Ok((Extension(ServedBy("aggregate".into())), Json(body)))
+}
+
+/// `GET /api/v1/me/overview`. The parts are the services' own answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Overview {
+    /// The caller's account (`null` when auth failed to answer).
+    #[schema(value_type = Option<bazaar_contracts::User>)]
+    profile: Option<Value>,
+    orders: Option<Latest>,
+    notifications: Option<Count>,
+    /// Whether a part is missing.
+    partial: bool,
+    /// Why each missing part is missing.
+    errors: BTreeMap<String, String>,
+}
+
+/// The caller's latest orders and how many there are in all.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Latest {
+    #[schema(value_type = Vec<bazaar_contracts::Order>)]
+    latest: Value,
+    #[schema(value_type = i64)]
+    total: Value,
+}
+
+/// How many notifications the caller has.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Count {
+    #[schema(value_type = i64)]
+    total: Value,
 }

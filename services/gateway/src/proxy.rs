@@ -239,7 +239,9 @@ pub fn owns(path: &str) -> bool {
                 | "/api/openapi.json"
                 | "/api/v1/admin/dead-letters"
                 | "/api/v1/admin/dead-letters/replay"
+                | "/api/docs"
         )
+        && !path.starts_with("/api/docs/")
         || crate::grpc::owns(path)
 }
 

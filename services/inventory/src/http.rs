@@ -26,7 +26,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// A product's stock: available and held for orders in progress.
 #[utoipa::path(get, path = "/inventory/{product_id}", tag = "inventory",
-    params(("product_id" = String, Path, description = "The product's id (a UUID)")),
+    params(("product_id" = String, Path, format = Uuid, description = "The product's id (a UUID)")),
     responses(
         (status = 200, description = "The stock", body = Stock),
         (status = 404, description = "No stock recorded for this product", body = Problem, content_type = "application/problem+json"),
@@ -47,7 +47,7 @@ async fn fetch(State(s): State<AppState>, PathId(id): PathId) -> Result<Json<Sto
 
 /// Sets a product's available units (admin).
 #[utoipa::path(put, path = "/inventory/{product_id}", tag = "inventory", request_body = SetStock,
-    params(("product_id" = String, Path, description = "The product's id (a UUID)")),
+    params(("product_id" = String, Path, format = Uuid, description = "The product's id (a UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The stock as it is now", body = Stock),

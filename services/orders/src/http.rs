@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
 use bazaar_chassis::db::Db;
 use bazaar_chassis::http::Trace;
 use bazaar_chassis::id::PathId;
@@ -79,17 +78,37 @@ impl FromRef<AppState> for Arc<Verifier> {
     }
 }
 
+/// The routes and their contract, from the same annotated handlers.
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(list, checkout))
+        .routes(routes!(fetch))
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/orders", get(list).post(checkout))
-        .route("/orders/{id}", get(fetch))
-        .with_state(state)
+    api().with_state(state).split_for_parts().0
+}
+
+/// Orders' HTTP contract (OpenAPI 3.1), as the service serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
 fn internal(e: sqlx::Error) -> Problem {
     Problem::internal(&e)
 }
 
+/// A page of the caller's orders, newest first (an admin may name
+/// another user with `user_id`).
+#[utoipa::path(get, path = "/orders", tag = "orders", security(("bearer" = [])),
+    params(Paging, ("user_id" = Option<String>, Query, description = "Whose orders (a UUID; default the caller's; another user's for admins only)")),
+    responses(
+        (status = 200, description = "A page of orders", body = Page<Order>),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Another user's orders, asked by a non-admin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Bad paging values or user_id", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn list(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -124,7 +143,16 @@ async fn list(
     }))
 }
 
-/// Someone else's order is 404, not 403: its existence is not revealed.
+/// One of the caller's orders (any order for an admin). Someone else's
+/// order is 404, not 403: its existence is not revealed.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "The order's id (a UUID)")),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn fetch(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -156,9 +184,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(key.to_owned()))
 }
 
-/// Prices the items through catalog, stores the order and starts its saga.
+/// Checkout: prices the items through catalog, stores the order
+/// (`PENDING`) and starts its saga; it ends `CONFIRMED` or `CANCELLED`.
 /// The same `Idempotency-Key` from the same user returns the same order
 /// (200) instead of a second one.
+#[utoipa::path(post, path = "/orders", tag = "orders", security(("bearer" = [])),
+    request_body = Checkout,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retry with the same key returns the same order")),
+    responses(
+        (status = 201, description = "The order, PENDING", body = Order),
+        (status = 200, description = "The order this Idempotency-Key made before", body = Order),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid items, an unknown product, or a key reused with other items", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Catalog or the order store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn checkout(
     State(s): State<AppState>,
     caller: AuthUser,

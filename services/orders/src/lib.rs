@@ -29,6 +29,12 @@ use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Orders' HTTP contract (OpenAPI 3.1), paths as the service serves
+/// them (the gateway publishes them below `/api/<version>`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// The action patterns orders answers: `{"role":"orders","cmd":"list"}`
 /// is the caller's orders (a token is needed).
 pub fn actions() -> Vec<bazaar_chassis::Action> {

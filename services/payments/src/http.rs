@@ -25,7 +25,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// An order's payment, for its owner or an admin. Someone else's
 /// payment is 404: its existence is not revealed.
 #[utoipa::path(get, path = "/payments/{order_id}", tag = "payments",
-    params(("order_id" = String, Path, description = "The order's id (a UUID)")),
+    params(("order_id" = String, Path, format = Uuid, description = "The order's id (a UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The payment", body = Payment),

@@ -14,13 +14,19 @@ pub const MAX_ADDRESS: usize = 500;
 
 /// `PATCH /users/me` as sent: an absent field stays; `null` clears a
 /// phone or address.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"name": "Ada Lovelace", "phone": "+44 20 7946 0000", "address": null})))]
 pub struct PatchBody {
+    #[schema(min_length = 1, max_length = 200)]
     pub name: Option<String>,
+    /// Digits, spaces and `+ - ( ) .`; `null` clears it.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 32, pattern = "^[0-9 +().-]*[0-9][0-9 +().-]*$")]
     pub phone: Option<Option<String>>,
+    /// `null` clears it.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 500)]
     pub address: Option<Option<String>>,
 }
 

@@ -9,12 +9,11 @@ use axum::body::Body;
 use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bazaar_chassis::db::Db;
 use bazaar_chassis::id::PathId;
 use bazaar_chassis::paging::Paging;
 use bazaar_chassis::{AuthUser, Json, Problem, Verifier};
-use bazaar_contracts::Profile;
+use bazaar_contracts::{Order, Page, Profile};
 
 use crate::domain::{Change, PatchBody};
 use crate::store;
@@ -35,12 +34,22 @@ impl FromRef<AppState> for Arc<Verifier> {
     }
 }
 
+/// The routes and their contract, from the same annotated handlers.
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(me, patch_me))
+        .routes(routes!(fetch, remove))
+        .routes(routes!(orders))
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/users/me", get(me).patch(patch_me))
-        .route("/users/{id}", get(fetch).delete(remove))
-        .route("/users/{id}/orders", get(orders))
-        .with_state(state)
+    api().with_state(state).split_for_parts().0
+}
+
+/// Users' HTTP contract (OpenAPI 3.1), as the service serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
 fn internal(e: sqlx::Error) -> Problem {
@@ -61,11 +70,29 @@ fn no_profile() -> Problem {
     Problem::not_found("no such user")
 }
 
+/// The caller's profile.
+#[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile", body = Profile),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No profile (yet) for this account", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn me(State(s): State<AppState>, caller: AuthUser) -> Result<Json<Profile>, Problem> {
     let p = store::get(&s.db.read, &caller.id).await.map_err(internal)?;
     p.map(Json).ok_or_else(no_profile)
 }
 
+/// Changes the caller's name, phone or address (`null` clears phone or
+/// address; fields not sent stay as they are).
+#[utoipa::path(patch, path = "/users/me", tag = "users", security(("bearer" = [])),
+    request_body = PatchBody,
+    responses(
+        (status = 200, description = "The profile as it is now", body = Profile),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No profile (yet) for this account", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid or unknown fields", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn patch_me(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -79,6 +106,16 @@ async fn patch_me(
     p.map(Json).ok_or_else(no_profile)
 }
 
+/// A profile: the caller's own, or anyone's for an admin (anyone else's
+/// is 404: its existence is not revealed).
+#[utoipa::path(get, path = "/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "The user's id (a UUID)")),
+    responses(
+        (status = 200, description = "The profile", body = Profile),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such user (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn fetch(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -89,6 +126,16 @@ async fn fetch(
     p.map(Json).ok_or_else(no_profile)
 }
 
+/// Deletes a profile and its account (the caller's own, or anyone's for
+/// an admin).
+#[utoipa::path(delete, path = "/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "The user's id (a UUID)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such user (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn remove(
     State(s): State<AppState>,
     caller: AuthUser,
@@ -107,6 +154,16 @@ async fn remove(
 /// A user's orders, from the orders service on the caller's behalf: its
 /// answer is passed on; orders down or slow is 503 or 504 at once (the
 /// client's breaker and timeout), never a hang.
+#[utoipa::path(get, path = "/users/{id}/orders", tag = "users", security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "The user's id (a UUID)"), Paging),
+    responses(
+        (status = 200, description = "A page of the user's orders, newest first", body = Page<Order>),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such user (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Bad id or paging values", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Orders is unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Orders did not answer in time", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn orders(
     State(s): State<AppState>,
     caller: AuthUser,

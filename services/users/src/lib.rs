@@ -22,6 +22,12 @@ use tokio::net::TcpListener;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Users' HTTP contract (OpenAPI 3.1), paths as the service serves
+/// them (the gateway publishes them below `/api/<version>`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    http::openapi()
+}
+
 /// A built users service, ready to serve.
 pub struct Application {
     ctx: ServiceContext,
