@@ -388,6 +388,27 @@ async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
         if ["gateway", "orders"].contains(&i.name.as_str()) {
             assert!(text.contains("# HELP http_requests_total "), "{}", i.name);
         }
+        // The gateway labels proxied requests with its table's route.
+        if i.name == "gateway" {
+            assert!(
+                text.contains(r#"method="POST",route="v1 * /orders",status_code="201""#),
+                "{text}"
+            );
+        }
+        for family in ["process_resident_memory_bytes", "process_cpu_seconds_total"] {
+            assert!(text.contains(&format!("# TYPE {family} ")), "{}: {family}", i.name);
+        }
+        if i.name == "orders" {
+            for family in [
+                "db_pool_connections",
+                "bus_published_total",
+                "outbox_waiting",
+                "saga_started_total",
+                "saga_duration_seconds",
+            ] {
+                assert!(text.contains(&format!("# TYPE {family} ")), "{family}: {text}");
+            }
+        }
         let mut child = std::process::Command::new(promtool)
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())

@@ -339,6 +339,41 @@ async fn every_saga_path_and_idempotent_checkout() {
         "{kinds:?}"
     );
 
+    // The saga's metrics agree (other shoppers' orders included): every
+    // saga started ended, confirmed or cancelled for its reason, and was
+    // timed from checkout to outcome.
+    let metrics = reqwest::get(format!("{}/metrics", address_of(&system, "orders").await))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sum = |family: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let started = sum("saga_started_total");
+    assert!(started >= 5.0, "{metrics}");
+    assert!(sum("saga_confirmed_total") >= 2.0, "{metrics}");
+    assert_eq!(
+        sum("saga_confirmed_total") + sum("saga_cancelled_total"),
+        started,
+        "{metrics}"
+    );
+    assert_eq!(sum("saga_duration_seconds_count"), started, "{metrics}");
+    for reason in ["out_of_stock", "payment_declined"] {
+        assert!(
+            metrics.contains(&format!(
+                "saga_cancelled_total{{service=\"orders\",reason=\"{reason}\"}}"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    assert!(sum("bus_consumed_total") > 0.0, "{metrics}");
+
     shop.api.assert_no_5xx();
     system.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);

@@ -159,6 +159,8 @@ impl Consumer {
         if received.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
+        let metrics = self.bus.metrics();
         let outcomes = handler.handle(&received).await;
         let mut outcomes = outcomes.into_iter();
         for delivery in parsed {
@@ -167,6 +169,7 @@ impl Consumer {
                 .unwrap_or_else(|| Err(Failure::Retry("the handler gave no outcome".into())));
             match outcome {
                 Ok(()) => {
+                    metrics.queue(&metrics.consumed, &self.spec.name);
                     if let Err(e) = delivery.ack().await {
                         // The effects are committed; the redelivery is dropped by the inbox.
                         tracing::warn!(error = %e, "ack failed");
@@ -179,6 +182,12 @@ impl Consumer {
                 }
             }
         }
+        metrics
+            .batch_seconds
+            .get_or_create(&crate::metrics::QueueLabel {
+                queue: self.spec.name.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Schedules another attempt, or dead-letters after the last one.
@@ -204,6 +213,10 @@ impl Consumer {
             .transport()
             .publish_delayed(&self.spec.name, msg, delay)
             .await;
+        if sent.is_ok() {
+            let metrics = self.bus.metrics();
+            metrics.queue(&metrics.retried, &self.spec.name);
+        }
         settle_after(delivery, sent).await;
     }
 
@@ -223,6 +236,10 @@ impl Consumer {
             .transport()
             .publish("", &dead_letter_queue(&self.spec.name), msg)
             .await;
+        if sent.is_ok() {
+            let metrics = self.bus.metrics();
+            metrics.queue(&metrics.dead_lettered, &self.spec.name);
+        }
         settle_after(delivery, sent).await;
     }
 }

@@ -11,6 +11,7 @@ mod consumer;
 mod dlq;
 mod envelope;
 pub mod memory;
+pub mod metrics;
 mod topic;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use tokio::sync::{OnceCell, oneshot};
 pub use consumer::{BatchHandler, Consumer, Failure, Received, RetryPolicy};
 pub use dlq::{DeadLetter, dead_letter_queue};
 pub use envelope::Envelope;
+pub use metrics::BusMetrics;
 pub use topic::topic_matches;
 
 /// What can go wrong on the bus.
@@ -313,6 +315,7 @@ pub struct Bus {
     transport: Arc<dyn Transport>,
     pending: Pending,
     reply_to: Arc<OnceCell<String>>,
+    metrics: Arc<BusMetrics>,
 }
 
 impl Bus {
@@ -321,7 +324,24 @@ impl Bus {
             transport,
             pending: Arc::default(),
             reply_to: Arc::new(OnceCell::new()),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The same bus, counting into instruments of its own: one per
+    /// service, so that services sharing a bus (the embedded mode) each
+    /// report their own messaging.
+    #[must_use]
+    pub fn instrumented(&self) -> Self {
+        Self {
+            metrics: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// This handle's messaging instruments.
+    pub fn metrics(&self) -> &BusMetrics {
+        &self.metrics
     }
 
     /// An in-memory bus (embedded mode, tests).

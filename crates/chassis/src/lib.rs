@@ -64,7 +64,11 @@ impl ServiceContext {
             std::time::Duration::from_millis(config.calls.timeout_ms.max(1)),
         );
         let metrics = Metrics::new(name);
-        metrics.with_registry(|r| calls.instruments().register(r));
+        let bus = bus.instrumented();
+        metrics.with_registry(|r| {
+            calls.instruments().register(r);
+            bus.metrics().register(r);
+        });
         let verifier = Arc::new(Verifier::remote(calls.clone(), auth::Audience::of(&config)));
         Self {
             name,
@@ -82,6 +86,14 @@ impl ServiceContext {
 }
 
 impl ServiceContext {
+    /// Opens the service's database ([`db::connect`]) and reports its
+    /// connection pools in `/metrics`.
+    pub async fn database(&self, migrator: &sqlx::migrate::Migrator) -> anyhow::Result<db::Db> {
+        let db = db::connect(&self.config, self.name, migrator).await?;
+        self.metrics.watch_pools(&db);
+        Ok(db)
+    }
+
     /// The same context, following `live` for what changes while running.
     #[must_use]
     pub fn with_live(mut self, live: live::LiveConfig) -> Self {

@@ -44,6 +44,8 @@ const RELAY_BATCH: usize = 256;
 const RELAY_POLL: Duration = Duration::from_millis(500);
 /// Relay passes in flight at once on PostgreSQL.
 const RELAY_PASSES: usize = 4;
+/// How often the outbox's backlog is measured for `/metrics`.
+const OUTBOX_SAMPLE: Duration = Duration::from_secs(5);
 /// How long handled message ids are remembered.
 const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -51,6 +53,45 @@ tokio::task_local! {
     /// Set when a message handler enqueued something, so the inbox pokes
     /// the relay only when there is something to send.
     static ENQUEUED: std::cell::Cell<bool>;
+    /// What is to happen once the transaction being written commits.
+    static AFTER_COMMIT: std::cell::RefCell<Vec<Hook>>;
+}
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// Runs `hook` once the transaction of the message handler (or of the
+/// [`committing`] block) it is called in has committed; never if that
+/// rolls back. Metrics of what a transaction did are counted so, once.
+/// Called outside both, it runs at once.
+pub fn after_commit(hook: impl FnOnce() + Send + 'static) {
+    let mut hook = Some(hook);
+    let _ = AFTER_COMMIT.try_with(|hooks| {
+        if let Some(h) = hook.take() {
+            hooks.borrow_mut().push(Box::new(h));
+        }
+    });
+    if let Some(h) = hook {
+        h();
+    }
+}
+
+/// Runs `work`, which writes and commits a transaction; if it succeeds,
+/// the hooks it registered with [`after_commit`] run.
+pub async fn committing<T, E>(
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let (result, hooks) = AFTER_COMMIT
+        .scope(std::cell::RefCell::new(Vec::new()), async {
+            let result = work.await;
+            (result, AFTER_COMMIT.with(std::cell::RefCell::take))
+        })
+        .await;
+    if result.is_ok() {
+        for hook in hooks {
+            hook();
+        }
+    }
+    result
 }
 
 /// Puts messages in the outbox inside the caller's transaction.
@@ -133,6 +174,7 @@ impl Outbox {
         let slots = Arc::new(tokio::sync::Semaphore::new(passes));
         tokio::spawn(async move {
             let mut pruned = tokio::time::Instant::now();
+            let mut sampled = tokio::time::Instant::now() - OUTBOX_SAMPLE;
             loop {
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     return;
@@ -153,6 +195,10 @@ impl Outbox {
                 if pruned.elapsed() > Duration::from_secs(3600) {
                     prune_inbox(&db).await;
                     pruned = tokio::time::Instant::now();
+                }
+                if sampled.elapsed() >= OUTBOX_SAMPLE {
+                    sample_outbox(&db, bus.metrics()).await;
+                    sampled = tokio::time::Instant::now();
                 }
                 tokio::select! {
                     () = wake.notified() => {}
@@ -208,9 +254,10 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         sends.push(async move { bus.transport().publish(&exchange, &key, msg).await });
     }
     let mut kept = 0;
+    let mut sent = Vec::with_capacity(rows.len());
     for (row, outcome) in rows.iter().zip(futures::future::join_all(sends).await) {
         match outcome {
-            Ok(()) => {}
+            Ok(()) => sent.push(row.try_get::<String, _>("routing_key")?),
             // A command whose service has not declared its queue yet: it
             // stays in the outbox for a later pass, the rest are done. It
             // goes to the back (a new row id; the message id is in the
@@ -236,8 +283,40 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         }
     }
     tx.commit().await?;
+    let published = &bus.metrics().published;
+    for key in sent {
+        published
+            .get_or_create(&bazaar_bus::metrics::KeyLabel { routing_key: key })
+            .inc();
+    }
     // Go on at once only when this batch was full of rows that went out.
     Ok(kept == 0 && rows.len() == RELAY_BATCH)
+}
+
+/// Sets the outbox gauges: rows waiting, and the oldest one's age.
+async fn sample_outbox(db: &Db, metrics: &bazaar_bus::BusMetrics) {
+    let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox")
+        .fetch_one(&db.read)
+        .await;
+    match row {
+        Ok(row) => {
+            let n: i64 = row.try_get("n").unwrap_or(0);
+            let oldest: Option<String> = row.try_get("oldest").unwrap_or(None);
+            let age = oldest
+                .and_then(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .map_or(0.0, |t| {
+                    (time::OffsetDateTime::now_utc() - t)
+                        .as_seconds_f64()
+                        .max(0.0)
+                });
+            metrics.outbox_waiting.set(n);
+            metrics.outbox_oldest_seconds.set(age);
+        }
+        Err(e) => tracing::debug!(error = %e, "outbox sample failed"),
+    }
 }
 
 async fn prune_inbox(db: &Db) {
@@ -270,32 +349,47 @@ pub struct Inbox<E> {
     db: Db,
     outbox: Outbox,
     effects: E,
+    metrics: bazaar_bus::BusMetrics,
 }
 
 impl<E: Effects> Inbox<E> {
-    pub fn new(db: Db, outbox: Outbox, effects: E) -> Arc<Self> {
+    /// Counts into `bus`'s instruments.
+    pub fn new(db: Db, outbox: Outbox, effects: E, bus: &Bus) -> Arc<Self> {
         Arc::new(Self {
             db,
             outbox,
             effects,
+            metrics: bus.metrics().clone(),
         })
     }
 
     async fn apply_all(&self, batch: &[Received]) -> Result<(), Failure> {
+        committing(self.apply_in_one(batch)).await
+    }
+
+    async fn apply_in_one(&self, batch: &[Received]) -> Result<(), Failure> {
         let mut tx = self.db.write.begin().await.map_err(retry)?;
         // One statement records the whole batch; only ids it had not seen come back.
         let ids: Vec<&str> = batch.iter().map(|m| m.envelope.id.as_str()).collect();
         let mut fresh = first_times(&mut tx, &ids).await.map_err(retry)?;
+        let mut duplicates = 0;
         for msg in batch {
             // `remove`: an id twice in one batch is applied once.
             if !fresh.remove(msg.envelope.id.as_str()) {
                 tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
+                duplicates += 1;
                 continue;
             }
             self.effects
                 .apply(&mut tx, msg)
                 .instrument(message_span(msg))
                 .await?;
+        }
+        if duplicates > 0 {
+            let counter = self.metrics.inbox_duplicates.clone();
+            after_commit(move || {
+                counter.inc_by(duplicates);
+            });
         }
         tx.commit().await.map_err(retry)
     }
@@ -398,11 +492,51 @@ pub async fn spawn_consumer<E: Effects>(
         .with_policy(ctx.config.retry_policy())
         .with_limits(512, 128, concurrency)
         .start(
-            Inbox::new(db.clone(), outbox.clone(), effects),
+            Inbox::new(db.clone(), outbox.clone(), effects, &ctx.bus),
             async move {
                 stop.wait().await;
             },
         )
         .await?;
     Ok(tokio::spawn(run))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::{after_commit, committing};
+
+    #[tokio::test]
+    async fn hooks_run_after_a_commit_only() {
+        let ran = Arc::new(AtomicU32::new(0));
+        let hook = |ran: &Arc<AtomicU32>| {
+            let ran = Arc::clone(ran);
+            move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let committed: Result<(), ()> = committing(async {
+            after_commit(hook(&ran));
+            assert_eq!(ran.load(Ordering::SeqCst), 0, "not before the commit");
+            Ok(())
+        })
+        .await;
+        assert!(committed.is_ok());
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        let rolled_back: Result<(), ()> = committing(async {
+            after_commit(hook(&ran));
+            Err(())
+        })
+        .await;
+        assert!(rolled_back.is_err());
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "not after a rollback");
+        after_commit(hook(&ran));
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            2,
+            "at once outside a transaction"
+        );
+    }
 }

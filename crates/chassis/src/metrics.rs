@@ -78,6 +78,7 @@ impl Metrics {
             "HTTP requests in flight",
             active.clone(),
         );
+        registry.register_collector(Box::new(Process));
         Self {
             registry: Arc::new(Mutex::new(registry)),
             requests,
@@ -92,6 +93,19 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .register(name, help, metric);
+    }
+
+    /// Reports `db`'s connection pools at every scrape:
+    /// `db_pool_connections{pool, state}` (`in_use`, `idle`) and
+    /// `db_pool_max_connections{pool}`. (sqlx does not expose how many
+    /// tasks wait for a connection; `in_use` at the maximum is the sign.)
+    pub fn watch_pools(&self, db: &crate::db::Db) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(Pools {
+                pools: vec![("read", db.read.clone()), ("write", db.write.clone())],
+            }));
     }
 
     /// Gives `add` the registry, to register metrics of a shared part
@@ -199,6 +213,12 @@ fn without_exemplar(line: &str) -> &str {
     line
 }
 
+/// A response extension naming the route that answered, for the `route`
+/// label, where the router's match says less (the gateway's table routes
+/// all go through one `/api/{*rest}`).
+#[derive(Clone, Debug)]
+pub struct RouteLabel(pub String);
+
 impl Metrics {
     /// Counts and times one request: in flight while `answer` runs, then
     /// labelled with its method, route and status.
@@ -210,8 +230,12 @@ impl Metrics {
     ) -> Response {
         let start = Instant::now();
         self.active.inc();
-        let res = answer.await;
+        let mut res = answer.await;
         self.active.dec();
+        let route = match res.extensions_mut().remove::<RouteLabel>() {
+            Some(RouteLabel(name)) => Cow::Owned(name),
+            None => route,
+        };
         let labels = HttpLabels {
             method: method_label(method),
             route,
@@ -279,5 +303,124 @@ mod tests {
             classic(om),
             "# HELP c_total Calls.\n# TYPE c_total counter\nc_total{a=\"x # y\"} 3\n"
         );
+    }
+}
+
+/// The process, read from `/proc/self` at each scrape: the conventional
+/// `process_*` families (Linux; elsewhere none).
+#[derive(Debug)]
+struct Process;
+
+impl Process {
+    /// (CPU seconds, resident bytes, open fds, start time in Unix seconds).
+    fn read() -> Option<(f64, i64, i64, f64)> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may hold spaces), 1-based
+        // from field 3: utime is 14, stime 15, starttime 22, rss 24.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let ticks = 100.0; // USER_HZ on Linux
+        let page = 4096;
+        let cpu = (field(14)? + field(15)?) as f64 / ticks;
+        let rss = i64::try_from(field(24)?).ok()? * page;
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| i64::try_from(d.count()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let btime = boot
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        let start = btime + field(22)? as f64 / ticks;
+        Some((cpu, rss, fds, start))
+    }
+}
+
+impl prometheus_client::collector::Collector for Process {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let Some((cpu, rss, fds, start)) = Self::read() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(cpu);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time the process spent, in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, ConstGauge<f64>); 3] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory of the process, in bytes",
+                ConstGauge::new(rss as f64),
+            ),
+            (
+                "process_open_fds",
+                "File descriptors the process has open",
+                ConstGauge::new(fds as f64),
+            ),
+            (
+                "process_start_time_seconds",
+                "When the process started, in Unix seconds",
+                ConstGauge::new(start),
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A service's connection pools, read at each scrape.
+#[derive(Debug)]
+struct Pools {
+    pools: Vec<(&'static str, sqlx::AnyPool)>,
+}
+
+impl prometheus_client::collector::Collector for Pools {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let connections = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "db_pool_connections",
+            "Database connections by pool and state (in_use, idle)",
+            None,
+            connections.metric_type(),
+        )?;
+        for (pool, p) in &self.pools {
+            let idle = i64::try_from(p.num_idle()).unwrap_or(0);
+            let size = i64::from(p.size());
+            for (state, n) in [("in_use", size - idle), ("idle", idle)] {
+                let labels = [("pool", *pool), ("state", state)];
+                ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let max = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "db_pool_max_connections",
+            "Most connections each pool opens",
+            None,
+            max.metric_type(),
+        )?;
+        for (pool, p) in &self.pools {
+            let labels = [("pool", *pool)];
+            ConstGauge::new(i64::from(p.options().get_max_connections()))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

@@ -68,6 +68,7 @@ fn queue(prefix: &str) -> QueueSpec {
 /// was not running at commit time (a crash, a broker outage) — and then
 /// removed; a rolled-back one never is.
 async fn outbox_publishes_committed_rows_only(bus: &Bus, db: &Db) {
+    let bus = &bus.instrumented();
     let ex = format!("ex.outbox.{}", unique());
     let spec = queue("q.outbox").bind(&ex, "#");
     let mut deliveries = bus.subscribe(&spec, 10).await.unwrap();
@@ -111,6 +112,14 @@ async fn outbox_publishes_committed_rows_only(bus: &Bus, db: &Db) {
         count(db, "SELECT COUNT(*) FROM outbox").await == 0
     })
     .await;
+    let published = bus
+        .metrics()
+        .published
+        .get_or_create(&bazaar_bus::metrics::KeyLabel {
+            routing_key: "a.b".into(),
+        })
+        .clone();
+    eventually("published counted", async || published.get() == 3).await;
     shutdown.trigger();
 }
 
@@ -176,13 +185,14 @@ async fn outbox_keeps_a_command_until_its_queue_exists(bus: &Bus, db: &Db) {
 /// The inbox: a duplicate id has no second effect; a rejected message goes
 /// to the dead-letter queue with nothing applied; a message whose effects
 /// were committed but whose consumer died before the ack is redelivered
-/// and applied once.
+/// and applied once. The bus's instruments count it all.
 async fn inbox_applies_each_message_once(bus: &Bus, db: &Db) {
+    let bus = &bus.instrumented();
     let ex = format!("ex.inbox.{}", unique());
     let spec = queue("q.inbox").bind(&ex, "#");
     let shutdown = Shutdown::default();
     let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
-    let inbox = Inbox::new(db.clone(), outbox, Record);
+    let inbox = Inbox::new(db.clone(), outbox, Record, bus);
 
     // A consumer that dies after the commit, before the ack.
     let mut raw = bus.subscribe(&spec, 10).await.unwrap();
@@ -238,6 +248,17 @@ async fn inbox_applies_each_message_once(bus: &Bus, db: &Db) {
     }
     let letters = bus.dead_letters(&spec.name).await.unwrap();
     assert!(letters[0].reason.as_deref().unwrap().contains("poison"));
+    // The crash's redelivery and the second "twice" were dropped; the
+    // consumer settled four (those two, "twice" and "after") and
+    // dead-lettered one.
+    let m = bus.metrics();
+    let q = bazaar_bus::metrics::QueueLabel {
+        queue: spec.name.clone(),
+    };
+    assert_eq!(m.inbox_duplicates.get(), 2);
+    assert_eq!(m.consumed.get_or_create(&q).get(), 4);
+    assert_eq!(m.dead_lettered.get_or_create(&q).get(), 1);
+    assert_eq!(m.retried.get_or_create(&q).get(), 0);
     shutdown.trigger();
     run.await.unwrap();
 }

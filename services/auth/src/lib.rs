@@ -40,7 +40,7 @@ pub struct Application {
 impl Application {
     /// Opens the database, loads or creates the signing key and the admin account.
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let db = ctx.database(&MIGRATOR).await?;
         let keys = Arc::new(keys::SigningKeys::load_or_create(&db.write).await?);
         ctx.verifier.set_keys(&keys::jwks(&db.read).await?);
         let hasher = Arc::new(secrets::Hasher::new(&ctx.config)?);

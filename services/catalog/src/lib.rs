@@ -49,7 +49,7 @@ pub struct Application {
 impl Application {
     /// Opens the database and seeds the demo catalog on first start.
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let db = ctx.database(&MIGRATOR).await?;
         if ctx.config.seed_demo {
             store::seed_demo(&db.write).await?;
         }

@@ -459,7 +459,7 @@ pub fn act_limit(g: &Gateway, edge: &Edge) -> Option<Response> {
 const MINUTE: Duration = Duration::from_secs(60);
 
 async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Problem> {
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let uri = parts.uri.clone();
     let (version, path) =
         split_version(uri.path()).ok_or_else(|| Problem::not_found("no such route"))?;
@@ -467,7 +467,27 @@ async fn forward(g: &Shared, edge: &Edge, req: Request) -> Result<Response, Prob
     let Some(route) = table.find(&parts.method, version, path) else {
         return Ok(no_route(table, version, path));
     };
+    // Every answer of the route, refusals included, is labelled with it.
+    let mut res = respond(through(g, edge, route, parts, body, &uri, version, path).await);
+    res.extensions_mut()
+        .insert(bazaar_chassis::metrics::RouteLabel(route.name.clone()));
+    Ok(res)
+}
 
+/// Answers a request `route` takes: identity, limits, body, then the
+/// cache or the upstream.
+#[allow(clippy::too_many_arguments)]
+async fn through(
+    g: &Shared,
+    edge: &Edge,
+    route: &crate::table::Route,
+    mut parts: axum::http::request::Parts,
+    body: Body,
+    uri: &axum::http::Uri,
+    version: &str,
+    path: &str,
+) -> Result<Response, Problem> {
+    let table = &edge.table;
     let claims = g.claims(&parts.headers).await?;
     if route.auth && claims.is_none() {
         return Err(Problem::unauthorized("missing bearer token"));

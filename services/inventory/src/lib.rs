@@ -49,7 +49,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let db = ctx.database(&MIGRATOR).await?;
         let state = http::AppState {
             db,
             verifier: ctx.verifier.clone(),

@@ -7,6 +7,7 @@
 mod domain;
 mod events;
 mod http;
+mod metrics;
 mod saga;
 mod store;
 mod writer;
@@ -56,7 +57,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(ctx: ServiceContext) -> anyhow::Result<Self> {
-        let db = bazaar_chassis::db::connect(&ctx.config, ctx.name, &MIGRATOR).await?;
+        let db = ctx.database(&MIGRATOR).await?;
         Ok(Self { ctx, db })
     }
 
@@ -71,13 +72,26 @@ impl Application {
         let db = &self.db;
         let step_timeout = Duration::from_millis(ctx.config.saga_step_timeout_ms.max(1));
         let outbox = Outbox::spawn(db.clone(), ctx.bus.clone(), shutdown.clone());
-        let writer = writer::OrderWriter::spawn(db.write.clone(), outbox.clone(), step_timeout);
+        let saga_metrics = metrics::SagaMetrics::new(&ctx.metrics);
+        saga_metrics.sample(db.clone(), &shutdown);
+        let writer = writer::OrderWriter::spawn(
+            db.write.clone(),
+            outbox.clone(),
+            step_timeout,
+            saga_metrics.clone(),
+        );
 
         let resumed = saga::resume(db, &outbox, step_timeout).await?;
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished order sagas");
         }
-        saga::spawn_sweeper(db.clone(), outbox.clone(), step_timeout, shutdown.clone());
+        saga::spawn_sweeper(
+            db.clone(),
+            outbox.clone(),
+            step_timeout,
+            saga_metrics.clone(),
+            shutdown.clone(),
+        );
 
         let events = QueueSpec::new(ORDERS_SAGA_QUEUE)
             .bind(INVENTORY, INVENTORY_RESERVED)
@@ -89,7 +103,10 @@ impl Application {
             db,
             &outbox,
             events,
-            saga::Saga { step_timeout },
+            saga::Saga {
+                step_timeout,
+                metrics: saga_metrics.clone(),
+            },
             &shutdown,
         )
         .await?;
@@ -97,9 +114,17 @@ impl Application {
         let products = QueueSpec::new(ORDERS_PRODUCTS_QUEUE)
             .bind(PRODUCT, PRODUCT_UPDATED)
             .bind(PRODUCT, PRODUCT_DELETED);
-        let products_consumer =
-            messaging::spawn_consumer(ctx, db, &outbox, products, saga::Products, &shutdown)
-                .await?;
+        let products_consumer = messaging::spawn_consumer(
+            ctx,
+            db,
+            &outbox,
+            products,
+            saga::Products {
+                metrics: saga_metrics.clone(),
+            },
+            &shutdown,
+        )
+        .await?;
         let buyers = QueueSpec::new(ORDERS_USERS_QUEUE).bind(USER, USER_PROFILE_ANY);
         let buyers_consumer =
             messaging::spawn_consumer(ctx, db, &outbox, buyers, events::Buyers, &shutdown).await?;

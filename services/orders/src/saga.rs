@@ -32,6 +32,7 @@ use bazaar_contracts::{ChargePayment, Order, OrderRef, ProductRef, ReserveStock,
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
+use crate::metrics::SagaMetrics;
 use crate::store;
 
 pub const RESERVING: &str = "reserving";
@@ -60,8 +61,10 @@ pub fn message(
 
 /// Moves a PENDING order from step `from` to (`status`, `step`), if it is
 /// still there; returns `(user_id, total, currency)`, or `None` if it was not.
+/// An outcome (`CONFIRMED`, `CANCELLED`) is counted in `metrics`.
 async fn transition(
     tx: &mut AnyConnection,
+    metrics: &SagaMetrics,
     order_id: &str,
     from: &str,
     (status, step, reason): (&str, &str, Option<&str>),
@@ -70,7 +73,7 @@ async fn transition(
     let row = sqlx::query(
         "UPDATE orders SET status = $1, saga_step = $2, cancel_reason = $3, step_deadline = $4, updated_at = $5
          WHERE id = $6 AND status = 'PENDING' AND saga_step = $7
-         RETURNING user_id, total, currency",
+         RETURNING user_id, total, currency, created_at",
     )
     .bind(status)
     .bind(step)
@@ -82,6 +85,9 @@ async fn transition(
     .fetch_optional(&mut *tx)
     .await?;
     row.map(|r| {
+        if status != "PENDING" {
+            metrics.outcome(status, reason, &r.try_get::<String, _>("created_at")?);
+        }
         Ok(ChargePayment {
             order_id: order_id.to_owned(),
             user_id: r.try_get("user_id")?,
@@ -126,14 +132,22 @@ pub(crate) fn reserve_of(order: &Order) -> ReserveStock {
 /// Cancels an order waiting on `from`, with its compensations.
 async fn cancel(
     tx: &mut AnyConnection,
+    metrics: &SagaMetrics,
     cause: &Envelope,
     order_id: &str,
     from: &str,
     reason: &str,
 ) -> Result<bool, Failure> {
-    let Some(charge) = transition(tx, order_id, from, ("CANCELLED", DONE, Some(reason)), "")
-        .await
-        .map_err(retry)?
+    let Some(charge) = transition(
+        tx,
+        metrics,
+        order_id,
+        from,
+        ("CANCELLED", DONE, Some(reason)),
+        "",
+    )
+    .await
+    .map_err(retry)?
     else {
         return Ok(false);
     };
@@ -185,6 +199,7 @@ async fn enqueue(tx: &mut AnyConnection, out: &[(&str, &str, Envelope)]) -> Resu
 /// The saga's reactions to inventory and payment events.
 pub struct Saga {
     pub step_timeout: Duration,
+    pub metrics: SagaMetrics,
 }
 
 #[async_trait]
@@ -209,6 +224,7 @@ impl Effects for Saga {
             INVENTORY_RESERVED => {
                 let next = transition(
                     tx,
+                    &self.metrics,
                     &order_id,
                     RESERVING,
                     ("PENDING", CHARGING, None),
@@ -222,12 +238,19 @@ impl Effects for Saga {
                 }
             }
             INVENTORY_REJECTED => {
-                cancel(tx, env, &order_id, RESERVING, "out_of_stock").await?;
+                cancel(tx, &self.metrics, env, &order_id, RESERVING, "out_of_stock").await?;
             }
             PAYMENT_CHARGED => {
-                let done = transition(tx, &order_id, CHARGING, ("CONFIRMED", DONE, None), "")
-                    .await
-                    .map_err(retry)?;
+                let done = transition(
+                    tx,
+                    &self.metrics,
+                    &order_id,
+                    CHARGING,
+                    ("CONFIRMED", DONE, None),
+                    "",
+                )
+                .await
+                .map_err(retry)?;
                 if done.is_some() {
                     let order = load(tx, &order_id).await?;
                     let commit = OrderRef {
@@ -249,7 +272,15 @@ impl Effects for Saga {
                 }
             }
             _ => {
-                cancel(tx, env, &order_id, CHARGING, "payment_declined").await?;
+                cancel(
+                    tx,
+                    &self.metrics,
+                    env,
+                    &order_id,
+                    CHARGING,
+                    "payment_declined",
+                )
+                .await?;
             }
         }
         Ok(())
@@ -259,7 +290,9 @@ impl Effects for Saga {
 /// Reacts to catalog's product events: a deleted product's orders still
 /// in their saga (reserving or charging) are cancelled
 /// (`product_unavailable`) and compensated, never charged.
-pub struct Products;
+pub struct Products {
+    pub metrics: SagaMetrics,
+}
 
 #[async_trait]
 impl Effects for Products {
@@ -292,7 +325,7 @@ impl Effects for Products {
                 },
             )?;
             cause.correlation_id = Some(id.clone());
-            if cancel(tx, &cause, &id, &step, "product_unavailable").await? {
+            if cancel(tx, &self.metrics, &cause, &id, &step, "product_unavailable").await? {
                 tracing::info!(order_id = %id, product_id = %gone.product_id, "order cancelled: a product in it was deleted");
             }
         }
@@ -325,45 +358,62 @@ async fn overdue(
 }
 
 /// Cancels overdue orders (`timeout`) and compensates, until `shutdown`.
-pub fn spawn_sweeper(db: Db, outbox: Outbox, step_timeout: Duration, shutdown: Shutdown) {
+pub fn spawn_sweeper(
+    db: Db,
+    outbox: Outbox,
+    step_timeout: Duration,
+    metrics: SagaMetrics,
+    shutdown: Shutdown,
+) {
     let every = (step_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     shutdown.every(every, "saga timeout sweep", move || {
-        let (db, outbox) = (db.clone(), outbox.clone());
-        async move { sweep(&db, &outbox).await }
+        let (db, outbox, metrics) = (db.clone(), outbox.clone(), metrics.clone());
+        async move { sweep(&db, &outbox, &metrics).await }
     });
 }
 
-async fn sweep(db: &Db, outbox: &Outbox) -> anyhow::Result<()> {
+async fn sweep(db: &Db, outbox: &Outbox, metrics: &SagaMetrics) -> anyhow::Result<()> {
     loop {
         let due = overdue(db, 200).await?;
         if due.is_empty() {
             return Ok(());
         }
-        let mut tx = db.write.begin().await?;
-        let mut cancelled = 0;
-        for (id, step, traceparent) in &due {
-            let cause = message(
-                id,
-                (traceparent.as_deref(), None),
-                "order.timeout",
-                &OrderRef {
-                    order_id: id.clone(),
-                },
-            )?;
-            if cancel(&mut tx, &cause, id, step, "timeout")
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            {
-                cancelled += 1;
-            }
-        }
-        tx.commit().await?;
+        let cancelled = messaging::committing(cancel_overdue(db, metrics, &due)).await?;
         outbox.poke();
         tracing::info!(cancelled, "orders timed out and were compensated");
         if due.len() < 200 {
             return Ok(());
         }
     }
+}
+
+/// Cancels `due` (`timeout`) in one transaction; returns how many were
+/// still waiting.
+async fn cancel_overdue(
+    db: &Db,
+    metrics: &SagaMetrics,
+    due: &[(String, String, Option<String>)],
+) -> anyhow::Result<usize> {
+    let mut tx = db.write.begin().await?;
+    let mut cancelled = 0;
+    for (id, step, traceparent) in due {
+        let cause = message(
+            id,
+            (traceparent.as_deref(), None),
+            "order.timeout",
+            &OrderRef {
+                order_id: id.clone(),
+            },
+        )?;
+        if cancel(&mut tx, metrics, &cause, id, step, "timeout")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        {
+            cancelled += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(cancelled)
 }
 
 /// Sends the current step's command again for every PENDING order, with a

@@ -35,7 +35,12 @@ pub enum WriteError {
 impl OrderWriter {
     /// Starts the writer task on `db`; each committed batch pokes the
     /// outbox relay, which sends the new sagas' first commands.
-    pub fn spawn(db: AnyPool, outbox: Outbox, step_timeout: Duration) -> Self {
+    pub fn spawn(
+        db: AnyPool,
+        outbox: Outbox,
+        step_timeout: Duration,
+        metrics: crate::metrics::SagaMetrics,
+    ) -> Self {
         let (jobs, mut rx) = mpsc::channel::<(NewOrder, Done)>(MAX_BATCH * 4);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -44,6 +49,8 @@ impl OrderWriter {
                 match store::create_batch(&db, &orders, step_timeout).await {
                     Ok(stored) => {
                         outbox.poke();
+                        metrics
+                            .started(stored.iter().filter(|(_, created)| *created).count() as u64);
                         for (order, tx) in stored.into_iter().zip(done) {
                             let _ = tx.send(Ok(order));
                         }
