@@ -27,6 +27,14 @@ for _ in $(seq 1 30); do
 done
 (( up == 9 )) || { echo "compose: Prometheus scrapes $up of 9 services" >&2; exit 1; }
 echo "compose: Prometheus scrapes all 9 services"
+rules=$(curl -sf 'http://127.0.0.1:9090/api/v1/rules' | jq '[.data.groups[].rules[]] | length')
+(( rules == 7 )) || { echo "compose: Prometheus loaded $rules of 7 alerting rules" >&2; exit 1; }
+echo "compose: Prometheus loaded the 7 alerting rules"
+# The Grafana dashboards' queries, against this Prometheus (Grafana itself
+# cannot run here: no image, no Debian package). Two scrapes after the
+# walk-through, so that rates have samples.
+sleep 11
+python3 tests/dashboards.py http://127.0.0.1:9090
 
 # The backup of docs/operations.md, as written there: dump this system's
 # schemas, restore them into an empty database, and find the same orders.

@@ -396,7 +396,11 @@ async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
             );
         }
         for family in ["process_resident_memory_bytes", "process_cpu_seconds_total"] {
-            assert!(text.contains(&format!("# TYPE {family} ")), "{}: {family}", i.name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{}: {family}",
+                i.name
+            );
         }
         if i.name == "orders" {
             for family in [
@@ -406,7 +410,10 @@ async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
                 "saga_started_total",
                 "saga_duration_seconds",
             ] {
-                assert!(text.contains(&format!("# TYPE {family} ")), "{family}: {text}");
+                assert!(
+                    text.contains(&format!("# TYPE {family} ")),
+                    "{family}: {text}"
+                );
             }
         }
         let mut child = std::process::Command::new(promtool)
