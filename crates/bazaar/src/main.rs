@@ -188,7 +188,9 @@ async fn main() -> anyhow::Result<()> {
             .and_then(|()| bazaar_chassis::telemetry::log_to_file(&logs.join("supervisor.log")))
             .with_context(|| format!("cannot write logs to {}", logs.display()))?;
     }
-    bazaar_chassis::telemetry::init(config.log_format.as_deref(), level);
+    // Tools record no spans; the system does.
+    let traces = (!tool && !matches!(cli.command, Command::Load { .. })).then(|| config.traces());
+    bazaar_chassis::telemetry::init(config.log_format.as_deref(), level, traces.as_ref());
     bazaar_chassis::http::raise_open_files_limit();
     let system = match cli.command {
         Command::Load {

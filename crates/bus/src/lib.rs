@@ -316,6 +316,8 @@ pub struct Bus {
     pending: Pending,
     reply_to: Arc<OnceCell<String>>,
     metrics: Arc<BusMetrics>,
+    /// The service this handle belongs to, for its spans.
+    service: &'static str,
 }
 
 impl Bus {
@@ -325,18 +327,25 @@ impl Bus {
             pending: Arc::default(),
             reply_to: Arc::new(OnceCell::new()),
             metrics: Arc::default(),
+            service: "",
         }
     }
 
-    /// The same bus, counting into instruments of its own: one per
-    /// service, so that services sharing a bus (the embedded mode) each
-    /// report their own messaging.
+    /// The same bus as `service`'s, counting into instruments of its
+    /// own: services sharing a bus (the embedded mode) each report their
+    /// own messaging, and name themselves in their messages' spans.
     #[must_use]
-    pub fn instrumented(&self) -> Self {
+    pub fn instrumented(&self, service: &'static str) -> Self {
         Self {
             metrics: Arc::default(),
+            service,
             ..self.clone()
         }
+    }
+
+    /// The service this handle belongs to (empty if none was named).
+    pub fn service(&self) -> &'static str {
+        self.service
     }
 
     /// This handle's messaging instruments.

@@ -66,6 +66,18 @@ pub struct Config {
     /// `json` or `pretty`; unset: pretty on a terminal, JSON otherwise.
     #[serde(deserialize_with = "lenient::opt")]
     pub log_format: Option<String>,
+    /// An OTLP/HTTP collector's base URL (e.g. `http://127.0.0.1:4318`;
+    /// `/v1/traces` is added): spans are exported there. Unset: traces
+    /// are only kept in memory, for the dashboard.
+    #[serde(deserialize_with = "lenient::opt")]
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded, 0 to 1 (parent-based: a trace
+    /// started elsewhere is recorded when its caller recorded it).
+    /// Default 1.
+    pub trace_sample_ratio: f64,
+    /// Ended spans each process keeps in memory for the dashboard.
+    /// Default 20 000.
+    pub trace_keep_spans: usize,
     /// Largest request body accepted, in bytes. Default 1 MiB.
     pub body_limit: usize,
     /// Admin account created at first start.
@@ -252,6 +264,9 @@ impl Default for Config {
             features: FeaturesConfig::default(),
             services: HashMap::new(),
             log_format: None,
+            otlp_endpoint: None,
+            trace_sample_ratio: 1.0,
+            trace_keep_spans: 20_000,
             body_limit: 1024 * 1024,
             admin_email: None,
             admin_password: None,
@@ -329,7 +344,27 @@ impl Config {
                 self.payments_failure_rate
             ));
         }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(format!(
+                "trace_sample_ratio must be between 0 and 1, not {}",
+                self.trace_sample_ratio
+            ));
+        }
+        if let Some(url) = self.otlp_endpoint.as_deref().filter(|u| !u.is_empty())
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!("otlp_endpoint must be an http(s) URL, not {url:?}"));
+        }
         Ok(())
+    }
+
+    /// How this process records traces.
+    pub fn traces(&self) -> crate::traces::Settings {
+        crate::traces::Settings {
+            otlp_endpoint: self.otlp_endpoint.clone().filter(|u| !u.is_empty()),
+            sample_ratio: self.trace_sample_ratio,
+            keep_spans: self.trace_keep_spans,
+        }
     }
 
     /// The base URL other instances call this one at, listening on `bound`.

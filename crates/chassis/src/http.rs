@@ -164,6 +164,27 @@ async fn calls_handler(
     axum::Json(calls.upstreams().seen())
 }
 
+/// `GET /_traces/{trace_id}`: the spans of a trace this process keeps
+/// (the gateway's dashboard gathers them from every instance).
+async fn traces_handler(
+    axum::extract::Path(trace_id): axum::extract::Path<String>,
+) -> Result<axum::Json<Vec<crate::traces::SpanRecord>>, Problem> {
+    if !crate::traces::valid_trace_id(&trace_id) {
+        return Err(Problem::invalid(
+            "trace_id",
+            "expected 32 lowercase hex digits",
+        ));
+    }
+    Ok(axum::Json(
+        crate::traces::recent().map_or_else(Vec::new, |r| r.trace(&trace_id)),
+    ))
+}
+
+/// `GET /_traces`: this process's 100 latest spans, newest first.
+async fn latest_spans_handler() -> axum::Json<Vec<crate::traces::SpanRecord>> {
+    axum::Json(crate::traces::recent().map_or_else(Vec::new, |r| r.latest(100)))
+}
+
 fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
     let instance = instance_header(ctx);
     let service = ctx.name;
@@ -174,6 +195,8 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
             "/metrics",
             get(metrics_handler).with_state(ctx.metrics.clone()),
         )
+        .route("/_traces", get(latest_spans_handler))
+        .route("/_traces/{trace_id}", get(traces_handler))
         .route(
             "/_mesh/calls",
             get(calls_handler).with_state(ctx.calls.clone()),
@@ -200,18 +223,64 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
         .map_response(IntoResponse::into_response)
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, FastRequestId))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
-        .layer(SetResponseHeaderLayer::if_not_present(X_INSTANCE_ID, instance))
-        .layer(TraceLayer::new_for_http().make_span_with(move |req: &axum::http::Request<_>| {
-            let request_id = req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::info_span!("http", service, method = %req.method(), path = %req.uri().path(), request_id)
-        }))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            X_INSTANCE_ID,
+            instance,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(move |req: &axum::http::Request<_>| server_span(service, req))
+                .on_response(
+                    |res: &axum::http::Response<_>, _latency: Duration, span: &tracing::Span| {
+                        record_status(span, res.status());
+                    },
+                ),
+        )
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("handler panicked");
-            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred").into_response()
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "an internal error occurred",
+            )
+            .into_response()
         }))
         .layer(DefaultBodyLimit::max(ctx.config.body_limit))
         .service(routed);
     BoxCloneSyncService::new(stack)
+}
+
+/// The span a request is served in: a server span in the trace its
+/// `traceparent` names (or a new one), named by the route once routing
+/// found it ([`crate::metrics::track`], the gateway's route label).
+fn server_span<B>(service: &'static str, req: &axum::http::Request<B>) -> tracing::Span {
+    let headers = req.headers();
+    let request_id = headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let span = tracing::info_span!(
+        "http",
+        service,
+        otel.name = %req.method(),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        method = %req.method(),
+        path = %req.uri().path(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        request_id,
+    );
+    bazaar_mesh::trace::follow(&span, headers.get(TRACEPARENT).map(HeaderValue::as_bytes));
+    span
+}
+
+/// Records an answer's status on its span; a 5xx is an error.
+fn record_status(span: &tracing::Span, status: StatusCode) {
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// Request ids as random UUIDs from the thread's userspace generator:
@@ -658,14 +727,19 @@ where
         };
         let method = req.method().clone();
         let route = (self.fast.route)(req.uri().path());
-        let span = tracing::info_span!(
-            "http",
-            service = self.service,
-            method = %method,
-            path = %req.uri().path(),
-            request_id = request_id.to_str().unwrap_or(""),
-        );
+        let span = server_span(self.service, &req);
         let answer = (self.fast.handler)(req, peer);
+        let (recorded, verb) = (span.clone(), method.clone());
+        let answer = async move {
+            let res = answer.await;
+            if let Some(crate::metrics::RouteLabel(name)) = res.extensions().get() {
+                bazaar_mesh::trace::rename(&recorded, format!("{verb} {name}"));
+                recorded.record("http.route", name.as_str());
+            }
+            record_status(&recorded, res.status());
+            res
+        };
+
         let (metrics, route, instance) = (self.metrics.clone(), route, self.instance.clone());
         futures::future::Either::Left(async move {
             let answer = async {
@@ -733,8 +807,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Trace {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let traceparent = text(&TRACEPARENT)
-            .filter(|tp| valid_traceparent(tp))
+        // The span serving the request, when spans are recorded; else the
+        // caller's trace context, or a new one.
+        let traceparent = bazaar_mesh::trace::traceparent_of(&tracing::Span::current())
+            .or_else(|| text(&TRACEPARENT).filter(|tp| valid_traceparent(tp)))
             .unwrap_or_else(new_traceparent);
         Ok(Self {
             traceparent,

@@ -18,6 +18,7 @@ pub mod problem;
 pub mod replica;
 pub mod shutdown;
 pub mod telemetry;
+pub mod traces;
 
 use std::sync::Arc;
 
@@ -62,9 +63,10 @@ impl ServiceContext {
             discovery.clone(),
             config.calls.settings(),
             std::time::Duration::from_millis(config.calls.timeout_ms.max(1)),
-        );
+        )
+        .calling_as(name);
         let metrics = Metrics::new(name);
-        let bus = bus.instrumented();
+        let bus = bus.instrumented(name);
         metrics.with_registry(|r| {
             calls.instruments().register(r);
             bus.metrics().register(r);

@@ -121,8 +121,18 @@ pub async fn enqueue(
         rows.join(", ")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
+    // A message continues the trace of the span that causes it.
+    let current = bazaar_mesh::trace::traceparent_of(&tracing::Span::current());
     for (exchange, key, env) in messages {
-        let body = serde_json::to_string(env).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let body = match &current {
+            Some(tp) if env.traceparent.as_ref() != Some(tp) => {
+                let mut env = (*env).clone();
+                env.traceparent = Some(tp.clone());
+                serde_json::to_string(&env)
+            }
+            _ => serde_json::to_string(env),
+        }
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         query = query
             .bind(env.id.clone())
             .bind((*exchange).to_owned())
@@ -250,8 +260,31 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         let key: String = row.try_get("routing_key")?;
         let body: String = row.try_get("envelope")?;
         // Written by this code, so it parses; if not, the batch stays put.
-        let msg = Outgoing::envelope_json(body.into_bytes())?;
-        sends.push(async move { bus.transport().publish(&exchange, &key, msg).await });
+        let mut msg = Outgoing::envelope_json(body.into_bytes())?;
+        // A producer span in the message's trace, until the broker
+        // confirms; consumers continue from it.
+        let span = tracing::info_span!(
+            "publish",
+            service = bus.service(),
+            otel.name = %format_args!("publish {key}"),
+            otel.kind = "producer",
+            messaging.destination = %exchange,
+            messaging.routing_key = %key,
+            messaging.message_id = msg.message_id.as_deref().unwrap_or(""),
+        );
+        bazaar_mesh::trace::follow(
+            &span,
+            msg.headers
+                .get(bazaar_bus::header::TRACEPARENT)
+                .map(String::as_bytes),
+        );
+        if let Some(tp) = bazaar_mesh::trace::traceparent_of(&span) {
+            msg.headers
+                .insert(bazaar_bus::header::TRACEPARENT.into(), tp);
+        }
+        sends.push(
+            async move { bus.transport().publish(&exchange, &key, msg).await }.instrument(span),
+        );
     }
     let mut kept = 0;
     let mut sent = Vec::with_capacity(rows.len());
@@ -350,6 +383,7 @@ pub struct Inbox<E> {
     outbox: Outbox,
     effects: E,
     metrics: bazaar_bus::BusMetrics,
+    service: &'static str,
 }
 
 impl<E: Effects> Inbox<E> {
@@ -360,6 +394,7 @@ impl<E: Effects> Inbox<E> {
             outbox,
             effects,
             metrics: bus.metrics().clone(),
+            service: bus.service(),
         })
     }
 
@@ -382,7 +417,7 @@ impl<E: Effects> Inbox<E> {
             }
             self.effects
                 .apply(&mut tx, msg)
-                .instrument(message_span(msg))
+                .instrument(message_span(self.service, msg))
                 .await?;
         }
         if duplicates > 0 {
@@ -458,21 +493,27 @@ pub fn retry(e: impl std::fmt::Display) -> Failure {
     Failure::Retry(e.to_string())
 }
 
-/// The span a message is handled in: its kind, id, request id and trace id.
-pub fn message_span(msg: &Received) -> tracing::Span {
-    let trace_id = msg
-        .envelope
-        .traceparent
-        .as_deref()
-        .and_then(|tp| tp.split('-').nth(1))
-        .unwrap_or("");
-    tracing::info_span!(
+/// The span a message is handled in, by `service`: a consumer span in
+/// the message's trace (its publish span's, else its envelope's), with
+/// its kind, id and request id.
+pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
+    let span = tracing::info_span!(
         "message",
+        service,
+        otel.name = %format_args!("consume {}", msg.envelope.kind),
+        otel.kind = "consumer",
         kind = %msg.envelope.kind,
         id = %msg.envelope.id,
+        messaging.message_id = %msg.envelope.id,
         request_id = msg.envelope.request_id.as_deref().unwrap_or(""),
-        trace_id,
-    )
+        attempt = msg.attempt,
+    );
+    let tp = msg
+        .headers
+        .get(bazaar_bus::header::TRACEPARENT)
+        .or(msg.envelope.traceparent.as_ref());
+    bazaar_mesh::trace::follow(&span, tp.map(String::as_bytes));
+    span
 }
 
 /// Starts a reliable consumer of `spec` whose messages apply `effects`

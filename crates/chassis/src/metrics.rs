@@ -258,6 +258,10 @@ pub async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Respon
         .map_or(Cow::Borrowed("unmatched"), |p| {
             Cow::Owned(p.as_str().to_owned())
         });
+    // The request's span is named by its route, not its path.
+    let span = tracing::Span::current();
+    bazaar_mesh::trace::rename(&span, format!("{method} {route}"));
+    span.record("http.route", route.as_ref());
     m.time(&method, route, next.run(req)).await
 }
 

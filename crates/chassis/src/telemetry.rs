@@ -59,7 +59,12 @@ pub fn set_level(level: &str) -> Result<(), String> {
 }
 
 /// Installs the process's log subscriber once; later calls do nothing.
-pub fn init(format: Option<&str>, level: &str) {
+/// With `traces`, spans are recorded too ([`crate::traces`]), whatever
+/// the log level.
+pub fn init(format: Option<&str>, level: &str, traces: Option<&crate::traces::Settings>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let from_env = EnvFilter::try_from_default_env().ok();
     let reloadable = from_env.is_none();
     let filter = from_env
@@ -69,31 +74,144 @@ pub fn init(format: Option<&str>, level: &str) {
         Some(f) => f.eq_ignore_ascii_case("json"),
         None => LOG_FILE.get().is_some() || !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(|| Forgiving(std::io::stdout()))
-        .with_env_filter(filter)
         .with_target(false);
-    // The handle's type depends on the format: each branch keeps its own.
-    let reload: Option<Reload> = if json {
-        let b = builder
-            .json()
+    let logs = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .with_filter_reloading();
-        let h = b.reload_handle();
-        b.try_init()
-            .ok()
-            .map(|()| Box::new(move |f| h.reload(f).map_err(|e| e.to_string())) as Reload)
+            .map_event_format(WithTraceIds)
+            .boxed()
     } else {
-        let b = builder.compact().with_filter_reloading();
-        let h = b.reload_handle();
-        b.try_init()
-            .ok()
-            .map(|()| Box::new(move |f| h.reload(f).map_err(|e| e.to_string())) as Reload)
+        fmt.compact().boxed()
     };
-    if let Some(r) = reload.filter(|_| reloadable) {
-        let _ = FILTER.set(r);
+    let spans = traces.and_then(crate::traces::layer);
+    // One global filter: the log level's, and Bazaar's own spans at any
+    // level when traces are recorded.
+    let installed = tracing_subscriber::registry()
+        .with(Admit {
+            levels: filter,
+            spans: spans.is_some(),
+        })
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .is_ok();
+    if installed && reloadable {
+        let _ = FILTER.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+    }
+}
+
+/// The process's filter: what the log level lets through, and, when
+/// `spans`, every Bazaar span (see [`crate::traces::ours`]).
+struct Admit<L> {
+    levels: L,
+    spans: bool,
+}
+
+impl<S, L> tracing_subscriber::Layer<S> for Admit<L>
+where
+    S: tracing::Subscriber,
+    L: tracing_subscriber::Layer<S>,
+{
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if self.spans && crate::traces::ours(meta) {
+            tracing::subscriber::Interest::always()
+        } else {
+            self.levels.register_callsite(meta)
+        }
+    }
+
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        (self.spans && crate::traces::ours(meta)) || self.levels.enabled(meta, ctx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        let hint = self.levels.max_level_hint()?;
+        // Bazaar's spans are at INFO.
+        Some(if self.spans {
+            hint.max(tracing::level_filters::LevelFilter::INFO)
+        } else {
+            hint
+        })
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.levels.on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.levels.on_record(id, values, ctx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.levels.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.levels.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.levels.on_close(id, ctx);
+    }
+}
+
+/// JSON log lines inside a recorded span get its `trace_id` and `span_id`.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let ids = ctx.event_scope().and_then(|scope| {
+            scope
+                .into_iter()
+                .find_map(|span| crate::traces::ids_of(&span.id()))
+        });
+        match (ids, line.strip_suffix("}\n")) {
+            (Some((trace_id, span_id)), Some(open)) => writeln!(
+                writer,
+                "{open},\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}"
+            ),
+            _ => writer.write_str(&line),
+        }
     }
 }
 

@@ -68,7 +68,7 @@ fn queue(prefix: &str) -> QueueSpec {
 /// was not running at commit time (a crash, a broker outage) — and then
 /// removed; a rolled-back one never is.
 async fn outbox_publishes_committed_rows_only(bus: &Bus, db: &Db) {
-    let bus = &bus.instrumented();
+    let bus = &bus.instrumented("test");
     let ex = format!("ex.outbox.{}", unique());
     let spec = queue("q.outbox").bind(&ex, "#");
     let mut deliveries = bus.subscribe(&spec, 10).await.unwrap();
@@ -187,7 +187,7 @@ async fn outbox_keeps_a_command_until_its_queue_exists(bus: &Bus, db: &Db) {
 /// were committed but whose consumer died before the ack is redelivered
 /// and applied once. The bus's instruments count it all.
 async fn inbox_applies_each_message_once(bus: &Bus, db: &Db) {
-    let bus = &bus.instrumented();
+    let bus = &bus.instrumented("test");
     let ex = format!("ex.inbox.{}", unique());
     let spec = queue("q.inbox").bind(&ex, "#");
     let shutdown = Shutdown::default();

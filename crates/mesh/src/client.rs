@@ -3,7 +3,8 @@
 //! Its transport is a pooled `reqwest` client; everything else (bulkhead,
 //! discovery, balancing, breakers, timeout, retries) is
 //! [`Upstreams::call`]. Paths are built from segments it escapes, and every
-//! call carries `X-Request-Id` and a `traceparent` with a new span id.
+//! call carries `X-Request-Id` and a `traceparent`: its own span's (see
+//! [`crate::trace`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::Discovery;
 use crate::balance::Strategy;
@@ -32,6 +34,8 @@ pub struct Client {
     http: reqwest::Client,
     timeout: Duration,
     retries: u32,
+    /// The calling service, for its calls' spans.
+    caller: &'static str,
 }
 
 impl Client {
@@ -59,7 +63,15 @@ impl Client {
             http,
             timeout,
             retries: 1,
+            caller: "",
         }
+    }
+
+    /// The same client, its calls' spans attributed to service `caller`.
+    #[must_use]
+    pub fn calling_as(mut self, caller: &'static str) -> Self {
+        self.caller = caller;
+        self
     }
 
     pub fn upstreams(&self) -> &Arc<Upstreams> {
@@ -220,8 +232,24 @@ impl Request<'_> {
                 self.headers.insert(X_REQUEST_ID, v);
             }
         }
-        // The caller's trace (or a new one), with a span id of this call.
-        continue_trace(&mut self.headers);
+        // The call's span carries the trace on; without recorded spans,
+        // the caller's trace (or a new one) with a span id of this call.
+        let span = tracing::info_span!(
+            "call",
+            service = self.client.caller,
+            otel.name = %format_args!("{} {}", self.method, self.service),
+            otel.kind = "client",
+            peer.service = %self.service,
+            url.path = %path,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        match crate::trace::traceparent_of(&span).and_then(|tp| HeaderValue::from_str(&tp).ok()) {
+            Some(tp) => {
+                self.headers.insert(TRACEPARENT, tp);
+            }
+            None => continue_trace(&mut self.headers),
+        }
         let options = CallOptions {
             strategy: Strategy::RoundRobin,
             timeout: self.timeout,
@@ -252,7 +280,15 @@ impl Request<'_> {
                     })?;
                 read(response).await
             })
-            .await?;
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| {
+                span.record("otel.status_code", "ERROR");
+            })?;
+        span.record("http.response.status_code", reply.status.as_u16());
+        if reply.status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
         Ok(Reply {
             service: self.service,
             ..reply
@@ -292,7 +328,7 @@ pub fn valid_traceparent(tp: &str) -> bool {
 
 /// [`valid_traceparent`] on the field's bytes: `vv-<32 hex>-<16 hex>-ff`,
 /// 55 bytes exactly.
-fn valid_traceparent_bytes(tp: &[u8]) -> bool {
+pub(crate) fn valid_traceparent_bytes(tp: &[u8]) -> bool {
     tp.len() == 55
         && tp.iter().enumerate().all(|(i, &b)| match i {
             2 | 35 | 52 => b == b'-',

@@ -14,6 +14,7 @@ pub mod breaker;
 pub mod client;
 pub mod error;
 pub mod etcd;
+pub mod trace;
 pub mod upstream;
 
 pub use client::Client;

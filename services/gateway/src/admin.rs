@@ -162,7 +162,7 @@ pub struct Seen {
 }
 
 /// The operator views are for loopback callers and admins.
-async fn operator(
+pub(crate) async fn operator(
     g: &crate::proxy::Shared,
     edge: &crate::edge::Edge,
     headers: &axum::http::HeaderMap,
@@ -249,11 +249,20 @@ async fn list_services(
 async fn calls_of(
     instance: &bazaar_mesh::Instance,
 ) -> Option<Vec<bazaar_mesh::upstream::InstanceView>> {
+    ask(instance, "/_mesh/calls").await
+}
+
+/// An instance's JSON answer to `GET target` (a platform endpoint), or
+/// `None` if it gave none.
+pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
+    instance: &bazaar_mesh::Instance,
+    target: &str,
+) -> Option<T> {
     let authority = bazaar_mesh::upstream::authority(&instance.address);
     let host = axum::http::HeaderValue::from_str(&authority).ok()?;
     let req = crate::conn::Outgoing {
         method: &axum::http::Method::GET,
-        target: "/_mesh/calls",
+        target,
         host: &host,
         headers: &axum::http::HeaderMap::new(),
         body: &bytes::Bytes::new(),

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::proxy::{Shared, strip_hop_by_hop};
+use tracing::Instrument as _;
 
 /// Pooled h2c connections to the services' gRPC servers.
 pub type Client = HyperClient<HttpConnector, Body>;
@@ -149,6 +150,11 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
 
 const TE: HeaderName = header::TE;
 
+/// `/package.Service/Method` as a span name: `package.Service/Method`.
+fn target_method(path: &str) -> &str {
+    path.trim_start_matches('/')
+}
+
 /// Proxies one gRPC call.
 pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     let path = req.uri().path();
@@ -179,7 +185,21 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    bazaar_mesh::client::continue_trace(&mut parts.headers);
+    let span = tracing::info_span!(
+        "call",
+        service = "gateway",
+        otel.name = %target_method(&target),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        peer.service = route.service,
+        otel.status_code = tracing::field::Empty,
+    );
+    match bazaar_mesh::trace::traceparent_of(&span).and_then(|tp| HeaderValue::from_str(&tp).ok()) {
+        Some(tp) => {
+            parts.headers.insert(bazaar_mesh::client::TRACEPARENT, tp);
+        }
+        None => bazaar_mesh::client::continue_trace(&mut parts.headers),
+    }
     // gRPC servers may insist on it; the stripping above took it out.
     parts
         .headers
@@ -221,7 +241,11 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
                 })
             }
         })
+        .instrument(span.clone())
         .await;
+    if answer.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
     match answer {
         Ok((res, _)) => {
             let (mut parts, body) = res.into_parts();

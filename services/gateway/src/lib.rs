@@ -9,6 +9,7 @@ mod act;
 mod admin;
 mod cache;
 mod conn;
+mod dashboard;
 mod edge;
 mod grpc;
 mod limit;
@@ -40,6 +41,7 @@ fn own_api() -> utoipa_axum::router::OpenApiRouter<proxy::Shared> {
         .routes(routes!(admin::services))
         .routes(routes!(admin::config))
         .routes(routes!(act::act))
+        .routes(routes!(dashboard::trace))
 }
 
 /// The contract of what the gateway serves itself (paths as clients see

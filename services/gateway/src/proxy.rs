@@ -18,6 +18,7 @@ use bazaar_mesh::error::Failure;
 use bazaar_mesh::upstream::{CallOptions, Member, Upstreams};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
+use tracing::Instrument as _;
 
 use crate::cache::{self, Cache};
 use crate::conn::{self, SendError};
@@ -188,7 +189,23 @@ impl Gateway {
             client: Some(client),
         };
         let mut headers = headers;
-        bazaar_mesh::client::continue_trace(&mut headers);
+        let span = tracing::info_span!(
+            "call",
+            service = "gateway",
+            otel.name = %format_args!("{method} {}", call.service),
+            otel.kind = "client",
+            peer.service = call.service,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        match bazaar_mesh::trace::traceparent_of(&span)
+            .and_then(|tp| HeaderValue::from_str(&tp).ok())
+        {
+            Some(tp) => {
+                headers.insert(bazaar_mesh::client::TRACEPARENT, tp);
+            }
+            None => bazaar_mesh::client::continue_trace(&mut headers),
+        }
         let (headers, body) = (&headers, &body);
         let (response, member) = self
             .upstreams
@@ -211,8 +228,17 @@ impl Gateway {
                         })
                 },
             )
+            .instrument(span.clone())
             .await
-            .map_err(|e| Problem::from_call(&e))?;
+            .map_err(|e| {
+                span.record("otel.status_code", "ERROR");
+                Problem::from_call(&e)
+            })?;
+        let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
         Ok(Answer { response, member })
     }
 }

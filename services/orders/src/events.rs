@@ -7,6 +7,7 @@
 use async_trait::async_trait;
 use bazaar_bus::{BatchHandler, Bus, Envelope, Failure, Received};
 use bazaar_contracts::{CreateOrder, Order, Reply};
+use tracing::Instrument as _;
 
 use crate::domain;
 use crate::store::NewOrder;
@@ -20,7 +21,14 @@ pub struct CreateRequests {
 #[async_trait]
 impl BatchHandler for CreateRequests {
     async fn handle(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
-        futures::future::join_all(batch.iter().map(|r| self.one(r))).await
+        futures::future::join_all(batch.iter().map(|r| {
+            self.one(r)
+                .instrument(bazaar_chassis::messaging::message_span(
+                    self.bus.service(),
+                    r,
+                ))
+        }))
+        .await
     }
 }
 
@@ -66,7 +74,9 @@ async fn decide(writer: &OrderWriter, env: &Envelope) -> Result<Reply<Order>, Wr
             request_id: env.id.clone(),
             cmd,
             total,
-            traceparent: env.traceparent.clone(),
+            // The saga continues this consumer's span, when recorded.
+            traceparent: bazaar_mesh::trace::traceparent_of(&tracing::Span::current())
+                .or_else(|| env.traceparent.clone()),
             http_request_id: env.request_id.clone(),
         })
         .await?;

@@ -31,6 +31,7 @@ use bazaar_contracts::topics::{
 use bazaar_contracts::{ChargePayment, Order, OrderRef, ProductRef, ReserveStock, StockLine};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
+use tracing::Instrument as _;
 
 use crate::metrics::SagaMetrics;
 use crate::store;
@@ -70,6 +71,17 @@ async fn transition(
     (status, step, reason): (&str, &str, Option<&str>),
     step_deadline: &str,
 ) -> Result<Option<ChargePayment>, sqlx::Error> {
+    let span = tracing::info_span!(
+        "saga",
+        service = "orders",
+        otel.name = %format_args!("saga {from} → {}", if status == "PENDING" { step } else { status }),
+        order.id = %order_id,
+        saga.from = from,
+        saga.status = status,
+        saga.step = step,
+        saga.reason = reason.unwrap_or(""),
+        saga.moved = tracing::field::Empty,
+    );
     let row = sqlx::query(
         "UPDATE orders SET status = $1, saga_step = $2, cancel_reason = $3, step_deadline = $4, updated_at = $5
          WHERE id = $6 AND status = 'PENDING' AND saga_step = $7
@@ -83,7 +95,10 @@ async fn transition(
     .bind(order_id)
     .bind(from)
     .fetch_optional(&mut *tx)
+    .instrument(span.clone())
     .await?;
+    // A late or duplicate event finds the order moved on already.
+    span.record("saga.moved", row.is_some());
     row.map(|r| {
         if status != "PENDING" {
             metrics.outcome(status, reason, &r.try_get::<String, _>("created_at")?);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bazaar_chassis::messaging::Outbox;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 use crate::store::{self, NewOrder, Stored};
 
@@ -69,13 +70,28 @@ impl OrderWriter {
 
     /// Stores one order (in whichever batch it joins).
     pub async fn create(&self, order: NewOrder) -> Result<Stored, WriteError> {
+        let span = tracing::info_span!(
+            "store",
+            service = "orders",
+            otel.name = "INSERT orders",
+            db.operation = "INSERT",
+            db.collection = "orders",
+            order.id = tracing::field::Empty,
+        );
         let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send((order, tx))
-            .await
-            .map_err(|_| WriteError::Stopped)?;
-        rx.await
-            .map_err(|_| WriteError::Stopped)?
-            .map_err(WriteError::Db)
+        async {
+            self.jobs
+                .send((order, tx))
+                .await
+                .map_err(|_| WriteError::Stopped)?;
+            let stored = rx
+                .await
+                .map_err(|_| WriteError::Stopped)?
+                .map_err(WriteError::Db)?;
+            tracing::Span::current().record("order.id", stored.0.id.as_str());
+            Ok(stored)
+        }
+        .instrument(span)
+        .await
     }
 }

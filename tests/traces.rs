@@ -1,0 +1,346 @@
+//! Traces: one checkout is one trace, a tree of spans across the
+//! services (gateway → orders → catalog; the saga's messages through the
+//! outbox to inventory and payments and back; notifications), exported
+//! over OTLP/HTTP (protobuf) to a stand-in collector that decodes every
+//! request with the OpenTelemetry protocol's own types. In both modes:
+//! the embedded one (one process, each span under its service's
+//! resource) and `bazaar up --distributed` (a process per service).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../crates/mesh/tests/support/mod.rs"]
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A span as the collector received it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    name: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stand-in OTLP/HTTP collector: `POST /v1/traces`, protobuf.
+struct Collector {
+    url: String,
+    spans: Arc<Mutex<Vec<Got>>>,
+}
+
+impl Collector {
+    async fn start() -> Self {
+        let spans: Arc<Mutex<Vec<Got>>> = Arc::default();
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    assert_eq!(headers["content-type"], "application/x-protobuf");
+                    let req = ExportTraceServiceRequest::decode(body).unwrap();
+                    let mut kept = kept.lock().unwrap();
+                    for rs in req.resource_spans {
+                        let service = rs
+                            .resource
+                            .iter()
+                            .flat_map(|r| &r.attributes)
+                            .find(|kv| kv.key == "service.name")
+                            .and_then(|kv| kv.value.as_ref())
+                            .and_then(|v| match &v.value {
+                                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                                _ => None,
+                            })
+                            .unwrap_or_default();
+                        for ss in rs.scope_spans {
+                            for s in ss.spans {
+                                kept.push(Got {
+                                    service: service.clone(),
+                                    trace_id: hex(&s.trace_id),
+                                    span_id: hex(&s.span_id),
+                                    parent: hex(&s.parent_span_id),
+                                    name: s.name,
+                                });
+                            }
+                        }
+                    }
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, spans }
+    }
+
+    fn trace(&self, trace_id: &str) -> Vec<Got> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// A checkout sent with a trace context of the test's own, followed to
+/// CONFIRMED; returns the trace id.
+async fn checkout(gateway: &str) -> String {
+    let api = Api::new(gateway);
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let (s, product) = api
+        .call(
+            "POST",
+            "/products",
+            Some(&admin),
+            Some(json!({"name": "Traced teapot", "price": 1500, "currency": "EUR"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{product}");
+    let id = product["id"].as_str().unwrap().to_owned();
+    let (s, _) = api
+        .call(
+            "PUT",
+            &format!("/inventory/{id}"),
+            Some(&admin),
+            Some(json!({"available": 10})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (token, _) = api
+        .register_and_login(&format!("{}@traces.test", unique()))
+        .await;
+    let trace_id = format!("{:032x}", rand_u128());
+    let res = reqwest::Client::new()
+        .post(format!("{gateway}/api/v1/orders"))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace_id}-{CLIENT_SPAN}-01"))
+        .json(&json!({"items": [{"product_id": id, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let order: Value = res.json().await.unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    eventually(&api, &format!("/orders/{order_id}"), &token, |o| {
+        o["status"] == "CONFIRMED"
+    })
+    .await;
+    trace_id
+}
+
+fn rand_u128() -> u128 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    t ^ (u128::from(std::process::id()) << 64) | 1
+}
+
+/// The trace's spans once every service named has sent its share (and
+/// the notification went out), within 15 s.
+async fn collected(collector: &Collector, trace_id: &str, services: &[&str]) -> Vec<Got> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let spans = collector.trace(trace_id);
+        let seen: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+        if services.iter().all(|s| seen.contains(s)) {
+            // Late spans of the same trace: give them a moment.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            return collector.trace(trace_id);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "trace {trace_id}: spans only from {seen:?}: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One tree: every span's parent is a span of the trace, but one whose
+/// parent is the client's span; a new span id per hop.
+fn assert_one_tree(spans: &[Got]) {
+    let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    assert_eq!(ids.len(), spans.len(), "span ids repeat: {spans:#?}");
+    let roots: Vec<&Got> = spans
+        .iter()
+        .filter(|s| !ids.contains(s.parent.as_str()))
+        .collect();
+    assert_eq!(roots.len(), 1, "more than one root: {roots:#?}");
+    assert_eq!(roots[0].parent, CLIENT_SPAN, "{roots:#?}");
+    assert_eq!(roots[0].service, "gateway");
+    // The path a checkout takes, as spans.
+    let has = |service: &str, name: &str| {
+        spans
+            .iter()
+            .any(|s| s.service == service && s.name.contains(name))
+    };
+    for (service, name) in [
+        ("gateway", "POST v1 * /orders"),
+        ("gateway", "POST orders"),
+        ("orders", "POST /orders"),
+        ("orders", "GET catalog"),
+        ("catalog", "GET /products/{id}"),
+        ("orders", "publish inventory.reserve"),
+        ("inventory", "consume inventory.reserve"),
+        ("orders", "saga reserving → charging"),
+        ("payments", "consume payments.charge"),
+        ("orders", "saga charging → CONFIRMED"),
+        ("notifications", "consume order.confirmed"),
+    ] {
+        assert!(has(service, name), "no {service} span {name:?}: {spans:#?}");
+    }
+    // Depth: the confirmation sits below the request, several hops down.
+    let by_id: HashMap<&str, &Got> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let confirmed = spans
+        .iter()
+        .find(|s| s.name.contains("saga charging → CONFIRMED"))
+        .unwrap();
+    let mut depth = 0;
+    let mut at = confirmed;
+    while let Some(parent) = by_id.get(at.parent.as_str()) {
+        depth += 1;
+        at = parent;
+    }
+    assert!(depth >= 6, "the confirmation is only {depth} spans deep");
+}
+
+const SERVICES: [&str; 6] = [
+    "gateway",
+    "orders",
+    "catalog",
+    "inventory",
+    "payments",
+    "notifications",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_is_one_trace_in_the_embedded_mode() {
+    let collector = Collector::start().await;
+    bazaar_chassis::telemetry::init(
+        Some("json"),
+        "warn",
+        Some(&bazaar_chassis::traces::Settings {
+            otlp_endpoint: Some(collector.url.clone()),
+            sample_ratio: 1.0,
+            keep_spans: 20_000,
+        }),
+    );
+    let (system, _dir) = embedded().await;
+    wait_ready(&system.gateway_url).await;
+    let trace_id = checkout(&system.gateway_url).await;
+    let spans = collected(&collector, &trace_id, &SERVICES).await;
+    assert_one_tree(&spans);
+
+    // The gateway's dashboard API shows the same spans, from memory.
+    let api = Api::new(&system.gateway_url);
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let shown: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/_dashboard/api/traces/{trace_id}",
+            system.gateway_url
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shown = shown["spans"].as_array().unwrap();
+    let shown_ids: HashSet<&str> = shown
+        .iter()
+        .map(|s| s["span_id"].as_str().unwrap())
+        .collect();
+    for s in &spans {
+        assert!(shown_ids.contains(s.span_id.as_str()), "{s:?} not shown");
+    }
+    for field in [
+        "trace_id",
+        "span_id",
+        "parent_span_id",
+        "service",
+        "name",
+        "start_us",
+        "duration_us",
+        "attributes",
+    ] {
+        assert!(shown[0].get(field).is_some(), "{field}: {}", shown[0]);
+    }
+    system.shutdown.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_is_one_trace_across_processes() {
+    let Some((amqp, db)) = real_servers() else {
+        return;
+    };
+    let Some(etcd) = support::Etcd::start().await else {
+        return;
+    };
+    let collector = Collector::start().await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("bazaar-traces-{}", unique()));
+    let up = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
+        .args(["up", "--distributed", "--port", &port.to_string()])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("BAZAAR_AMQP_URL", &amqp)
+        .env("BAZAAR_DATABASE_URL", &db)
+        .env("BAZAAR_DATABASE_SCHEMA_PREFIX", format!("tr{}_", unique()))
+        .env("BAZAAR_ETCD_ENDPOINTS", etcd.url())
+        .env("BAZAAR_OTLP_ENDPOINT", &collector.url)
+        .env("BAZAAR_ADMIN_EMAIL", ADMIN_EMAIL)
+        .env("BAZAAR_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("BAZAAR_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stopped (SIGTERM: its children stop too) however the test ends.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .arg(self.0.id().to_string())
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+    let up = Stop(up);
+    let gateway = format!("http://127.0.0.1:{port}");
+    wait_ok(&format!("{gateway}/ready")).await;
+    let trace_id = checkout(&gateway).await;
+    let spans = collected(&collector, &trace_id, &SERVICES).await;
+    assert_one_tree(&spans);
+    // The gateway's log lines inside the trace carry its ids.
+    let log = std::fs::read_to_string(dir.join("logs").join("gateway-1.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("\"trace_id\":\"{trace_id}\"")))
+        .unwrap_or_else(|| panic!("no gateway log line in trace {trace_id}"));
+    let line: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["span_id"].as_str().unwrap().len(), 16, "{line}");
+    drop(up);
+    let _ = std::fs::remove_dir_all(dir);
+}
