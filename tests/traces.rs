@@ -104,8 +104,8 @@ impl Collector {
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
 /// A checkout sent with a trace context of the test's own, followed to
-/// CONFIRMED; returns the trace id.
-async fn checkout(gateway: &str) -> String {
+/// CONFIRMED; returns the trace id and the order's id.
+async fn checkout(gateway: &str) -> (String, String) {
     let api = Api::new(gateway);
     let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let (s, product) = api
@@ -146,7 +146,7 @@ async fn checkout(gateway: &str) -> String {
         o["status"] == "CONFIRMED"
     })
     .await;
-    trace_id
+    (trace_id, order_id)
 }
 
 fn rand_u128() -> u128 {
@@ -248,7 +248,7 @@ async fn a_checkout_is_one_trace_in_the_embedded_mode() {
     );
     let (system, _dir) = embedded().await;
     wait_ready(&system.gateway_url).await;
-    let trace_id = checkout(&system.gateway_url).await;
+    let (trace_id, order_id) = checkout(&system.gateway_url).await;
     let spans = collected(&collector, &trace_id, &SERVICES).await;
     assert_one_tree(&spans);
 
@@ -287,6 +287,7 @@ async fn a_checkout_is_one_trace_in_the_embedded_mode() {
     ] {
         assert!(shown[0].get(field).is_some(), "{field}: {}", shown[0]);
     }
+    assert_timeline(&system.gateway_url, &order_id, &trace_id).await;
     system.shutdown.trigger();
 }
 
@@ -330,7 +331,7 @@ async fn a_checkout_is_one_trace_across_processes() {
     let up = Stop(up);
     let gateway = format!("http://127.0.0.1:{port}");
     wait_ok(&format!("{gateway}/ready")).await;
-    let trace_id = checkout(&gateway).await;
+    let (trace_id, order_id) = checkout(&gateway).await;
     let spans = collected(&collector, &trace_id, &SERVICES).await;
     assert_one_tree(&spans);
     // The gateway's log lines inside the trace carry its ids.
@@ -341,6 +342,65 @@ async fn a_checkout_is_one_trace_across_processes() {
         .unwrap_or_else(|| panic!("no gateway log line in trace {trace_id}"));
     let line: Value = serde_json::from_str(line).unwrap();
     assert_eq!(line["span_id"].as_str().unwrap().len(), 16, "{line}");
+    assert_timeline(&gateway, &order_id, &trace_id).await;
     drop(up);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The order's timeline: the saga's steps in order, each message of it
+/// written, published, delivered and handled, in time order, in the
+/// checkout's trace.
+async fn assert_timeline(gateway: &str, order_id: &str, trace_id: &str) {
+    let admin = Api::new(gateway).login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let timeline: Value = reqwest::Client::new()
+        .get(format!(
+            "{gateway}/_dashboard/api/orders/{order_id}/timeline"
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(timeline["trace_ids"], json!([trace_id]), "{timeline:#}");
+    let events = timeline["events"].as_array().unwrap();
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["at_us"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order");
+    let steps: Vec<&str> = events
+        .iter()
+        .filter(|e| e["what"] == "saga")
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "placed → reserving",
+            "reserving → charging",
+            "charging → CONFIRMED"
+        ],
+        "{timeline:#}"
+    );
+    for kind in ["inventory.reserve", "payments.charge", "order.confirmed"] {
+        let seen: Vec<&str> = events
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["what"].as_str().unwrap())
+            .collect();
+        for what in ["written", "published", "delivered", "handled"] {
+            assert!(seen.contains(&what), "{kind}: no {what} in {seen:?}");
+        }
+    }
+    // The reservation's answer comes before the charge is asked for.
+    let at = |kind: &str, what: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == kind && e["what"] == what)
+            .and_then(|e| e["at_us"].as_u64())
+            .unwrap()
+    };
+    assert!(at("inventory.reserved", "handled") <= at("payments.charge", "published"));
 }

@@ -161,12 +161,34 @@ impl Consumer {
         }
         let started = std::time::Instant::now();
         let metrics = self.bus.metrics();
+        let service = self.bus.service();
+        let queue = Some(self.spec.name.as_str());
+        for r in &received {
+            crate::timeline::message(
+                service,
+                "delivered",
+                &r.envelope,
+                queue,
+                Some(r.attempt),
+                None,
+            );
+        }
         let outcomes = handler.handle(&received).await;
         let mut outcomes = outcomes.into_iter();
-        for delivery in parsed {
+        for (delivery, r) in parsed.into_iter().zip(&received) {
             let outcome = outcomes
                 .next()
                 .unwrap_or_else(|| Err(Failure::Retry("the handler gave no outcome".into())));
+            let (what, detail) = match &outcome {
+                Ok(()) => ("handled", None),
+                Err(Failure::Retry(why)) if r.attempt < self.policy.max_attempts => {
+                    ("retried", Some(why.as_str()))
+                }
+                Err(Failure::Retry(why) | Failure::Reject(why)) => {
+                    ("dead_lettered", Some(why.as_str()))
+                }
+            };
+            crate::timeline::message(service, what, &r.envelope, queue, Some(r.attempt), detail);
             match outcome {
                 Ok(()) => {
                     metrics.queue(&metrics.consumed, &self.spec.name);

@@ -12,6 +12,7 @@ mod dlq;
 mod envelope;
 pub mod memory;
 pub mod metrics;
+pub mod timeline;
 mod topic;
 
 use std::collections::{BTreeMap, HashMap};

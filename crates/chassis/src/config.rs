@@ -72,8 +72,8 @@ pub struct Config {
     #[serde(deserialize_with = "lenient::opt")]
     pub otlp_endpoint: Option<String>,
     /// The share of new traces recorded, 0 to 1 (parent-based: a trace
-    /// started elsewhere is recorded when its caller recorded it).
-    /// Default 1.
+    /// started elsewhere is recorded when its caller recorded it). 0
+    /// turns tracing off: no spans are made. Default 1.
     pub trace_sample_ratio: f64,
     /// Ended spans each process keeps in memory for the dashboard.
     /// Default 20 000.

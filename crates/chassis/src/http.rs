@@ -180,6 +180,15 @@ async fn traces_handler(
     ))
 }
 
+/// `GET /_timeline/{correlation_id}`: what this process saw of an
+/// order's messages and saga steps (the gateway's dashboard gathers them).
+async fn timeline_handler(
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<Vec<bazaar_bus::timeline::Event>>, Problem> {
+    let id = crate::id::parse("correlation_id", &id)?;
+    Ok(axum::Json(bazaar_bus::timeline::events(&id)))
+}
+
 /// `GET /_traces`: this process's 100 latest spans, newest first.
 async fn latest_spans_handler() -> axum::Json<Vec<crate::traces::SpanRecord>> {
     axum::Json(crate::traces::recent().map_or_else(Vec::new, |r| r.latest(100)))
@@ -196,6 +205,7 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
             get(metrics_handler).with_state(ctx.metrics.clone()),
         )
         .route("/_traces", get(latest_spans_handler))
+        .route("/_timeline/{correlation_id}", get(timeline_handler))
         .route("/_traces/{trace_id}", get(traces_handler))
         .route(
             "/_mesh/calls",

@@ -255,10 +255,12 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     }
     rows.sort_by_cached_key(|r| r.try_get::<String, _>("id").unwrap_or_default());
     let mut sends = Vec::with_capacity(rows.len());
+    let mut correlated = Vec::new();
     for row in &rows {
         let exchange: String = row.try_get("exchange")?;
         let key: String = row.try_get("routing_key")?;
         let body: String = row.try_get("envelope")?;
+        correlated.push(Timeline::of(&body));
         // Written by this code, so it parses; if not, the batch stays put.
         let mut msg = Outgoing::envelope_json(body.into_bytes())?;
         // A producer span in the message's trace, until the broker
@@ -288,9 +290,17 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     }
     let mut kept = 0;
     let mut sent = Vec::with_capacity(rows.len());
-    for (row, outcome) in rows.iter().zip(futures::future::join_all(sends).await) {
+    let mut confirmed = Vec::new();
+    for ((row, outcome), timeline) in rows
+        .iter()
+        .zip(futures::future::join_all(sends).await)
+        .zip(correlated)
+    {
         match outcome {
-            Ok(()) => sent.push(row.try_get::<String, _>("routing_key")?),
+            Ok(()) => {
+                sent.push(row.try_get::<String, _>("routing_key")?);
+                confirmed.extend(timeline);
+            }
             // A command whose service has not declared its queue yet: it
             // stays in the outbox for a later pass, the rest are done. It
             // goes to the back (a new row id; the message id is in the
@@ -316,6 +326,10 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         }
     }
     tx.commit().await?;
+    let now = bazaar_bus::timeline::now_us();
+    for t in confirmed {
+        t.record(bus.service(), now);
+    }
     let published = &bus.metrics().published;
     for key in sent {
         published
@@ -349,6 +363,54 @@ async fn sample_outbox(db: &Db, metrics: &bazaar_bus::BusMetrics) {
             metrics.outbox_oldest_seconds.set(age);
         }
         Err(e) => tracing::debug!(error = %e, "outbox sample failed"),
+    }
+}
+
+/// What the order timeline needs of an outbox row's envelope (the
+/// payload is skipped, not kept).
+#[derive(serde::Deserialize)]
+struct Timeline {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    occurred_at: String,
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl Timeline {
+    /// The row's timeline data, if its message is correlated.
+    fn of(body: &str) -> Option<Self> {
+        serde_json::from_str::<Self>(body)
+            .ok()
+            .filter(|t| t.correlation_id.is_some())
+    }
+
+    /// `written` when the message was made, `published` at `now`.
+    fn record(self, service: &str, now: u64) {
+        let Some(correlation_id) = self.correlation_id else {
+            return;
+        };
+        let written = time::OffsetDateTime::parse(
+            &self.occurred_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(0))
+        .unwrap_or(now);
+        for (what, at_us) in [("written", written), ("published", now)] {
+            bazaar_bus::timeline::record(bazaar_bus::timeline::Event {
+                at_us,
+                service: service.to_owned(),
+                what: what.to_owned(),
+                kind: self.kind.clone(),
+                message_id: Some(self.id.clone()),
+                queue: None,
+                attempt: None,
+                detail: None,
+                trace_id: bazaar_bus::timeline::trace_id_of(self.traceparent.as_deref()),
+                correlation_id: correlation_id.clone(),
+            });
+        }
     }
 }
 
@@ -413,6 +475,10 @@ impl<E: Effects> Inbox<E> {
             if !fresh.remove(msg.envelope.id.as_str()) {
                 tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
                 duplicates += 1;
+                let (service, env) = (self.service, msg.envelope.clone());
+                after_commit(move || {
+                    bazaar_bus::timeline::message(service, "duplicate", &env, None, None, None);
+                });
                 continue;
             }
             self.effects

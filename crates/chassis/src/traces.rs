@@ -270,7 +270,9 @@ pub fn layer<S>(settings: &Settings) -> Option<impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    if STATE.get().is_some() {
+    // 0 turns tracing off: no spans are made at all (the wire still
+    // carries the callers' trace context on).
+    if STATE.get().is_some() || settings.sample_ratio <= 0.0 {
         return None;
     }
     let recent = Arc::new(Recent {

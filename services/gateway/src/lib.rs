@@ -42,6 +42,7 @@ fn own_api() -> utoipa_axum::router::OpenApiRouter<proxy::Shared> {
         .routes(routes!(admin::config))
         .routes(routes!(act::act))
         .routes(routes!(dashboard::trace))
+        .routes(routes!(dashboard::timeline))
 }
 
 /// The contract of what the gateway serves itself (paths as clients see

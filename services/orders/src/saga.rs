@@ -99,6 +99,28 @@ async fn transition(
     .await?;
     // A late or duplicate event finds the order moved on already.
     span.record("saga.moved", row.is_some());
+    if row.is_some() {
+        let step = if status == "PENDING" {
+            format!("{from} → {step}")
+        } else {
+            format!("{from} → {status}")
+        };
+        let event = bazaar_bus::timeline::Event {
+            at_us: bazaar_bus::timeline::now_us(),
+            service: "orders".into(),
+            what: "saga".into(),
+            kind: step,
+            message_id: None,
+            queue: None,
+            attempt: None,
+            detail: reason.map(str::to_owned),
+            trace_id: bazaar_bus::timeline::trace_id_of(
+                bazaar_mesh::trace::traceparent_of(&span).as_deref(),
+            ),
+            correlation_id: order_id.to_owned(),
+        };
+        messaging::after_commit(move || bazaar_bus::timeline::record(event));
+    }
     row.map(|r| {
         if status != "PENDING" {
             metrics.outcome(status, reason, &r.try_get::<String, _>("created_at")?);

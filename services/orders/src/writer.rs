@@ -50,6 +50,25 @@ impl OrderWriter {
                 match store::create_batch(&db, &orders, step_timeout).await {
                     Ok(stored) => {
                         outbox.poke();
+                        let now = bazaar_bus::timeline::now_us();
+                        for ((order, created), new) in stored.iter().zip(&orders) {
+                            if *created {
+                                bazaar_bus::timeline::record(bazaar_bus::timeline::Event {
+                                    at_us: now,
+                                    service: "orders".into(),
+                                    what: "saga".into(),
+                                    kind: "placed → reserving".into(),
+                                    message_id: None,
+                                    queue: None,
+                                    attempt: None,
+                                    detail: None,
+                                    trace_id: bazaar_bus::timeline::trace_id_of(
+                                        new.traceparent.as_deref(),
+                                    ),
+                                    correlation_id: order.id.clone(),
+                                });
+                            }
+                        }
                         metrics
                             .started(stored.iter().filter(|(_, created)| *created).count() as u64);
                         for (order, tx) in stored.into_iter().zip(done) {

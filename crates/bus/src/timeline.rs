@@ -1,0 +1,116 @@
+//! What happened to the messages of one correlation (an order's saga),
+//! for the dashboard's order timeline: each message written to an
+//! outbox, published and confirmed, delivered, dropped as a duplicate,
+//! retried, dead-lettered; and the saga's own steps, which the orders
+//! service records here too. Only correlated messages are recorded, in a
+//! bounded store per process; `events` reads one correlation's.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Events kept per process, oldest dropped first.
+const KEEP: usize = 20_000;
+
+/// One thing that happened, as the timeline shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Event {
+    /// Unix microseconds.
+    pub at_us: u64,
+    /// The service it happened in.
+    pub service: String,
+    /// `written` (to the outbox), `published` (the broker confirmed),
+    /// `delivered`, `handled`, `duplicate` (dropped by the inbox),
+    /// `retried`, `dead_lettered`, or `saga` (a step of the saga).
+    pub what: String,
+    /// The message's kind (`inventory.reserve`), or the saga step
+    /// (`reserving → charging`).
+    pub kind: String,
+    /// The message's id, if a message.
+    #[serde(default)]
+    pub message_id: Option<String>,
+    /// The queue it was delivered from, if delivered.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// 1 for a first delivery.
+    #[serde(default)]
+    pub attempt: Option<u32>,
+    /// Why it was retried or dead-lettered, or the saga's reason.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// The trace it belongs to, when known.
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    /// The order (correlation) it belongs to.
+    pub correlation_id: String,
+}
+
+static EVENTS: Mutex<VecDeque<Event>> = Mutex::new(VecDeque::new());
+
+/// Now, in Unix microseconds.
+pub fn now_us() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros(),
+    )
+    .unwrap_or(0)
+}
+
+/// The trace id a `traceparent` names.
+pub fn trace_id_of(traceparent: Option<&str>) -> Option<String> {
+    traceparent
+        .and_then(|tp| tp.split('-').nth(1))
+        .filter(|t| t.len() == 32)
+        .map(str::to_owned)
+}
+
+/// Records `event`.
+pub fn record(event: Event) {
+    let mut events = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+    if events.len() >= KEEP {
+        events.pop_front();
+    }
+    events.push_back(event);
+}
+
+/// A message event of `service`, when the message is correlated.
+#[allow(clippy::too_many_arguments)]
+pub fn message(
+    service: &str,
+    what: &str,
+    env: &crate::Envelope,
+    queue: Option<&str>,
+    attempt: Option<u32>,
+    detail: Option<&str>,
+) {
+    let Some(correlation_id) = &env.correlation_id else {
+        return;
+    };
+    record(Event {
+        at_us: now_us(),
+        service: service.to_owned(),
+        what: what.to_owned(),
+        kind: env.kind.clone(),
+        message_id: Some(env.id.clone()),
+        queue: queue.map(str::to_owned),
+        attempt,
+        detail: detail.map(str::to_owned),
+        trace_id: trace_id_of(env.traceparent.as_deref()),
+        correlation_id: correlation_id.clone(),
+    });
+}
+
+/// The events of `correlation_id` this process keeps, in time order.
+pub fn events(correlation_id: &str) -> Vec<Event> {
+    let events = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<Event> = events
+        .iter()
+        .filter(|e| e.correlation_id == correlation_id)
+        .cloned()
+        .collect();
+    out.sort_by_key(|e| e.at_us);
+    out
+}
