@@ -144,11 +144,7 @@ pub async fn services(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
-    let g = &g;
-    crate::edge::answer(g, peer, req, |edge, req| async move {
-        list_services(g, &edge, req.headers()).await
-    })
-    .await
+    operator_view(&g, peer, req, || list_services(&g)).await
 }
 
 /// One instance as one caller sees it.
@@ -162,7 +158,7 @@ pub struct Seen {
 }
 
 /// The operator views are for loopback callers and admins.
-pub(crate) async fn operator(
+async fn operator(
     g: &crate::proxy::Shared,
     edge: &crate::edge::Edge,
     headers: &axum::http::HeaderMap,
@@ -192,20 +188,33 @@ pub async fn config(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
-    let g = &g;
-    crate::edge::answer(g, peer, req, |edge, req| async move {
-        operator(g, &edge, req.headers()).await?;
-        Ok::<_, Problem>(Json(bazaar_chassis::live::shown(&g.config.effective())))
+    operator_view(&g, peer, req, || async {
+        Ok(Json(bazaar_chassis::live::shown(&g.config.effective())))
     })
     .await
 }
 
-async fn list_services(
+/// Answers an operator view: the edge's checks, then loopback or an
+/// admin token, then `view`.
+pub(crate) async fn operator_view<F, Fut, R>(
     g: &crate::proxy::Shared,
-    edge: &crate::edge::Edge,
-    headers: &axum::http::HeaderMap,
-) -> Result<Json<Vec<Seen>>, Problem> {
-    operator(g, edge, headers).await?;
+    peer: std::net::SocketAddr,
+    req: axum::extract::Request,
+    view: F,
+) -> axum::response::Response
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<R, Problem>>,
+    R: axum::response::IntoResponse,
+{
+    crate::edge::answer(g, peer, req, |edge, req| async move {
+        operator(g, &edge, req.headers()).await?;
+        view().await
+    })
+    .await
+}
+
+async fn list_services(g: &crate::proxy::Shared) -> Result<Json<Vec<Seen>>, Problem> {
     let own = g.upstreams.view().await.map_err(|e| {
         tracing::warn!(error = %e, "cannot list instances");
         Problem::unavailable("service discovery is unavailable")

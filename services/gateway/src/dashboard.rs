@@ -42,10 +42,8 @@ pub async fn trace(
     Path(trace_id): Path<String>,
     req: Request,
 ) -> Response {
-    let g = &g;
-    crate::edge::answer(g, peer, req, |edge, req| async move {
-        crate::admin::operator(g, &edge, req.headers()).await?;
-        gather(g, &trace_id).await.map(Json)
+    crate::admin::operator_view(&g, peer, req, || async {
+        gather(&g, &trace_id).await.map(Json)
     })
     .await
 }
@@ -104,9 +102,8 @@ pub async fn timeline(
     Path(order_id): Path<String>,
     req: Request,
 ) -> Response {
-    let g = &g;
-    crate::edge::answer(g, peer, req, |edge, req| async move {
-        crate::admin::operator(g, &edge, req.headers()).await?;
+    crate::admin::operator_view(&g, peer, req, || async {
+        let g = &g;
         let order_id = bazaar_chassis::id::parse("order_id", &order_id)?;
         let mut events = bazaar_bus::timeline::events(&order_id);
         let target = format!("/_timeline/{order_id}");
