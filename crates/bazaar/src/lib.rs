@@ -5,6 +5,7 @@
 pub mod configure;
 pub mod dlq;
 pub mod load;
+pub mod report;
 pub mod supervise;
 
 use std::collections::HashMap;

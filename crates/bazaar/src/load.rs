@@ -62,6 +62,20 @@ pub struct Report {
     pub confirm_p50_ms: f64,
     pub confirm_p99_ms: f64,
     pub order_ids: Vec<String>,
+    /// Every accepted order, for the HTML report.
+    pub samples: Vec<Sample>,
+}
+
+/// One accepted order as the report plots it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Seconds from the start of the load to the checkout's answer.
+    pub at_s: f64,
+    pub checkout_ms: f64,
+    /// `CONFIRMED`, `CANCELLED: <reason>`, `PENDING` or `lost`.
+    pub outcome: String,
+    /// From `POST /orders` to the outcome, when it has one.
+    pub outcome_ms: Option<f64>,
 }
 
 impl Report {
@@ -97,6 +111,60 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = (p * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// A live progress line on a terminal (indicatif); `None` elsewhere.
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(250));
+        bar
+    })
+}
+
+/// Shows `line` on the progress bar, or (not on a terminal) as a line
+/// of its own every 5 s.
+fn show(bar: Option<&indicatif::ProgressBar>, started: Instant, line: &str) {
+    match bar {
+        Some(bar) => bar.set_message(line.to_owned()),
+        None => {
+            let secs = started.elapsed().as_secs();
+            if secs.is_multiple_of(5) {
+                eprintln!("  {secs:>5} s  {line}");
+            }
+        }
+    }
+}
+
+/// An accepted order as the report plots it.
+fn sample(at_s: f64, checkout_ms: f64, order: Option<&OrderView>) -> Sample {
+    let Some(o) = order else {
+        return Sample {
+            at_s,
+            checkout_ms,
+            outcome: "lost".into(),
+            outcome_ms: None,
+        };
+    };
+    let outcome = match o.status.as_str() {
+        "CANCELLED" => format!("CANCELLED: {}", o.cancel_reason.as_deref().unwrap_or("")),
+        other => other.to_owned(),
+    };
+    let outcome_ms = (o.status != "PENDING")
+        .then(|| {
+            Some((parse_time(&o.updated_at)? - parse_time(&o.created_at)?).as_seconds_f64() * 1e3)
+        })
+        .flatten();
+    Sample {
+        at_s,
+        checkout_ms,
+        outcome,
+        outcome_ms,
+    }
 }
 
 fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
@@ -188,19 +256,36 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
     let placed = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let retried = Arc::new(AtomicU64::new(0));
+    // Checkout latencies since the progress line last looked.
+    let recent: Arc<std::sync::Mutex<Vec<f64>>> = Arc::default();
     let started = Instant::now();
     let deadline = started + opts.duration;
+    let bar = progress_bar();
     let progress = {
-        let placed = Arc::clone(&placed);
+        let (placed, failed, retried, recent, bar) = (
+            Arc::clone(&placed),
+            Arc::clone(&failed),
+            Arc::clone(&retried),
+            Arc::clone(&recent),
+            bar.clone(),
+        );
         tokio::spawn(async move {
+            let mut before = 0;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let secs = started.elapsed().as_secs_f64();
                 let n = placed.load(Ordering::Relaxed);
-                eprint!(
-                    "\r  {secs:>5.0} s  {n:>8} orders placed  {:>7.0}/s",
-                    n as f64 / secs.max(0.001)
+                let mut last: Vec<f64> =
+                    std::mem::take(&mut *recent.lock().unwrap_or_else(|e| e.into_inner()));
+                last.sort_by(f64::total_cmp);
+                let line = format!(
+                    "{n:>8} placed  {:>5} errors  {:>5} retried  {:>6}/s  p99 {:>7.1} ms",
+                    failed.load(Ordering::Relaxed),
+                    retried.load(Ordering::Relaxed),
+                    n - before,
+                    percentile(&last, 0.99),
                 );
+                before = n;
+                show(bar.as_ref(), started, &line);
             }
         })
     };
@@ -216,10 +301,11 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                 Arc::clone(shopper),
                 Arc::clone(&products),
             );
-            let (placed, failed, retried) = (
+            let (placed, failed, retried, recent) = (
                 Arc::clone(&placed),
                 Arc::clone(&failed),
                 Arc::clone(&retried),
+                Arc::clone(&recent),
             );
             let retry_for = opts.retry_for;
             // Each shopper's share of the rate, on a fixed schedule (late
@@ -230,7 +316,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                 .filter(|r| *r > 0.0)
                 .map(|r| Duration::from_secs_f64(shoppers_n as f64 / r));
             tokio::spawn(async move {
-                let mut mine: Vec<(String, f64)> = Vec::new();
+                let mut mine: Vec<(String, f64, f64)> = Vec::new();
                 let mut n = i;
                 let mut next = Instant::now();
                 while Instant::now() < deadline {
@@ -257,7 +343,9 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                             (Ok(r), Some(s)) if s.is_success() => {
                                 let order: Value = r.json().await.unwrap_or(Value::Null);
                                 if let Some(id) = order["id"].as_str() {
-                                    mine.push((id.to_owned(), began.elapsed().as_secs_f64() * 1e3));
+                                    let ms = began.elapsed().as_secs_f64() * 1e3;
+                                    mine.push((id.to_owned(), ms, started.elapsed().as_secs_f64()));
+                                    recent.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
                                     placed.fetch_add(1, Ordering::Relaxed);
                                 }
                                 break;
@@ -287,14 +375,15 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
         })
         .collect();
     let mut accepted: Vec<(usize, String, f64)> = Vec::new();
+    let mut placed_at: HashMap<String, f64> = HashMap::new();
     for (i, task) in tasks.into_iter().enumerate() {
-        for (id, ms) in task.await? {
+        for (id, ms, at) in task.await? {
+            placed_at.insert(id.clone(), at);
             accepted.push((i, id, ms));
         }
     }
     let load_secs = started.elapsed().as_secs_f64();
     progress.abort();
-    eprintln!();
 
     // Wait for every accepted order to be final, reading each shopper's orders.
     let settle_deadline = Instant::now() + opts.settle;
@@ -334,10 +423,17 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
         if pending == 0 || Instant::now() > settle_deadline {
             break;
         }
-        eprint!("\r  waiting for {pending} orders to finish   ");
+        let confirmed = finals.values().filter(|o| o.status == "CONFIRMED").count();
+        show(
+            bar.as_ref(),
+            started,
+            &format!("settling: {confirmed} confirmed, waiting for {pending} orders to finish"),
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!();
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
 
     let mut report = Report {
         placed: accepted.len(),
@@ -349,8 +445,13 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
     let mut checkout_ms: Vec<f64> = accepted.iter().map(|(_, _, ms)| *ms).collect();
     let mut confirm_ms = Vec::new();
     let (mut first, mut last) = (None, None);
-    for (_, id, _) in &accepted {
+    for (_, id, ms) in &accepted {
         report.order_ids.push(id.clone());
+        report.samples.push(sample(
+            placed_at.get(id).copied().unwrap_or(0.0),
+            *ms,
+            finals.get(id),
+        ));
         let Some(o) = finals.get(id) else {
             report.lost += 1;
             continue;

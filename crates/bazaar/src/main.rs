@@ -83,6 +83,10 @@ enum Command {
         /// Orders per second in all; default: as fast as answers come.
         #[arg(long)]
         rate: Option<f64>,
+        /// Write a self-contained HTML report (throughput and latency over
+        /// time, the latency histogram, the outcomes) to this file.
+        #[arg(long, value_name = "FILE.html")]
+        report: Option<PathBuf>,
     },
     /// Exit 0 if a Bazaar process answers 200, else 1: a container's
     /// health check (no curl in the image). Default URL: this process's
@@ -202,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
             settle,
             ids,
             rate,
+            report: report_file,
         } => {
             let report = bazaar::load::run(bazaar::load::LoadOptions {
                 gateway,
@@ -218,6 +223,10 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             if let Some(path) = ids {
                 std::fs::write(&path, report.order_ids.join("\n"))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if let Some(path) = report_file {
+                std::fs::write(&path, bazaar::report::html(&report))
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             println!("{}", report.summary());
