@@ -481,6 +481,49 @@ async fn an_unanswered_step_times_out_and_is_compensated() {
         .await;
     assert_eq!(s, StatusCode::OK, "{listed}");
     assert_eq!(listed[0]["id"].as_str(), letters[0].id.as_deref());
+    // Filtered by reason and time; bad filters are refused with the reason.
+    let reason: String = letters[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .chars()
+        .take(6)
+        .collect::<String>()
+        .to_uppercase();
+    for (query, n) in [
+        (format!("reason={}", reason.replace(' ', "%20")), 1),
+        ("reason=no-such-reason".to_owned(), 0),
+        ("since=2999-01-01T00:00:00Z".to_owned(), 0),
+        ("since=2000-01-01T00:00:00Z".to_owned(), 1),
+    ] {
+        let (s, listed) = shop
+            .api
+            .call(
+                "GET",
+                &format!("/admin/dead-letters?queue=payments.commands&{query}"),
+                Some(&shop.admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{query}: {listed}");
+        assert_eq!(listed.as_array().unwrap().len(), n, "{query}: {listed}");
+    }
+    for bad in [
+        json!({"all": true, "since": "yesterday"}),
+        json!({"all": true, "rate": 5000}),
+        json!({"all": true, "reason": ""}),
+    ] {
+        let (s, body) = shop
+            .api
+            .call(
+                "POST",
+                "/admin/dead-letters/replay",
+                Some(&shop.admin),
+                Some(bad.clone()),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+    }
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_bazaar"))
             .args(["dlq"])

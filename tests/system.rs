@@ -613,7 +613,20 @@ async fn dlq_command_against_rabbitmq() {
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["id"], "dead-1");
     assert_eq!(listed[0]["reason"], "failed 5 times");
-    assert!(cli(&["replay", "--queue", queue, "--id", "dead-1"]).contains("replayed 1"));
+    // Filters: by reason (any case) and by time; nothing else is chosen.
+    let listed: Value = serde_json::from_str(&cli(&["list", "--reason", "5 TIMES"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let listed: Value = serde_json::from_str(&cli(&["list", "--reason", "timeout"])).unwrap();
+    assert_eq!(listed, json!([]));
+    assert!(
+        cli(&["replay", "--all", "--reason", "timeout", "--rate", "10"]).contains("replayed 0")
+    );
+    assert!(
+        cli(&[
+            "replay", "--queue", queue, "--all", "--reason", "5 times", "--rate", "10"
+        ])
+        .contains("replayed 1")
+    );
     let back = bus.transport().browse(queue, 10).await.unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].message_id.as_deref(), Some("dead-1"));

@@ -17,6 +17,49 @@ pub enum Target {
     },
 }
 
+/// The dead letters a command names, checked: an id, a reason, a time
+/// (RFC 3339), and a replay rate.
+#[derive(Debug, Clone, Default)]
+pub struct Chosen {
+    pub filter: bazaar_bus::Redrive,
+    /// `since` as given, for the gateway.
+    since: Option<String>,
+}
+
+impl Chosen {
+    pub fn new(
+        id: Option<String>,
+        reason: Option<String>,
+        since: Option<String>,
+        rate: Option<f64>,
+    ) -> anyhow::Result<Self> {
+        let at = since
+            .as_deref()
+            .map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .with_context(|| {
+                        format!(
+                            "--since {t:?}: expected an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"
+                        )
+                    })
+            })
+            .transpose()?;
+        anyhow::ensure!(
+            rate.is_none_or(|r| (1.0..=1000.0).contains(&r)),
+            "--rate must be 1 to 1000 replays per second"
+        );
+        Ok(Self {
+            filter: bazaar_bus::Redrive {
+                id,
+                reason,
+                since: at,
+                rate,
+            },
+            since,
+        })
+    }
+}
+
 fn known(queue: Option<&str>) -> anyhow::Result<Vec<&'static str>> {
     topics::queues(queue).map_err(anyhow::Error::msg)
 }
@@ -58,30 +101,34 @@ impl Target {
         Ok((api, token.to_owned()))
     }
 
-    /// Dead letters of `queue`, or of every queue.
-    pub async fn list(&self, queue: Option<&str>) -> anyhow::Result<Value> {
+    /// Dead letters of `queue`, or of every queue, that `chosen` names.
+    pub async fn list(&self, queue: Option<&str>, chosen: &Chosen) -> anyhow::Result<Value> {
         match self {
             Target::Bus(bus) => {
                 let mut out = Vec::new();
                 for q in known(queue)? {
                     ensure_dlq(bus, q).await?;
-                    out.extend(bus.dead_letters(q).await?);
+                    out.extend(bus.dead_letters_matching(q, &chosen.filter).await?);
                 }
                 Ok(serde_json::to_value(out)?)
             }
             Target::Gateway { .. } => {
                 let http = reqwest::Client::new();
                 let (api, token) = self.token(&http).await?;
-                // Queue names are known words (checked here), so no escaping is needed.
-                let query = match queue {
-                    Some(q) => format!("?queue={}", known(Some(q))?.join("")),
-                    None => String::new(),
-                };
-                let res = http
-                    .get(format!("{api}/admin/dead-letters{query}"))
-                    .bearer_auth(token)
-                    .send()
-                    .await?;
+                let mut query: Vec<(&str, &str)> = Vec::new();
+                let queue = queue.map(|q| known(Some(q))).transpose()?;
+                if let Some(q) = queue.as_ref().and_then(|q| q.first()) {
+                    query.push(("queue", q));
+                }
+                if let Some(r) = &chosen.filter.reason {
+                    query.push(("reason", r));
+                }
+                if let Some(t) = &chosen.since {
+                    query.push(("since", t));
+                }
+                let url =
+                    reqwest::Url::parse_with_params(&format!("{api}/admin/dead-letters"), &query)?;
+                let res = http.get(url).bearer_auth(token).send().await?;
                 let status = res.status();
                 let body: Value = res.json().await.unwrap_or(Value::Null);
                 anyhow::ensure!(status.is_success(), "the gateway answered {status}: {body}");
@@ -90,20 +137,22 @@ impl Target {
         }
     }
 
-    /// Replays one dead letter (`id`) or all; returns how many went back.
+    /// Replays one dead letter (`chosen.id`) or all those `chosen` names;
+    /// returns how many went back.
     pub async fn replay(
         &self,
         queue: Option<&str>,
-        id: Option<&str>,
+        chosen: &Chosen,
         all: bool,
     ) -> anyhow::Result<usize> {
+        let id = chosen.filter.id.as_deref();
         anyhow::ensure!(id.is_some() != all, "give either --id or --all");
         match self {
             Target::Bus(bus) => {
                 let mut n = 0;
                 for q in known(queue)? {
                     ensure_dlq(bus, q).await?;
-                    n += bus.replay(q, id).await?;
+                    n += bus.redrive(q, &chosen.filter).await?;
                 }
                 anyhow::ensure!(id.is_none() || n > 0, "no dead letter with id {id:?}");
                 Ok(n)
@@ -114,7 +163,14 @@ impl Target {
                 let res = http
                     .post(format!("{api}/admin/dead-letters/replay"))
                     .bearer_auth(token)
-                    .json(&json!({"queue": queue, "id": id, "all": all}))
+                    .json(&json!({
+                        "queue": queue,
+                        "id": id,
+                        "all": all,
+                        "reason": chosen.filter.reason,
+                        "since": chosen.since,
+                        "rate": chosen.filter.rate,
+                    }))
                     .send()
                     .await?;
                 let status = res.status();

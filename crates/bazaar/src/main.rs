@@ -147,6 +147,8 @@ enum DlqAction {
     List {
         #[arg(long)]
         queue: Option<String>,
+        #[command(flatten)]
+        filter: DlqFilter,
     },
     /// Send dead letters back to their queue for a fresh set of attempts.
     Replay {
@@ -155,10 +157,27 @@ enum DlqAction {
         /// The message id to replay.
         #[arg(long, conflicts_with = "all", required_unless_present = "all")]
         id: Option<String>,
-        /// Replay every dead letter.
+        /// Replay every dead letter (narrowed by --reason and --since).
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Replays per second at most (1 to 1000); default: no limit.
+        #[arg(long)]
+        rate: Option<f64>,
     },
+}
+
+/// Which dead letters a `bazaar dlq` command chooses.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct DlqFilter {
+    /// Only those whose reason contains this (case-insensitive).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only those dead-lettered at or after this time (RFC 3339, e.g.
+    /// 2026-12-01T12:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
 }
 
 #[tokio::main]
@@ -301,14 +320,22 @@ async fn main() -> anyhow::Result<()> {
                 },
             };
             match action {
-                DlqAction::List { queue } => {
-                    let letters = target.list(queue.as_deref()).await?;
+                DlqAction::List { queue, filter } => {
+                    let chosen = bazaar::dlq::Chosen::new(None, filter.reason, filter.since, None)?;
+                    let letters = target.list(queue.as_deref(), &chosen).await?;
                     println!("{}", serde_json::to_string_pretty(&letters)?);
                     let n = letters.as_array().map_or(0, Vec::len);
                     eprintln!("{n} dead letter(s)");
                 }
-                DlqAction::Replay { queue, id, all } => {
-                    let n = target.replay(queue.as_deref(), id.as_deref(), all).await?;
+                DlqAction::Replay {
+                    queue,
+                    id,
+                    all,
+                    filter,
+                    rate,
+                } => {
+                    let chosen = bazaar::dlq::Chosen::new(id, filter.reason, filter.since, rate)?;
+                    let n = target.replay(queue.as_deref(), &chosen, all).await?;
                     println!("replayed {n} message(s)");
                 }
             }

@@ -45,7 +45,61 @@ impl DeadLetter {
     }
 }
 
+/// Which dead letters to act on, and how fast to replay them. The
+/// default is every one, at once.
+#[derive(Debug, Clone, Default)]
+pub struct Redrive {
+    /// Only the one with this message id.
+    pub id: Option<String>,
+    /// Only those whose reason contains this (case-insensitive).
+    pub reason: Option<String>,
+    /// Only those dead-lettered at or after this time.
+    pub since: Option<time::OffsetDateTime>,
+    /// Replays per second at most (none: as fast as the broker takes them).
+    pub rate: Option<f64>,
+}
+
+impl Redrive {
+    /// Whether `letter` is one of those chosen.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        self.id
+            .as_deref()
+            .is_none_or(|id| letter.id.as_deref() == Some(id))
+            && self.reason.as_deref().is_none_or(|r| {
+                letter
+                    .reason
+                    .as_deref()
+                    .is_some_and(|have| have.to_lowercase().contains(&r.to_lowercase()))
+            })
+            && self.since.is_none_or(|since| {
+                letter
+                    .dead_at
+                    .as_deref()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .is_some_and(|at| at >= since)
+            })
+    }
+}
+
 impl Bus {
+    /// The dead letters of `queue` that `filter` chooses, oldest first.
+    /// They stay in place.
+    pub async fn dead_letters_matching(
+        &self,
+        queue: &str,
+        filter: &Redrive,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let mut letters = self.dead_letters(queue).await?;
+        letters.retain(|l| filter.matches(l));
+        Ok(letters)
+    }
+
     /// The dead letters of `queue`, oldest first. They stay in place.
     pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, BusError> {
         let dlq = dead_letter_queue(queue);
@@ -62,14 +116,32 @@ impl Bus {
     /// attempts: the one with message id `id`, or all of them. Returns how
     /// many went back.
     pub async fn replay(&self, queue: &str, id: Option<&str>) -> Result<usize, BusError> {
+        let filter = Redrive {
+            id: id.map(str::to_owned),
+            ..Redrive::default()
+        };
+        self.redrive(queue, &filter).await
+    }
+
+    /// Sends the dead letters of `queue` that `filter` chooses back to it,
+    /// for another full set of attempts, at `filter.rate` per second at
+    /// most. Returns how many went back.
+    pub async fn redrive(&self, queue: &str, filter: &Redrive) -> Result<usize, BusError> {
         let dlq = dead_letter_queue(queue);
         let held = self.transport().browse(&dlq, MAX_BROWSE).await?;
         let mut keep = Vec::new();
         let mut replayed = 0;
+        let pause = filter
+            .rate
+            .filter(|r| *r > 0.0)
+            .map(|r| std::time::Duration::from_secs_f64(1.0 / r));
         for d in held {
-            if id.is_some_and(|id| d.message_id.as_deref() != Some(id)) {
+            if !filter.matches(&DeadLetter::from_delivery(queue, &d)) {
                 keep.push(d);
                 continue;
+            }
+            if let Some(pause) = pause.filter(|_| replayed > 0) {
+                tokio::time::sleep(pause).await;
             }
             let mut msg = d.to_outgoing();
             for h in [

@@ -25,7 +25,7 @@ use futures::stream::BoxStream;
 use tokio::sync::{OnceCell, oneshot};
 
 pub use consumer::{BatchHandler, Consumer, Failure, Received, RetryPolicy};
-pub use dlq::{DeadLetter, dead_letter_queue};
+pub use dlq::{DeadLetter, Redrive, dead_letter_queue};
 pub use envelope::Envelope;
 pub use metrics::BusMetrics;
 pub use topic::topic_matches;

@@ -434,11 +434,56 @@ async fn retry_dead_letter_and_replay(bus: &Bus) {
     }
     assert_eq!(count, 3);
 
-    // Replay all: every dead letter goes back; none is lost.
-    let replayed = bus.replay(&queue, None).await.unwrap();
-    assert_eq!(replayed, 3);
+    // Filters: by reason (case-insensitive), by time; listing and
+    // replaying choose the same letters.
+    let never = bazaar_bus::Redrive {
+        reason: Some("NEVER VALID".into()),
+        ..Default::default()
+    };
+    let chosen = bus.dead_letters_matching(&queue, &never).await.unwrap();
+    assert_eq!(chosen.len(), 1);
+    assert_eq!(chosen[0].id.as_deref(), Some(sent["reject"].as_str()));
+    let later = bazaar_bus::Redrive {
+        since: Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)),
+        ..Default::default()
+    };
+    assert!(
+        bus.dead_letters_matching(&queue, &later)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(bus.redrive(&queue, &later).await.unwrap(), 0);
+    assert_eq!(bus.redrive(&queue, &never).await.unwrap(), 1);
     eventually("reject handled twice", || {
         flaky.attempts.lock().unwrap()["reject"].len() == 2
+    })
+    .await;
+    for _ in 0..100 {
+        count = bus.dead_letters(&queue).await.unwrap().len();
+        if count == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count, 3);
+
+    // Replay all, at 10 a second: every dead letter goes back, none is
+    // lost, and the three take at least 0.2 s.
+    let started = std::time::Instant::now();
+    let at_ten = bazaar_bus::Redrive {
+        rate: Some(10.0),
+        ..Default::default()
+    };
+    let replayed = bus.redrive(&queue, &at_ten).await.unwrap();
+    assert_eq!(replayed, 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually("reject handled three times", || {
+        flaky.attempts.lock().unwrap()["reject"].len() == 3
     })
     .await;
     let _ = stop_tx.send(());

@@ -16,7 +16,8 @@ static FILTER: OnceLock<Reload> = OnceLock::new();
 
 /// lapin warns with the whole message on each unroutable command; the
 /// bus already reports those (`BusError::Unroutable`).
-const QUIET: &str = "sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn";
+const QUIET: &str =
+    "sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn,audit=info";
 
 const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 

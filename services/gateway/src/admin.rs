@@ -40,6 +40,46 @@ pub fn router(state: AdminState) -> Router {
 struct Which {
     /// One queue (e.g. `orders.saga`); default every Bazaar queue.
     queue: Option<String>,
+    /// Only letters whose reason contains this (case-insensitive).
+    reason: Option<String>,
+    /// Only letters dead-lettered at or after this time (RFC 3339).
+    since: Option<String>,
+}
+
+/// The letters a request chooses, checked.
+fn chosen(
+    id: Option<&str>,
+    reason: Option<&str>,
+    since: Option<&str>,
+    rate: Option<f64>,
+) -> Result<bazaar_bus::Redrive, Problem> {
+    if reason.is_some_and(|r| r.is_empty() || r.chars().count() > 200) {
+        return Err(Problem::invalid("reason", "must be 1 to 200 characters"));
+    }
+    let since = since
+        .map(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).map_err(
+                |_| {
+                    Problem::invalid(
+                        "since",
+                        "expected an RFC 3339 time, e.g. 2026-12-01T12:00:00Z",
+                    )
+                },
+            )
+        })
+        .transpose()?;
+    if rate.is_some_and(|r| !(1.0..=1000.0).contains(&r)) {
+        return Err(Problem::invalid(
+            "rate",
+            "must be 1 to 1000 replays per second",
+        ));
+    }
+    Ok(bazaar_bus::Redrive {
+        id: id.map(str::to_owned),
+        reason: reason.map(str::to_owned),
+        since,
+        rate,
+    })
 }
 
 /// The queues a request names: one known queue, or all of them.
@@ -59,7 +99,7 @@ fn unavailable(e: bazaar_bus::BusError) -> Problem {
         (status = 200, description = "The dead letters", body = Vec<DeadLetter>),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown queue", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown queue, or a bad reason or time", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The message bus is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn list(
@@ -68,22 +108,37 @@ async fn list(
     Query(which): Query<Which>,
 ) -> Result<Json<Vec<DeadLetter>>, Problem> {
     caller.require_admin()?;
+    let filter = chosen(None, which.reason.as_deref(), which.since.as_deref(), None)?;
     let mut out = Vec::new();
     for q in queues(which.queue.as_deref())? {
-        out.extend(s.bus.dead_letters(q).await.map_err(unavailable)?);
+        out.extend(
+            s.bus
+                .dead_letters_matching(q, &filter)
+                .await
+                .map_err(unavailable)?,
+        );
     }
     Ok(Json(out))
 }
 
 /// Which dead letters to replay: one (`id`) or all (`all: true`), of one
-/// queue or of every queue.
+/// queue or of every queue, narrowed by `reason` and `since`, at `rate`
+/// per second at most.
 #[derive(Deserialize, utoipa::ToSchema)]
-#[schema(examples(json!({"queue": "orders.saga", "all": true})))]
+#[schema(examples(json!({"queue": "payments.commands", "all": true, "reason": "timeout", "since": "2026-12-01T12:00:00Z", "rate": 50})))]
 struct ReplayBody {
     queue: Option<String>,
     id: Option<String>,
     #[serde(default)]
     all: bool,
+    /// Only letters whose reason contains this (case-insensitive).
+    reason: Option<String>,
+    /// Only letters dead-lettered at or after this time (RFC 3339).
+    since: Option<String>,
+    /// Replays per second at most, 1 to 1000 (default: no limit). The
+    /// answer comes when all are replayed.
+    #[schema(minimum = 1, maximum = 1000)]
+    rate: Option<f64>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -101,7 +156,7 @@ struct Replayed {
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No dead letter with that id", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown queue, or neither or both of id and all", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown queue, neither or both of id and all, or a bad reason, time or rate", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The message bus is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn replay(
@@ -113,14 +168,29 @@ async fn replay(
     if body.id.is_some() == body.all {
         return Err(Problem::invalid("id", "give either an id or all: true"));
     }
+    let filter = chosen(
+        body.id.as_deref(),
+        body.reason.as_deref(),
+        body.since.as_deref(),
+        body.rate,
+    )?;
     let mut replayed = 0;
     for q in queues(body.queue.as_deref())? {
-        replayed += s
-            .bus
-            .replay(q, body.id.as_deref())
-            .await
-            .map_err(unavailable)?;
+        replayed += s.bus.redrive(q, &filter).await.map_err(unavailable)?;
     }
+    // Who replayed what, and when (the log line's time).
+    tracing::info!(
+        target: "audit",
+        by = %caller.id,
+        email = %caller.email,
+        queue = body.queue.as_deref().unwrap_or("*"),
+        id = body.id.as_deref().unwrap_or(""),
+        reason = body.reason.as_deref().unwrap_or(""),
+        since = body.since.as_deref().unwrap_or(""),
+        rate = body.rate.unwrap_or(0.0),
+        replayed,
+        "dead letters replayed"
+    );
     if body.id.is_some() && replayed == 0 {
         return Err(Problem::not_found("no dead letter with that id"));
     }
