@@ -33,30 +33,9 @@ impl Chosen {
         since: Option<String>,
         rate: Option<f64>,
     ) -> anyhow::Result<Self> {
-        let at = since
-            .as_deref()
-            .map(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                    .with_context(|| {
-                        format!(
-                            "--since {t:?}: expected an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"
-                        )
-                    })
-            })
-            .transpose()?;
-        anyhow::ensure!(
-            rate.is_none_or(|r| (1.0..=1000.0).contains(&r)),
-            "--rate must be 1 to 1000 replays per second"
-        );
-        Ok(Self {
-            filter: bazaar_bus::Redrive {
-                id,
-                reason,
-                since: at,
-                rate,
-            },
-            since,
-        })
+        let filter = bazaar_bus::Redrive::checked(id, reason, since.as_deref(), rate)
+            .map_err(|(field, why)| anyhow::anyhow!("--{field}: {why}"))?;
+        Ok(Self { filter, since })
     }
 }
 

@@ -60,6 +60,43 @@ pub struct Redrive {
 }
 
 impl Redrive {
+    /// A choice as a request states it, checked: a reason of 1 to 200
+    /// characters, `since` in RFC 3339, `rate` 1 to 1000 a second. A bad
+    /// value is named with why.
+    pub fn checked(
+        id: Option<String>,
+        reason: Option<String>,
+        since: Option<&str>,
+        rate: Option<f64>,
+    ) -> Result<Self, (&'static str, &'static str)> {
+        if reason
+            .as_deref()
+            .is_some_and(|r| r.is_empty() || r.chars().count() > 200)
+        {
+            return Err(("reason", "must be 1 to 200 characters"));
+        }
+        let since = since
+            .map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
+                        (
+                            "since",
+                            "expected an RFC 3339 time, e.g. 2026-12-01T12:00:00Z",
+                        )
+                    })
+            })
+            .transpose()?;
+        if rate.is_some_and(|r| !(1.0..=1000.0).contains(&r)) {
+            return Err(("rate", "must be 1 to 1000 replays per second"));
+        }
+        Ok(Self {
+            id,
+            reason,
+            since,
+            rate,
+        })
+    }
+
     /// Whether `letter` is one of those chosen.
     pub fn matches(&self, letter: &DeadLetter) -> bool {
         self.id

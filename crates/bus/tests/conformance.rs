@@ -424,15 +424,7 @@ async fn retry_dead_letter_and_replay(bus: &Bus) {
         1,
         "attempts restart at 1"
     );
-    let mut count = 0;
-    for _ in 0..100 {
-        count = bus.dead_letters(&queue).await.unwrap().len();
-        if count == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(count, 3);
+    dead_letters_come_to(bus, &queue, 3).await;
 
     // Filters: by reason (case-insensitive), by time; listing and
     // replaying choose the same letters.
@@ -459,14 +451,7 @@ async fn retry_dead_letter_and_replay(bus: &Bus) {
         flaky.attempts.lock().unwrap()["reject"].len() == 2
     })
     .await;
-    for _ in 0..100 {
-        count = bus.dead_letters(&queue).await.unwrap().len();
-        if count == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(count, 3);
+    dead_letters_come_to(bus, &queue, 3).await;
 
     // Replay all, at 10 a second: every dead letter goes back, none is
     // lost, and the three take at least 0.2 s.
@@ -488,6 +473,19 @@ async fn retry_dead_letter_and_replay(bus: &Bus) {
     .await;
     let _ = stop_tx.send(());
     run.await.unwrap();
+}
+
+/// Waits (5 s at most) until `queue` holds `n` dead letters.
+async fn dead_letters_come_to(bus: &Bus, queue: &str, n: usize) {
+    let mut count = 0;
+    for _ in 0..100 {
+        count = bus.dead_letters(queue).await.unwrap().len();
+        if count == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count, n, "dead letters of {queue}");
 }
 
 async fn headers_travel(bus: &Bus) {

@@ -53,33 +53,13 @@ fn chosen(
     since: Option<&str>,
     rate: Option<f64>,
 ) -> Result<bazaar_bus::Redrive, Problem> {
-    if reason.is_some_and(|r| r.is_empty() || r.chars().count() > 200) {
-        return Err(Problem::invalid("reason", "must be 1 to 200 characters"));
-    }
-    let since = since
-        .map(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).map_err(
-                |_| {
-                    Problem::invalid(
-                        "since",
-                        "expected an RFC 3339 time, e.g. 2026-12-01T12:00:00Z",
-                    )
-                },
-            )
-        })
-        .transpose()?;
-    if rate.is_some_and(|r| !(1.0..=1000.0).contains(&r)) {
-        return Err(Problem::invalid(
-            "rate",
-            "must be 1 to 1000 replays per second",
-        ));
-    }
-    Ok(bazaar_bus::Redrive {
-        id: id.map(str::to_owned),
-        reason: reason.map(str::to_owned),
+    bazaar_bus::Redrive::checked(
+        id.map(str::to_owned),
+        reason.map(str::to_owned),
         since,
         rate,
-    })
+    )
+    .map_err(|(field, why)| Problem::invalid(field, why))
 }
 
 /// The queues a request names: one known queue, or all of them.
