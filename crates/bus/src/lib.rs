@@ -138,6 +138,22 @@ pub mod header {
     pub const DEAD_AT: &str = "x-dead-at";
 }
 
+/// An envelope's fields but its payload (which is skipped, not kept).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct EnvelopeHead {
+    pub id: String,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub occurred_at: String,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub traceparent: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
 /// A message as it leaves a publisher.
 #[derive(Debug, Clone, Default)]
 pub struct Outgoing {
@@ -164,21 +180,20 @@ impl Outgoing {
     /// (an outbox row): the body is sent as it is, only the fields the
     /// properties need are read.
     pub fn envelope_json(body: Vec<u8>) -> Result<Self, BusError> {
-        #[derive(serde::Deserialize)]
-        struct Ids {
-            id: String,
-            #[serde(default)]
-            traceparent: Option<String>,
-            #[serde(default)]
-            request_id: Option<String>,
-        }
-        let ids: Ids = serde_json::from_slice(&body)?;
-        Ok(Self::with_envelope_headers(
+        Self::envelope_json_head(body).map(|(msg, _)| msg)
+    }
+
+    /// [`Outgoing::envelope_json`], with the envelope's head (read in the
+    /// same pass) for the order timeline.
+    pub fn envelope_json_head(body: Vec<u8>) -> Result<(Self, EnvelopeHead), BusError> {
+        let head: EnvelopeHead = serde_json::from_slice(&body)?;
+        let msg = Self::with_envelope_headers(
             body,
-            &ids.id,
-            ids.traceparent.as_deref(),
-            ids.request_id.as_deref(),
-        ))
+            &head.id,
+            head.traceparent.as_deref(),
+            head.request_id.as_deref(),
+        );
+        Ok((msg, head))
     }
 
     fn with_envelope_headers(

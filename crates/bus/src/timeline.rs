@@ -76,8 +76,37 @@ pub fn record(event: Event) {
     events.push_back(event);
 }
 
+/// An outbox row published by `service` (the broker confirmed it at
+/// `now`): `written` at the message's creation, then `published`, when
+/// the message is correlated.
+pub fn published(service: &str, head: crate::EnvelopeHead, now: u64) {
+    let Some(correlation_id) = head.correlation_id else {
+        return;
+    };
+    let written = time::OffsetDateTime::parse(
+        &head.occurred_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(0))
+    .unwrap_or(now);
+    let trace_id = trace_id_of(head.traceparent.as_deref());
+    for (what, at_us) in [("written", written), ("published", now)] {
+        record(Event {
+            at_us,
+            service: service.to_owned(),
+            what: what.to_owned(),
+            kind: head.kind.clone(),
+            message_id: Some(head.id.clone()),
+            queue: None,
+            attempt: None,
+            detail: None,
+            trace_id: trace_id.clone(),
+            correlation_id: correlation_id.clone(),
+        });
+    }
+}
+
 /// A message event of `service`, when the message is correlated.
-#[allow(clippy::too_many_arguments)]
 pub fn message(
     service: &str,
     what: &str,

@@ -255,14 +255,14 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     }
     rows.sort_by_cached_key(|r| r.try_get::<String, _>("id").unwrap_or_default());
     let mut sends = Vec::with_capacity(rows.len());
-    let mut correlated = Vec::new();
+    let mut heads = Vec::with_capacity(rows.len());
     for row in &rows {
         let exchange: String = row.try_get("exchange")?;
         let key: String = row.try_get("routing_key")?;
         let body: String = row.try_get("envelope")?;
-        correlated.push(Timeline::of(&body));
         // Written by this code, so it parses; if not, the batch stays put.
-        let mut msg = Outgoing::envelope_json(body.into_bytes())?;
+        let (mut msg, head) = Outgoing::envelope_json_head(body.into_bytes())?;
+        heads.push(head);
         // A producer span in the message's trace, until the broker
         // confirms; consumers continue from it.
         let span = tracing::info_span!(
@@ -291,15 +291,15 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     let mut kept = 0;
     let mut sent = Vec::with_capacity(rows.len());
     let mut confirmed = Vec::new();
-    for ((row, outcome), timeline) in rows
+    for ((row, outcome), head) in rows
         .iter()
         .zip(futures::future::join_all(sends).await)
-        .zip(correlated)
+        .zip(heads)
     {
         match outcome {
             Ok(()) => {
                 sent.push(row.try_get::<String, _>("routing_key")?);
-                confirmed.extend(timeline);
+                confirmed.push(head);
             }
             // A command whose service has not declared its queue yet: it
             // stays in the outbox for a later pass, the rest are done. It
@@ -327,8 +327,8 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
     }
     tx.commit().await?;
     let now = bazaar_bus::timeline::now_us();
-    for t in confirmed {
-        t.record(bus.service(), now);
+    for head in confirmed {
+        bazaar_bus::timeline::published(bus.service(), head, now);
     }
     let published = &bus.metrics().published;
     for key in sent {
@@ -366,54 +366,6 @@ async fn sample_outbox(db: &Db, metrics: &bazaar_bus::BusMetrics) {
     }
 }
 
-/// What the order timeline needs of an outbox row's envelope (the
-/// payload is skipped, not kept).
-#[derive(serde::Deserialize)]
-struct Timeline {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    occurred_at: String,
-    correlation_id: Option<String>,
-    traceparent: Option<String>,
-}
-
-impl Timeline {
-    /// The row's timeline data, if its message is correlated.
-    fn of(body: &str) -> Option<Self> {
-        serde_json::from_str::<Self>(body)
-            .ok()
-            .filter(|t| t.correlation_id.is_some())
-    }
-
-    /// `written` when the message was made, `published` at `now`.
-    fn record(self, service: &str, now: u64) {
-        let Some(correlation_id) = self.correlation_id else {
-            return;
-        };
-        let written = time::OffsetDateTime::parse(
-            &self.occurred_at,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(0))
-        .unwrap_or(now);
-        for (what, at_us) in [("written", written), ("published", now)] {
-            bazaar_bus::timeline::record(bazaar_bus::timeline::Event {
-                at_us,
-                service: service.to_owned(),
-                what: what.to_owned(),
-                kind: self.kind.clone(),
-                message_id: Some(self.id.clone()),
-                queue: None,
-                attempt: None,
-                detail: None,
-                trace_id: bazaar_bus::timeline::trace_id_of(self.traceparent.as_deref()),
-                correlation_id: correlation_id.clone(),
-            });
-        }
-    }
-}
-
 async fn prune_inbox(db: &Db) {
     if let Err(e) = sqlx::query("DELETE FROM inbox WHERE received_at < $1")
         .bind(crate::ago(INBOX_RETENTION))
@@ -444,8 +396,8 @@ pub struct Inbox<E> {
     db: Db,
     outbox: Outbox,
     effects: E,
-    metrics: bazaar_bus::BusMetrics,
-    service: &'static str,
+    /// Its instruments and service name, for metrics and spans.
+    bus: Bus,
 }
 
 impl<E: Effects> Inbox<E> {
@@ -455,8 +407,7 @@ impl<E: Effects> Inbox<E> {
             db,
             outbox,
             effects,
-            metrics: bus.metrics().clone(),
-            service: bus.service(),
+            bus: bus.clone(),
         })
     }
 
@@ -475,7 +426,7 @@ impl<E: Effects> Inbox<E> {
             if !fresh.remove(msg.envelope.id.as_str()) {
                 tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
                 duplicates += 1;
-                let (service, env) = (self.service, msg.envelope.clone());
+                let (service, env) = (self.bus.service(), msg.envelope.clone());
                 after_commit(move || {
                     bazaar_bus::timeline::message(service, "duplicate", &env, None, None, None);
                 });
@@ -483,11 +434,11 @@ impl<E: Effects> Inbox<E> {
             }
             self.effects
                 .apply(&mut tx, msg)
-                .instrument(message_span(self.service, msg))
+                .instrument(message_span(self.bus.service(), msg))
                 .await?;
         }
         if duplicates > 0 {
-            let counter = self.metrics.inbox_duplicates.clone();
+            let counter = self.bus.metrics().inbox_duplicates.clone();
             after_commit(move || {
                 counter.inc_by(duplicates);
             });

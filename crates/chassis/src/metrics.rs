@@ -331,13 +331,17 @@ impl Process {
         let fds = std::fs::read_dir("/proc/self/fd")
             .map(|d| i64::try_from(d.count()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        let boot = std::fs::read_to_string("/proc/stat").ok()?;
-        let btime = boot
-            .lines()
-            .find_map(|l| l.strip_prefix("btime "))?
-            .trim()
-            .parse::<f64>()
-            .ok()?;
+        // The start time does not change: read the boot time once.
+        static BOOT: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+        let btime = (*BOOT.get_or_init(|| {
+            std::fs::read_to_string("/proc/stat")
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("btime "))?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        }))?;
         let start = btime + field(22)? as f64 / ticks;
         Some((cpu, rss, fds, start))
     }

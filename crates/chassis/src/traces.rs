@@ -79,39 +79,10 @@ impl Recent {
         out
     }
 
-    /// The ids of traces with a span whose attribute `key` is `value`,
-    /// newest first, at most `limit`.
-    pub fn find(&self, key: &str, value: &str, limit: usize) -> Vec<String> {
-        let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<String> = Vec::new();
-        for s in spans.iter().rev() {
-            if s.attributes.get(key).is_some_and(|v| v == value) && !out.contains(&s.trace_id) {
-                out.push(s.trace_id.clone());
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        out
-    }
-
     /// The most recent spans, newest first, at most `limit`.
     pub fn latest(&self, limit: usize) -> Vec<SpanRecord> {
         let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         spans.iter().rev().take(limit).cloned().collect()
-    }
-
-    /// The roots of the most recent traces (spans without a parent here),
-    /// newest first, at most `limit`.
-    pub fn roots(&self, limit: usize) -> Vec<SpanRecord> {
-        let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        spans
-            .iter()
-            .rev()
-            .filter(|s| s.parent_span_id.is_none())
-            .take(limit)
-            .cloned()
-            .collect()
     }
 }
 
