@@ -373,6 +373,23 @@ async fn item_16_every_metrics_endpoint_passes_promtool_check_metrics() {
         assert!(names.contains(service), "{service} is not registered");
     }
     let http = reqwest::Client::new();
+    // The checkout's messages leave through the outbox relay a moment
+    // after its answer: wait until orders has published one.
+    let orders = instances.iter().find(|i| i.name == "orders").unwrap();
+    for _ in 0..100 {
+        let text = http
+            .get(format!("{}/metrics", orders.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("bus_published_total{") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     for i in &instances {
         let res = http
             .get(format!("{}/metrics", i.address))
