@@ -288,6 +288,7 @@ async fn a_checkout_is_one_trace_in_the_embedded_mode() {
         assert!(shown[0].get(field).is_some(), "{field}: {}", shown[0]);
     }
     assert_timeline(&system.gateway_url, &order_id, &trace_id).await;
+    assert_dashboard(&system.gateway_url, &order_id, &trace_id).await;
     system.shutdown.trigger();
 }
 
@@ -343,6 +344,7 @@ async fn a_checkout_is_one_trace_across_processes() {
     let line: Value = serde_json::from_str(line).unwrap();
     assert_eq!(line["span_id"].as_str().unwrap().len(), 16, "{line}");
     assert_timeline(&gateway, &order_id, &trace_id).await;
+    assert_dashboard(&gateway, &order_id, &trace_id).await;
     drop(up);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -403,4 +405,221 @@ async fn assert_timeline(gateway: &str, order_id: &str, trace_id: &str) {
             .unwrap()
     };
     assert!(at("inventory.reserved", "handled") <= at("payments.charge", "published"));
+}
+
+/// The dashboard's page and API: every service with its health; the
+/// checkout's calls and messages on the service map; requests per route;
+/// the queues with their consumers; the checkout's trace found by its
+/// order id, its request id and its own id; the live stream; a replay
+/// recorded with who made it. Tokens are checked even from loopback.
+async fn assert_dashboard(gateway: &str, order_id: &str, trace_id: &str) {
+    let api = Api::new(gateway);
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let http = reqwest::Client::new();
+    let get = |path: String, token: Option<String>| {
+        let mut req = http.get(format!("{gateway}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    // The page and its assets, with a policy that forbids inline code.
+    for (path, kind) in [
+        ("/_dashboard", "text/html"),
+        ("/_dashboard/app.js", "text/javascript"),
+        ("/_dashboard/app.css", "text/css"),
+    ] {
+        let res = get(path.into(), None).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let ct = res.headers()["content-type"].to_str().unwrap();
+        assert!(ct.starts_with(kind), "{path}: {ct}");
+        let csp = res.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'"), "{csp}");
+    }
+    let (customer, _) = api
+        .register_and_login(&format!("{}@dash.test", unique()))
+        .await;
+    let status = get("/_dashboard/api/snapshot".into(), Some(customer))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::FORBIDDEN, "a customer's token");
+    let status = get(
+        "/_dashboard/api/snapshot".into(),
+        Some("not-a-token".into()),
+    )
+    .await
+    .unwrap()
+    .status();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a bad token");
+
+    // Two snapshots: the second has rates over the time between them.
+    let snapshot = || async {
+        let res = get("/_dashboard/api/snapshot".into(), Some(admin.clone()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json::<Value>().await.unwrap()
+    };
+    snapshot().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let snap = snapshot().await;
+    assert!(snap["window_s"].as_f64().unwrap() > 0.0, "{snap}");
+    let services: HashSet<&str> = snap["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["answering"] == true)
+        .map(|i| i["service"].as_str().unwrap())
+        .collect();
+    for s in SERVICES.iter().chain(&["users", "auth"]) {
+        assert!(services.contains(s), "{s} missing from {services:?}");
+    }
+    let edges: HashSet<(String, String, String)> = snap["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let f = |k: &str| e[k].as_str().unwrap().to_owned();
+            (f("from"), f("to"), f("kind"))
+        })
+        .collect();
+    for (from, to, kind) in [
+        ("gateway", "orders", "http"),
+        ("orders", "catalog", "http"),
+        ("orders", "inventory", "message"),
+        ("inventory", "orders", "message"),
+        ("orders", "payments", "message"),
+        ("payments", "orders", "message"),
+        ("orders", "notifications", "message"),
+    ] {
+        assert!(
+            edges.contains(&(from.into(), to.into(), kind.into())),
+            "no {from} → {to} ({kind}) in {edges:?}"
+        );
+    }
+    let routes = snap["routes"].as_array().unwrap();
+    assert!(
+        routes.iter().any(|r| r["service"] == "orders"
+            && r["method"] == "POST"
+            && r["total"].as_f64() >= Some(1.0)
+            && r["p99_ms"].as_f64().is_some()),
+        "{routes:?}"
+    );
+    let saga = snap["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "orders.saga")
+        .unwrap();
+    assert!(saga["consumers"].as_u64() >= Some(1), "{saga}");
+    assert_eq!(saga["dead_letters"], 0, "{saga}");
+
+    // The checkout's trace, found by its order id, request id and own id.
+    let search = |q: String| {
+        let admin = admin.clone();
+        async move {
+            let res = get(format!("/_dashboard/api/traces?q={q}"), Some(admin))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res.json::<Vec<Value>>().await.unwrap()
+        }
+    };
+    let by_order = search(order_id.to_owned()).await;
+    assert_eq!(by_order[0]["trace_id"], trace_id, "{by_order:?}");
+    assert!(by_order[0]["spans"].as_u64() >= Some(10), "{by_order:?}");
+    assert!(
+        by_order[0]["services"].as_array().unwrap().len() >= 5,
+        "{by_order:?}"
+    );
+    assert_eq!(search(trace_id.to_owned()).await[0]["trace_id"], trace_id);
+    let spans: Value = get(
+        format!("/_dashboard/api/traces/{trace_id}"),
+        Some(admin.clone()),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let request_id = spans["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| {
+            s["attributes"]["request_id"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+        })
+        .unwrap()
+        .to_owned();
+    assert_eq!(search(request_id).await[0]["trace_id"], trace_id);
+    assert!(!search(String::new()).await.is_empty(), "the latest traces");
+    let long = "x".repeat(101);
+    let status = get(
+        format!("/_dashboard/api/traces?q={long}"),
+        Some(admin.clone()),
+    )
+    .await
+    .unwrap()
+    .status();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The live stream sends a snapshot at once.
+    let mut res = get("/_dashboard/api/stream".into(), Some(admin.clone()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut seen = String::new();
+    while !seen.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), res.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.starts_with("event: snapshot\ndata: {"), "{seen}");
+    drop(res);
+
+    // A replay through the dashboard is recorded with who made it.
+    let replay = |body: Value| {
+        http.post(format!("{gateway}/_dashboard/api/dead-letters/replay"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+    };
+    let res = replay(json!({"queue": "payments.commands", "all": true, "rate": 10}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"replayed": 0}));
+    let res = replay(json!({"queue": "no.such.queue", "all": true}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let replays: Vec<Value> = get("/_dashboard/api/replays".into(), Some(admin.clone()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replays[0]["by"], ADMIN_EMAIL, "{replays:?}");
+    assert_eq!(replays[0]["queue"], "payments.commands", "{replays:?}");
+    assert_eq!(replays[0]["rate"], 10.0, "{replays:?}");
+    let letters = get(
+        "/_dashboard/api/dead-letters?queue=orders.saga".into(),
+        Some(admin.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.status(), StatusCode::OK);
+    assert_eq!(letters.json::<Value>().await.unwrap(), json!([]));
 }

@@ -27,7 +27,10 @@ use lapin::{
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::{Acker, BusError, Deliveries, Delivery, Headers, Outgoing, QueueSpec, Transport, lock};
+use crate::{
+    Acker, BusError, Deliveries, Delivery, Headers, Outgoing, QueueSpec, QueueStats, Transport,
+    lock,
+};
 
 impl From<lapin::Error> for BusError {
     fn from(e: lapin::Error) -> Self {
@@ -581,6 +584,32 @@ impl Transport for AmqpTransport {
             out.push(to_delivery(got.delivery, &channel, false));
         }
         Ok(out)
+    }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        let link = self.link().await?;
+        // Its own channel: a passive declare of a missing queue closes it.
+        let channel = link.conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await;
+        match declared {
+            Ok(q) => {
+                let _ = channel.close(200, "".into()).await;
+                Ok(QueueStats {
+                    messages: u64::from(q.message_count()),
+                    consumers: u64::from(q.consumer_count()),
+                })
+            }
+            Err(e) if e.to_string().contains("NOT_FOUND") => {
+                Err(BusError::NoQueue(queue.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn publish_delayed(

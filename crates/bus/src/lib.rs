@@ -52,6 +52,9 @@ pub enum BusError {
     /// The delivery has no `reply_to`, so it cannot be answered.
     #[error("the delivery has no reply address")]
     NoReplyTo,
+    /// The queue does not exist on the broker.
+    #[error("no queue {0:?}")]
+    NoQueue(String),
     /// A URL that names no known backend.
     #[error("unknown bus url {0:?}: expected `memory` or `amqp://…`")]
     UnknownUrl(String),
@@ -124,6 +127,8 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// The HTTP request id the message descends from.
     pub const REQUEST_ID: &str = "x-request-id";
+    /// The service that published the message (for the service map).
+    pub const SOURCE: &str = "x-source";
     /// Which delivery attempt this is (1 for the first).
     pub const ATTEMPT: &str = "x-attempt";
     /// Why the last attempt failed.
@@ -319,8 +324,19 @@ pub trait Transport: Send + Sync + 'static {
         msg: Outgoing,
         delay: Duration,
     ) -> Result<(), BusError>;
+    /// How many messages wait in `queue` and how many consumers it has.
+    /// A queue that does not exist is [`BusError::NoQueue`].
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError>;
     /// Whether the broker is usable right now (for `/ready`).
     fn is_connected(&self) -> bool;
+}
+
+/// A queue as the broker sees it now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct QueueStats {
+    /// Messages ready for delivery (not those delivered and unsettled).
+    pub messages: u64,
+    pub consumers: u64,
 }
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>;
@@ -408,6 +424,11 @@ impl Bus {
         self.transport
             .publish(exchange, key, Outgoing::envelope(env)?)
             .await
+    }
+
+    /// How many messages wait in `queue` and how many consumers take them.
+    pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        self.transport.queue_stats(queue).await
     }
 
     /// Declares a queue with its bindings, and its dead-letter queue.

@@ -3,6 +3,7 @@
 //! its queue, and competing consumers share a queue.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,7 +11,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::{Acker, BusError, Deliveries, Delivery, Outgoing, QueueSpec, Transport, topic_matches};
+use crate::{
+    Acker, BusError, Deliveries, Delivery, Outgoing, QueueSpec, QueueStats, Transport,
+    topic_matches,
+};
 
 #[derive(Clone)]
 struct Stored {
@@ -22,6 +26,10 @@ struct Stored {
 struct MemQueue {
     tx: mpsc::UnboundedSender<Stored>,
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Stored>>,
+    /// Messages sent and not yet taken.
+    waiting: AtomicU64,
+    /// Consumer streams alive.
+    consumers: AtomicU64,
 }
 
 impl MemQueue {
@@ -30,7 +38,37 @@ impl MemQueue {
         Arc::new(Self {
             tx,
             rx: tokio::sync::Mutex::new(rx),
+            waiting: AtomicU64::new(0),
+            consumers: AtomicU64::new(0),
         })
+    }
+
+    fn put(&self, stored: Stored) {
+        // Counted before it can be taken.
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(stored).is_err() {
+            self.taken();
+        }
+    }
+
+    fn taken(&self) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a consumer stream of a queue while it lives.
+struct Consuming(Arc<MemQueue>);
+
+impl Consuming {
+    fn new(q: Arc<MemQueue>) -> Self {
+        q.consumers.fetch_add(1, Ordering::Relaxed);
+        Self(q)
+    }
+}
+
+impl Drop for Consuming {
+    fn drop(&mut self) {
+        self.0.consumers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -97,23 +135,24 @@ impl Transport for MemoryTransport {
                     msg: msg.clone(),
                     redelivered: false,
                 };
-                let _ = q.tx.send(stored);
+                q.put(stored);
             }
         }
         Ok(())
     }
 
     async fn consume(&self, queue: &str, _prefetch: u16) -> Result<Deliveries, BusError> {
-        let q = self.queue(queue);
-        Ok(futures::stream::unfold(q, |q| async move {
-            let next = q.rx.lock().await.recv().await;
-            // The sender lives in `q` itself, so `recv` never ends.
+        let q = Consuming::new(self.queue(queue));
+        Ok(futures::stream::unfold(q, |c| async move {
+            let next = c.0.rx.lock().await.recv().await;
+            // The sender lives in the queue itself, so `recv` never ends.
             let stored = next?;
+            c.0.taken();
             let acker = MemAcker {
-                queue: Arc::clone(&q),
+                queue: Arc::clone(&c.0),
                 stored: Some(stored.clone()),
             };
-            Some((to_delivery(stored, Box::new(acker)), q))
+            Some((to_delivery(stored, Box::new(acker)), c))
         })
         .boxed())
     }
@@ -139,6 +178,7 @@ impl Transport for MemoryTransport {
         let mut out = Vec::new();
         while out.len() < max {
             let Ok(stored) = rx.try_recv() else { break };
+            q.taken();
             let acker = MemAcker {
                 queue: Arc::clone(&q),
                 stored: Some(stored.clone()),
@@ -158,13 +198,24 @@ impl Transport for MemoryTransport {
         let routing_key = queue.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = q.tx.send(Stored {
+            q.put(Stored {
                 routing_key,
                 msg,
                 redelivered: false,
             });
         });
         Ok(())
+    }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        let q = read(&self.queues)
+            .get(queue)
+            .cloned()
+            .ok_or_else(|| BusError::NoQueue(queue.to_owned()))?;
+        Ok(QueueStats {
+            messages: q.waiting.load(Ordering::Relaxed),
+            consumers: q.consumers.load(Ordering::Relaxed),
+        })
     }
 
     fn is_connected(&self) -> bool {
@@ -195,7 +246,7 @@ impl MemAcker {
     fn requeue(&mut self) {
         if let Some(mut stored) = self.stored.take() {
             stored.redelivered = true;
-            let _ = self.queue.tx.send(stored);
+            self.queue.put(stored);
         }
     }
 }

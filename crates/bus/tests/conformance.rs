@@ -119,6 +119,54 @@ async fn durable_queue_keeps_messages_until_consumed(bus: &Bus) {
     nothing_more(&mut d).await;
 }
 
+async fn queue_stats_count_messages_and_consumers(bus: &Bus) {
+    let missing = unique("q.missing");
+    assert!(
+        matches!(
+            bus.queue_stats(&missing).await,
+            Err(bazaar_bus::BusError::NoQueue(q)) if q == missing
+        ),
+        "a missing queue is NoQueue"
+    );
+    let ex = unique("ex");
+    let spec = test_queue("q.stats").bind(&ex, "k");
+    bus.transport().declare_queue(&spec).await.unwrap();
+    let stats = bus.queue_stats(&spec.name).await.unwrap();
+    assert_eq!((stats.messages, stats.consumers), (0, 0));
+    for i in 0..3 {
+        bus.publish(&ex, "k", &Envelope::new("t", &format!("m{i}")).unwrap())
+            .await
+            .unwrap();
+    }
+    // RabbitMQ counts a moment after the confirm.
+    let mut stats = bus.queue_stats(&spec.name).await.unwrap();
+    for _ in 0..50 {
+        if stats.messages == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = bus.queue_stats(&spec.name).await.unwrap();
+    }
+    assert_eq!((stats.messages, stats.consumers), (3, 0));
+    let mut d = bus.subscribe(&spec, 10).await.unwrap();
+    for _ in 0..3 {
+        let (_, delivery) = next_payload(&mut d).await;
+        delivery.ack().await.unwrap();
+    }
+    let stats = bus.queue_stats(&spec.name).await.unwrap();
+    assert_eq!((stats.messages, stats.consumers), (0, 1));
+    drop(d);
+    let mut stats = bus.queue_stats(&spec.name).await.unwrap();
+    for _ in 0..50 {
+        if stats.consumers == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = bus.queue_stats(&spec.name).await.unwrap();
+    }
+    assert_eq!(stats.consumers, 0, "a dropped consumer is gone");
+}
+
 async fn nack_requeues_or_drops(bus: &Bus) {
     let ex = unique("ex");
     let spec = test_queue("q.nack").bind(&ex, "k");
@@ -539,6 +587,7 @@ async fn suite(bus: Bus) {
     retry_dead_letter_and_replay(&bus).await;
     topic_bindings(&bus).await;
     durable_queue_keeps_messages_until_consumed(&bus).await;
+    queue_stats_count_messages_and_consumers(&bus).await;
     nack_requeues_or_drops(&bus).await;
     dropped_delivery_is_redelivered(&bus).await;
     request_reply_matches_every_caller(&bus).await;

@@ -189,6 +189,43 @@ async fn timeline_handler(
     Ok(axum::Json(bazaar_bus::timeline::events(&id)))
 }
 
+/// What `/_traces/search` and `/_traces/edges` are asked.
+#[derive(serde::Deserialize)]
+struct TraceQuery {
+    #[serde(default)]
+    q: String,
+    /// Trace ids, comma-separated.
+    ids: Option<String>,
+    limit: Option<usize>,
+    seconds: Option<u64>,
+}
+
+/// `GET /_traces/search?q=&limit=`: the traces of this process's recent
+/// spans (all, or those matching `q`: a trace, request, order or message
+/// id), summed up, with this process's id; `?ids=a,b` sums up those
+/// traces (at most 100).
+async fn search_handler(
+    axum::extract::Query(q): axum::extract::Query<TraceQuery>,
+) -> axum::Json<serde_json::Value> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let found = crate::traces::recent().map_or_else(Vec::new, |r| match &q.ids {
+        Some(ids) => r.summaries(&ids.split(',').take(100).collect::<Vec<_>>()),
+        None => r.search(&q.q, limit),
+    });
+    axum::Json(serde_json::json!({"process": crate::traces::process_id(), "traces": found}))
+}
+
+/// `GET /_traces/edges?seconds=`: who called whom in this process's
+/// spans of the last `seconds` (default 60), with this process's id.
+async fn edges_handler(
+    axum::extract::Query(q): axum::extract::Query<TraceQuery>,
+) -> axum::Json<serde_json::Value> {
+    let since =
+        crate::traces::now_us().saturating_sub(q.seconds.unwrap_or(60).min(3600) * 1_000_000);
+    let edges = crate::traces::recent().map_or_else(Vec::new, |r| r.edges(since));
+    axum::Json(serde_json::json!({"process": crate::traces::process_id(), "edges": edges}))
+}
+
 /// `GET /_traces`: this process's 100 latest spans, newest first.
 async fn latest_spans_handler() -> axum::Json<Vec<crate::traces::SpanRecord>> {
     axum::Json(crate::traces::recent().map_or_else(Vec::new, |r| r.latest(100)))
@@ -205,6 +242,8 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
             get(metrics_handler).with_state(ctx.metrics.clone()),
         )
         .route("/_traces", get(latest_spans_handler))
+        .route("/_traces/search", get(search_handler))
+        .route("/_traces/edges", get(edges_handler))
         .route("/_timeline/{correlation_id}", get(timeline_handler))
         .route("/_traces/{trace_id}", get(traces_handler))
         .route(
@@ -264,6 +303,9 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
 /// `traceparent` names (or a new one), named by the route once routing
 /// found it ([`crate::metrics::track`], the gateway's route label).
 fn server_span<B>(service: &'static str, req: &axum::http::Request<B>) -> tracing::Span {
+    if operational(req.uri().path()) {
+        return tracing::Span::none();
+    }
     let headers = req.headers();
     let request_id = headers
         .get(X_REQUEST_ID)
@@ -283,6 +325,14 @@ fn server_span<B>(service: &'static str, req: &axum::http::Request<B>) -> tracin
     );
     bazaar_mesh::trace::follow(&span, headers.get(TRACEPARENT).map(HeaderValue::as_bytes));
     span
+}
+
+/// Whether a path is the platform's own (health, metrics, traces, the
+/// gateway's operator views): such requests are not traced, so that
+/// probes, scrapes and the dashboard's polling do not crowd out the
+/// traces of the system's work.
+fn operational(path: &str) -> bool {
+    matches!(path, "/health" | "/ready" | "/metrics") || path.starts_with("/_")
 }
 
 /// Records an answer's status on its span; a 5xx is an error.

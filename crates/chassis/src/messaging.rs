@@ -284,6 +284,10 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
             msg.headers
                 .insert(bazaar_bus::header::TRACEPARENT.into(), tp);
         }
+        if !bus.service().is_empty() {
+            msg.headers
+                .insert(bazaar_bus::header::SOURCE.into(), bus.service().into());
+        }
         sends.push(
             async move { bus.transport().publish(&exchange, &key, msg).await }.instrument(span),
         );
@@ -524,6 +528,10 @@ pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
         messaging.message_id = %msg.envelope.id,
         request_id = msg.envelope.request_id.as_deref().unwrap_or(""),
         attempt = msg.attempt,
+        messaging.source = msg
+            .headers
+            .get(bazaar_bus::header::SOURCE)
+            .map_or("", String::as_str),
     );
     let tp = msg
         .headers

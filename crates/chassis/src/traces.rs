@@ -51,6 +51,92 @@ pub struct SpanRecord {
     pub attributes: BTreeMap<String, String>,
 }
 
+/// A trace in a list, summed up from the spans one store keeps (the
+/// dashboard merges the stores' summaries of one trace).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TraceSummary {
+    pub trace_id: String,
+    /// The root span's name (`service: name`), when this store has it.
+    pub root: Option<String>,
+    /// Unix microseconds of the earliest span.
+    pub start_us: u64,
+    /// From the earliest start to the latest end.
+    pub duration_us: u64,
+    pub spans: u64,
+    pub errors: u64,
+    pub services: Vec<String>,
+}
+
+impl TraceSummary {
+    fn new(trace_id: &str) -> Self {
+        Self {
+            trace_id: trace_id.to_owned(),
+            root: None,
+            start_us: u64::MAX,
+            duration_us: 0,
+            spans: 0,
+            errors: 0,
+            services: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, s: &SpanRecord) {
+        if s.parent_span_id.is_none() {
+            self.root = Some(format!("{}: {}", s.service, s.name));
+        }
+        let span_end = s.start_us + s.duration_us;
+        let end = if self.spans == 0 {
+            span_end
+        } else {
+            (self.start_us + self.duration_us).max(span_end)
+        };
+        self.start_us = self.start_us.min(s.start_us);
+        self.duration_us = end.saturating_sub(self.start_us);
+        self.spans += 1;
+        self.errors += u64::from(s.error);
+        if !self.services.contains(&s.service) {
+            self.services.push(s.service.clone());
+        }
+    }
+
+    /// Adds another store's summary of the same trace.
+    pub fn merge(&mut self, other: Self) {
+        let end = (self.start_us + self.duration_us).max(other.start_us + other.duration_us);
+        self.start_us = self.start_us.min(other.start_us);
+        self.duration_us = end.saturating_sub(self.start_us);
+        self.spans += other.spans;
+        self.errors += other.errors;
+        if self.root.is_none() {
+            self.root = other.root;
+        }
+        for s in other.services {
+            if !self.services.contains(&s) {
+                self.services.push(s);
+            }
+        }
+    }
+}
+
+/// Calls from one service to another seen in one store's spans.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Edge {
+    pub from: String,
+    pub to: String,
+    /// `http`, `grpc` or `message`.
+    pub kind: String,
+    pub calls: u64,
+    pub errors: u64,
+    /// The calls' durations summed (client side; for a message, its handling).
+    pub total_us: u64,
+}
+
+/// This process's id, so that instances sharing a process (the embedded
+/// mode) are counted once.
+pub fn process_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+}
+
 /// The recent spans of this process, oldest first, at most `keep`.
 #[derive(Debug)]
 pub struct Recent {
@@ -77,6 +163,106 @@ impl Recent {
             .collect();
         out.sort_by_key(|s| s.start_us);
         out
+    }
+
+    /// The traces of the most recent spans, newest first, at most
+    /// `limit`: all of them, or those whose trace id is `q` or that have
+    /// a span with an attribute equal to `q` (a request id, an order id,
+    /// a message id). Each is summed up from the spans this store keeps.
+    pub fn search(&self, q: &str, limit: usize) -> Vec<TraceSummary> {
+        let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let q = q.trim();
+        let mut order: Vec<&str> = Vec::new();
+        let mut wanted: HashMap<&str, TraceSummary> = HashMap::new();
+        if q.is_empty() {
+            for s in spans.iter().rev() {
+                if order.len() >= limit {
+                    break;
+                }
+                if !wanted.contains_key(s.trace_id.as_str()) {
+                    order.push(&s.trace_id);
+                    wanted.insert(&s.trace_id, TraceSummary::new(&s.trace_id));
+                }
+            }
+        } else {
+            for s in spans.iter().rev() {
+                if order.len() >= limit {
+                    break;
+                }
+                let hit = s.trace_id == q || s.attributes.values().any(|v| v == q);
+                if hit && !wanted.contains_key(s.trace_id.as_str()) {
+                    order.push(&s.trace_id);
+                    wanted.insert(&s.trace_id, TraceSummary::new(&s.trace_id));
+                }
+            }
+        }
+        for s in spans.iter() {
+            if let Some(t) = wanted.get_mut(s.trace_id.as_str()) {
+                t.add(s);
+            }
+        }
+        order.iter().filter_map(|id| wanted.remove(id)).collect()
+    }
+
+    /// The summaries of the traces `ids` from the spans this store keeps
+    /// (a trace it has no span of is left out).
+    pub fn summaries(&self, ids: &[&str]) -> Vec<TraceSummary> {
+        let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found: HashMap<&str, TraceSummary> =
+            ids.iter().map(|id| (*id, TraceSummary::new(id))).collect();
+        for s in spans.iter() {
+            if let Some(t) = found.get_mut(s.trace_id.as_str()) {
+                t.add(s);
+            }
+        }
+        found.into_values().filter(|t| t.spans > 0).collect()
+    }
+
+    /// Who called whom among the spans that started at or after
+    /// `since_us`: a client span's `peer.service` (HTTP or gRPC), a
+    /// consumer span's `messaging.source` (a message).
+    pub fn edges(&self, since_us: u64) -> Vec<Edge> {
+        let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut edges: BTreeMap<(String, String, &'static str), Edge> = BTreeMap::new();
+        for s in spans.iter().rev() {
+            if s.start_us < since_us {
+                break;
+            }
+            let (from, to, kind) = match s.kind.as_str() {
+                "client" => match s.attributes.get("peer.service") {
+                    Some(peer) => {
+                        let kind = if s.attributes.contains_key("rpc.system") {
+                            "grpc"
+                        } else {
+                            "http"
+                        };
+                        (s.service.clone(), peer.clone(), kind)
+                    }
+                    None => continue,
+                },
+                "consumer" => match s.attributes.get("messaging.source") {
+                    Some(source) if !source.is_empty() => {
+                        (source.clone(), s.service.clone(), "message")
+                    }
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let e = edges
+                .entry((from.clone(), to.clone(), kind))
+                .or_insert_with(|| Edge {
+                    from,
+                    to,
+                    kind: kind.to_owned(),
+                    calls: 0,
+                    errors: 0,
+                    total_us: 0,
+                });
+            e.calls += 1;
+            e.errors += u64::from(s.error);
+            e.total_us += s.duration_us;
+        }
+        edges.into_values().collect()
     }
 
     /// The most recent spans, newest first, at most `limit`.
@@ -124,6 +310,11 @@ impl SpanProcessor for Keep {
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
         Ok(())
     }
+}
+
+/// Now, in Unix microseconds.
+pub fn now_us() -> u64 {
+    micros(SystemTime::now())
 }
 
 fn micros(t: SystemTime) -> u64 {

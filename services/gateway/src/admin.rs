@@ -15,6 +15,44 @@ use serde::{Deserialize, Serialize};
 pub struct AdminState {
     pub bus: Bus,
     pub verifier: Arc<Verifier>,
+    pub replays: Arc<Replays>,
+}
+
+/// One replay of dead letters: who asked, when, for what, how many.
+#[derive(Clone, Serialize, utoipa::ToSchema)]
+pub struct Replay {
+    /// RFC 3339.
+    at: String,
+    /// The admin's email, or `loopback` for an operator on the machine.
+    by: String,
+    /// The queue, or `*` for every queue.
+    queue: String,
+    id: Option<String>,
+    reason: Option<String>,
+    since: Option<String>,
+    rate: Option<f64>,
+    replayed: usize,
+}
+
+/// The replays this gateway made, newest last (the last 1000), beside
+/// the `audit` log line each also writes.
+#[derive(Default)]
+pub struct Replays(std::sync::Mutex<std::collections::VecDeque<Replay>>);
+
+impl Replays {
+    fn record(&self, replay: Replay) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if all.len() >= 1000 {
+            all.pop_front();
+        }
+        all.push_back(replay);
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<Replay> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().rev().cloned().collect()
+    }
 }
 
 impl FromRef<AdminState> for Arc<Verifier> {
@@ -37,7 +75,7 @@ pub fn router(state: AdminState) -> Router {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-struct Which {
+pub(crate) struct Which {
     /// One queue (e.g. `orders.saga`); default every Bazaar queue.
     queue: Option<String>,
     /// Only letters whose reason contains this (case-insensitive).
@@ -88,17 +126,21 @@ async fn list(
     Query(which): Query<Which>,
 ) -> Result<Json<Vec<DeadLetter>>, Problem> {
     caller.require_admin()?;
+    letters(&s.bus, &which).await.map(Json)
+}
+
+/// The dead letters `which` chooses.
+pub(crate) async fn letters(bus: &Bus, which: &Which) -> Result<Vec<DeadLetter>, Problem> {
     let filter = chosen(None, which.reason.as_deref(), which.since.as_deref(), None)?;
     let mut out = Vec::new();
     for q in queues(which.queue.as_deref())? {
         out.extend(
-            s.bus
-                .dead_letters_matching(q, &filter)
+            bus.dead_letters_matching(q, &filter)
                 .await
                 .map_err(unavailable)?,
         );
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 /// Which dead letters to replay: one (`id`) or all (`all: true`), of one
@@ -106,7 +148,7 @@ async fn list(
 /// per second at most.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[schema(examples(json!({"queue": "payments.commands", "all": true, "reason": "timeout", "since": "2026-12-01T12:00:00Z", "rate": 50})))]
-struct ReplayBody {
+pub(crate) struct ReplayBody {
     queue: Option<String>,
     id: Option<String>,
     #[serde(default)]
@@ -122,7 +164,7 @@ struct ReplayBody {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct Replayed {
+pub(crate) struct Replayed {
     replayed: usize,
 }
 
@@ -145,6 +187,18 @@ async fn replay(
     Json(body): Json<ReplayBody>,
 ) -> Result<Json<Replayed>, Problem> {
     caller.require_admin()?;
+    redrive(&s.bus, &s.replays, &body, &caller.email)
+        .await
+        .map(Json)
+}
+
+/// Replays the dead letters `body` chooses, and records who (`by`) did.
+pub(crate) async fn redrive(
+    bus: &Bus,
+    replays: &Replays,
+    body: &ReplayBody,
+    by: &str,
+) -> Result<Replayed, Problem> {
     if body.id.is_some() == body.all {
         return Err(Problem::invalid("id", "give either an id or all: true"));
     }
@@ -154,15 +208,22 @@ async fn replay(
         body.since.as_deref(),
         body.rate,
     )?;
+    let chosen_queues = queues(body.queue.as_deref())?;
     let mut replayed = 0;
-    for q in queues(body.queue.as_deref())? {
-        replayed += s.bus.redrive(q, &filter).await.map_err(unavailable)?;
+    let mut failed = None;
+    for q in chosen_queues {
+        match bus.redrive(q, &filter).await {
+            Ok(n) => replayed += n,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
     }
-    // Who replayed what, and when (the log line's time).
+    // Who replayed what, and when; also what a failure had replayed.
     tracing::info!(
         target: "audit",
-        by = %caller.id,
-        email = %caller.email,
+        by,
         queue = body.queue.as_deref().unwrap_or("*"),
         id = body.id.as_deref().unwrap_or(""),
         reason = body.reason.as_deref().unwrap_or(""),
@@ -171,10 +232,25 @@ async fn replay(
         replayed,
         "dead letters replayed"
     );
+    replays.record(Replay {
+        at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        by: by.to_owned(),
+        queue: body.queue.clone().unwrap_or_else(|| "*".into()),
+        id: body.id.clone(),
+        reason: body.reason.clone(),
+        since: body.since.clone(),
+        rate: body.rate,
+        replayed,
+    });
+    if let Some(e) = failed {
+        return Err(unavailable(e));
+    }
     if body.id.is_some() && replayed == 0 {
         return Err(Problem::not_found("no dead letter with that id"));
     }
-    Ok(Json(Replayed { replayed }))
+    Ok(Replayed { replayed })
 }
 
 /// `GET /_admin/services`: every service's instances with their health
@@ -207,20 +283,26 @@ pub struct Seen {
     view: bazaar_mesh::upstream::InstanceView,
 }
 
-/// The operator views are for loopback callers and admins.
+/// The operator views are for loopback callers and admins; who it is:
+/// the admin's email (a token is checked from loopback too), else
+/// `loopback`.
 async fn operator(
     g: &crate::proxy::Shared,
     edge: &crate::edge::Edge,
     headers: &axum::http::HeaderMap,
-) -> Result<(), Problem> {
-    if !edge.client.is_loopback() {
-        match g.claims(headers).await? {
-            None => return Err(Problem::unauthorized("an admin token is required")),
-            Some(c) if c.role != "admin" => return Err(Problem::forbidden("admin role required")),
-            Some(_) => {}
-        }
+) -> Result<String, Problem> {
+    let claims =
+        if edge.client.is_loopback() && !headers.contains_key(axum::http::header::AUTHORIZATION) {
+            None
+        } else {
+            g.claims(headers).await?
+        };
+    match claims {
+        Some(c) if c.role == "admin" => Ok(c.email.clone()),
+        Some(_) => Err(Problem::forbidden("admin role required")),
+        None if edge.client.is_loopback() => Ok("loopback".into()),
+        None => Err(Problem::unauthorized("an admin token is required")),
     }
-    Ok(())
 }
 
 /// `GET /_admin/config`: the gateway's effective configuration, each
@@ -257,9 +339,24 @@ where
     Fut: std::future::Future<Output = Result<R, Problem>>,
     R: axum::response::IntoResponse,
 {
+    operator_acts(g, peer, req, |_, _| view()).await
+}
+
+/// [`operator_view`] for a view that needs who asks and the request.
+pub(crate) async fn operator_acts<F, Fut, R>(
+    g: &crate::proxy::Shared,
+    peer: std::net::SocketAddr,
+    req: axum::extract::Request,
+    act: F,
+) -> axum::response::Response
+where
+    F: FnOnce(String, axum::extract::Request) -> Fut,
+    Fut: std::future::Future<Output = Result<R, Problem>>,
+    R: axum::response::IntoResponse,
+{
     crate::edge::answer(g, peer, req, |edge, req| async move {
-        operator(g, &edge, req.headers()).await?;
-        view().await
+        let who = operator(g, &edge, req.headers()).await?;
+        act(who, req).await
     })
     .await
 }
@@ -317,6 +414,12 @@ pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
     instance: &bazaar_mesh::Instance,
     target: &str,
 ) -> Option<T> {
+    serde_json::from_slice(&fetch(instance, target).await?).ok()
+}
+
+/// An instance's answer to `GET target` (1 MiB at most; a 2xx only), or
+/// `None`.
+pub(crate) async fn fetch(instance: &bazaar_mesh::Instance, target: &str) -> Option<bytes::Bytes> {
     let authority = bazaar_mesh::upstream::authority(&instance.address);
     let host = axum::http::HeaderValue::from_str(&authority).ok()?;
     let req = crate::conn::Outgoing {
@@ -329,12 +432,16 @@ pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
     let res = crate::conn::send(&authority, &req, std::time::Instant::now())
         .await
         .ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
     let body = http_body_util::Limited::new(res.into_body(), 1024 * 1024);
-    let bytes = http_body_util::BodyExt::collect(body)
-        .await
-        .ok()?
-        .to_bytes();
-    serde_json::from_slice(&bytes).ok()
+    Some(
+        http_body_util::BodyExt::collect(body)
+            .await
+            .ok()?
+            .to_bytes(),
+    )
 }
 
 /// One key of `/_admin/config`.

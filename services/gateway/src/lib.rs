@@ -43,6 +43,12 @@ fn own_api() -> utoipa_axum::router::OpenApiRouter<proxy::Shared> {
         .routes(routes!(act::act))
         .routes(routes!(dashboard::trace))
         .routes(routes!(dashboard::timeline))
+        .routes(routes!(dashboard::current))
+        .routes(routes!(dashboard::stream))
+        .routes(routes!(dashboard::search))
+        .routes(routes!(dashboard::dead_letters))
+        .routes(routes!(dashboard::replay))
+        .routes(routes!(dashboard::replays))
 }
 
 /// The contract of what the gateway serves itself (paths as clients see
@@ -126,6 +132,7 @@ impl Application {
             probe,
             self.ctx.calls.instruments(),
         );
+        let replays = Arc::new(admin::Replays::default());
         let state: proxy::Shared = Arc::new(proxy::Gateway {
             live,
             upstreams,
@@ -136,12 +143,14 @@ impl Application {
             grpc: grpc::client(),
             grpc_timeout: default_timeout(&self.ctx),
             config: self.ctx.live.clone(),
+            board: dashboard::Board::new(self.ctx.bus.clone(), replays.clone()),
         });
         // The admin API takes the edge as middleware; the gateway's own
         // handlers call it directly (no extra boxed layer on the hot path).
         let admin = admin::router(admin::AdminState {
             bus: self.ctx.bus.clone(),
             verifier: self.ctx.verifier.clone(),
+            replays,
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -171,6 +180,10 @@ impl Application {
                 }),
             )
             .with_state(state.clone())
+            .route("/_dashboard", get(dashboard::page))
+            .route("/_dashboard/", get(dashboard::page))
+            .route("/_dashboard/app.js", get(dashboard::page))
+            .route("/_dashboard/app.css", get(dashboard::page))
             .merge(admin)
             .merge(docs());
         // The proxied requests skip the router (its per-route machinery

@@ -42,6 +42,8 @@ pub struct Gateway {
     pub grpc_timeout: Duration,
     /// The process's live configuration (`/_admin/config`).
     pub config: bazaar_chassis::live::LiveConfig,
+    /// The dashboard's bus, replays and last sample.
+    pub board: crate::dashboard::Board,
 }
 
 pub type Shared = Arc<Gateway>;
