@@ -546,6 +546,19 @@ async fn an_unanswered_step_times_out_and_is_compensated() {
     // A replay finds the order voided and charges nothing.
     let id_arg = letters[0].id.clone().unwrap();
     assert!(cli(&["replay", "--id", &id_arg]).contains("replayed 1"));
+    // The replay is on the dashboard's record: who, which, how many.
+    let replays: Value = reqwest::Client::new()
+        .get(format!("{}/_dashboard/api/replays", system.gateway_url))
+        .bearer_auth(&shop.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replays[0]["by"], ADMIN_EMAIL, "{replays}");
+    assert_eq!(replays[0]["id"].as_str(), Some(id_arg.as_str()), "{replays}");
+    assert_eq!(replays[0]["replayed"], 1, "{replays}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(shop.payment(&alice, &id).await.1["status"], "VOIDED");
     assert!(
