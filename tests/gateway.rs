@@ -1086,6 +1086,59 @@ async fn admin_services_lists_instances_for_admins_and_loopback() {
         remote().bearer_auth(&admin).send().await.unwrap().status(),
         StatusCode::OK
     );
+    // The same for the dashboard's API and for the diagnostics every
+    // instance serves, which on the gateway's public port are guarded
+    // too; the dashboard's page itself holds no data and loads for all.
+    let base = &system.gateway_url;
+    for path in [
+        "/_dashboard/api/snapshot",
+        "/_dashboard/api/traces",
+        "/_dashboard/api/replays",
+        "/_dashboard/api/dead-letters",
+        "/_traces",
+        "/_traces/search?q=x",
+        "/_traces/edges",
+        "/_traces/0af7651916cd43dd8448eb211c80319c",
+        "/_timeline/0190c6a0-0000-7000-8000-000000000000",
+        "/_mesh/calls",
+    ] {
+        let afar = || {
+            http.get(format!("{base}{path}"))
+                .header("x-forwarded-for", "203.0.113.5")
+        };
+        assert_eq!(
+            afar().send().await.unwrap().status(),
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+        assert_eq!(
+            afar().bearer_auth(&shopper).send().await.unwrap().status(),
+            StatusCode::FORBIDDEN,
+            "{path}"
+        );
+        assert_eq!(
+            afar().bearer_auth(&admin).send().await.unwrap().status(),
+            StatusCode::OK,
+            "{path}"
+        );
+        assert_eq!(
+            http.get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK,
+            "{path} from loopback"
+        );
+    }
+    let page = http
+        .get(format!("{base}/_dashboard"))
+        .header("x-forwarded-for", "203.0.113.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("signin-form"));
 
     // Not only the gateway's view: after a checkout, orders' mesh client
     // has called catalog, and its breaker for each catalog instance shows.

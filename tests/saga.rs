@@ -557,7 +557,11 @@ async fn an_unanswered_step_times_out_and_is_compensated() {
         .await
         .unwrap();
     assert_eq!(replays[0]["by"], ADMIN_EMAIL, "{replays}");
-    assert_eq!(replays[0]["id"].as_str(), Some(id_arg.as_str()), "{replays}");
+    assert_eq!(
+        replays[0]["id"].as_str(),
+        Some(id_arg.as_str()),
+        "{replays}"
+    );
     assert_eq!(replays[0]["replayed"], 1, "{replays}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(shop.payment(&alice, &id).await.1["status"], "VOIDED");

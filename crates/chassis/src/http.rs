@@ -231,25 +231,33 @@ async fn latest_spans_handler() -> axum::Json<Vec<crate::traces::SpanRecord>> {
     axum::Json(crate::traces::recent().map_or_else(Vec::new, |r| r.latest(100)))
 }
 
-fn platform(ctx: &ServiceContext, app: Router, ready: Readiness) -> Platform {
-    let instance = instance_header(ctx);
-    let service = ctx.name;
-    let platform = Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready_handler).with_state(ready))
-        .route(
-            "/metrics",
-            get(metrics_handler).with_state(ctx.metrics.clone()),
-        )
+/// The diagnostic endpoints every instance serves to the gateway's
+/// dashboard: `/_traces…`, `/_timeline/…`, `/_mesh/calls`. A service
+/// serves them on its internal port; the gateway, whose port is public,
+/// serves them itself behind its operator check.
+pub fn diagnostics(calls: bazaar_mesh::Client) -> Router {
+    Router::new()
         .route("/_traces", get(latest_spans_handler))
         .route("/_traces/search", get(search_handler))
         .route("/_traces/edges", get(edges_handler))
         .route("/_timeline/{correlation_id}", get(timeline_handler))
         .route("/_traces/{trace_id}", get(traces_handler))
+        .route("/_mesh/calls", get(calls_handler).with_state(calls))
+}
+
+fn platform(ctx: &ServiceContext, app: Router, ready: Readiness, edge: bool) -> Platform {
+    let instance = instance_header(ctx);
+    let service = ctx.name;
+    let mut platform = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler).with_state(ready))
         .route(
-            "/_mesh/calls",
-            get(calls_handler).with_state(ctx.calls.clone()),
+            "/metrics",
+            get(metrics_handler).with_state(ctx.metrics.clone()),
         );
+    if !edge {
+        platform = platform.merge(diagnostics(ctx.calls.clone()));
+    }
     let routed = app
         .merge(platform)
         .fallback(|| async { Problem::not_found("no such route") })
@@ -415,7 +423,7 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let app = platform(ctx, app, ready);
+    let app = platform(ctx, app, ready, false);
     let stopping = register(ctx, addr, &shutdown).await?;
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| no_delay(tcp));
     let server = axum::serve(
@@ -475,7 +483,8 @@ async fn register(
     })
 }
 
-/// [`serve`] for an edge: requests `fast.claims` go to `fast.handler`
+/// [`serve`] for an edge (whose port is public: the [`diagnostics`] are
+/// the edge's to serve, guarded): requests `fast.claims` go to `fast.handler`
 /// with only the platform's essentials around them (request id, instance
 /// id, trace span, panic guard, metrics), the rest to the router with its
 /// full stack. Accepted connections are dealt in turn to `fast.threads`
@@ -497,7 +506,7 @@ where
 {
     let addr = listener.local_addr()?;
     let edge = Edge {
-        router: platform(ctx, app, ready),
+        router: platform(ctx, app, ready, true),
         fast,
         metrics: ctx.metrics.clone(),
         service: ctx.name,

@@ -476,6 +476,9 @@ where
     Some(
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            // The source location of each span is the same for every
+            // trace: three attributes per span not worth their cost.
+            .with_location(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false),
     )

@@ -342,6 +342,21 @@ where
     operator_acts(g, peer, req, |_, _| view()).await
 }
 
+/// Middleware: the routes it wraps answer loopback callers and admins
+/// only (the diagnostics every instance serves, on the gateway's public
+/// port).
+pub(crate) async fn operator_only(
+    axum::extract::State(g): axum::extract::State<crate::proxy::Shared>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    operator_acts(&g, peer, req, |_, req| async move {
+        Ok::<_, Problem>(next.run(req).await)
+    })
+    .await
+}
+
 /// [`operator_view`] for a view that needs who asks and the request.
 pub(crate) async fn operator_acts<F, Fut, R>(
     g: &crate::proxy::Shared,

@@ -347,8 +347,13 @@ async fn snapshot(g: &Shared) -> Result<Arc<Snapshot>, Problem> {
     let answers = futures::future::join_all(asked).await;
     let now = Instant::now();
     let mut counters = Counters::default();
-    let mut processes = HashSet::new();
+    // This process's own spans first (it may not be able to ask itself).
+    let mut processes = HashSet::from([traces::process_id().to_owned()]);
     let mut edges: BTreeMap<(String, String, String), Edge> = BTreeMap::new();
+    let since = traces::now_us().saturating_sub(60_000_000);
+    for e in traces::recent().map_or_else(Vec::new, |r| r.edges(since)) {
+        edges.insert((e.from.clone(), e.to.clone(), e.kind.clone()), e);
+    }
     let mut answering = HashSet::new();
     for (instance, (metrics, found)) in all.iter().zip(answers) {
         if let Some(text) = metrics {
@@ -593,7 +598,10 @@ pub async fn search(
         // Which traces match (a process may hold the matching span and
         // not the rest), then every process's part of them.
         let target = format!("/_traces/search?limit=50&q={}", encode(q));
-        let mut matching = summed(ask_all::<Found<TraceSummary>>(&g, &target).await);
+        let mut matching = summed(with_own(
+            ask_all::<Found<TraceSummary>>(&g, &target).await,
+            |r| r.search(q, 50),
+        ));
         matching.sort_by_key(|t| std::cmp::Reverse(t.start_us));
         matching.truncate(50);
         if matching.is_empty() {
@@ -601,11 +609,25 @@ pub async fn search(
         }
         let ids: Vec<&str> = matching.iter().map(|t| t.trace_id.as_str()).collect();
         let target = format!("/_traces/search?ids={}", ids.join(","));
-        let mut whole = summed(ask_all::<Found<TraceSummary>>(&g, &target).await);
+        let mut whole = summed(with_own(
+            ask_all::<Found<TraceSummary>>(&g, &target).await,
+            |r| r.summaries(&ids),
+        ));
         whole.sort_by_key(|t| std::cmp::Reverse(t.start_us));
         Ok(Json(whole))
     })
     .await
+}
+
+/// This process's own answer first (an instance may not be able to ask
+/// itself at its advertised address), then the instances'.
+fn with_own<T>(asked: Vec<Found<T>>, own: impl FnOnce(&traces::Recent) -> Vec<T>) -> Vec<Found<T>> {
+    let mine = Found {
+        process: traces::process_id().to_owned(),
+        edges: Vec::new(),
+        traces: traces::recent().map_or_else(Vec::new, |r| own(r)),
+    };
+    std::iter::once(mine).chain(asked).collect()
 }
 
 /// The processes' summaries merged, each process counted once.

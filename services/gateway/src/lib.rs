@@ -185,6 +185,13 @@ impl Application {
             .route("/_dashboard/app.js", get(dashboard::page))
             .route("/_dashboard/app.css", get(dashboard::page))
             .merge(admin)
+            .merge(
+                // Every instance's diagnostics; on this public port for
+                // operators only.
+                bazaar_chassis::http::diagnostics(self.ctx.calls.clone()).layer(
+                    axum::middleware::from_fn_with_state(state.clone(), admin::operator_only),
+                ),
+            )
             .merge(docs());
         // The proxied requests skip the router (its per-route machinery
         // costs several boxed futures per request).
