@@ -11,6 +11,8 @@
 
 mod common;
 
+use std::collections::HashSet;
+
 use common::{ADMIN_EMAIL, ADMIN_PASSWORD, Api, embedded, wait_ready};
 use serde_json::Value;
 
@@ -82,10 +84,17 @@ async fn the_contract_describes_the_routes_and_only_them() {
 
     let paths = spec["paths"].as_object().unwrap();
     let mut operations = Vec::new();
+    let mut operation_ids = HashSet::new();
     for (path, item) in paths {
         for method in METHODS {
             if let Some(op) = item.get(method) {
                 operations.push((method.to_uppercase(), path.clone()));
+                if let Some(id) = op["operationId"].as_str() {
+                    assert!(
+                        operation_ids.insert(id.to_owned()),
+                        "{method} {path}: operationId {id} is not unique"
+                    );
+                }
                 let responses = op["responses"].as_object().unwrap();
                 assert!(!responses.is_empty(), "{method} {path} describes no answer");
                 if op.get("security").is_some() {

@@ -106,6 +106,12 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 /// A checkout sent with a trace context of the test's own, followed to
 /// CONFIRMED; returns the trace id and the order's id.
 async fn checkout(gateway: &str) -> (String, String) {
+    checkout_flagged(gateway, "01").await
+}
+
+/// [`checkout`] with the client's `traceparent` flags: `00` asks that
+/// the trace not be recorded.
+async fn checkout_flagged(gateway: &str, flags: &str) -> (String, String) {
     let api = Api::new(gateway);
     let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let (s, product) = api
@@ -134,7 +140,10 @@ async fn checkout(gateway: &str) -> (String, String) {
     let res = reqwest::Client::new()
         .post(format!("{gateway}/api/v1/orders"))
         .bearer_auth(&token)
-        .header("traceparent", format!("00-{trace_id}-{CLIENT_SPAN}-01"))
+        .header(
+            "traceparent",
+            format!("00-{trace_id}-{CLIENT_SPAN}-{flags}"),
+        )
         .json(&json!({"items": [{"product_id": id, "quantity": 1}]}))
         .send()
         .await
@@ -289,6 +298,7 @@ async fn a_checkout_is_one_trace_in_the_embedded_mode() {
     }
     assert_timeline(&system.gateway_url, &order_id, &trace_id).await;
     assert_dashboard(&system.gateway_url, &order_id, &trace_id).await;
+    assert_not_recorded(&system.gateway_url, &collector).await;
     system.shutdown.trigger();
 }
 
@@ -345,6 +355,7 @@ async fn a_checkout_is_one_trace_across_processes() {
     assert_eq!(line["span_id"].as_str().unwrap().len(), 16, "{line}");
     assert_timeline(&gateway, &order_id, &trace_id).await;
     assert_dashboard(&gateway, &order_id, &trace_id).await;
+    assert_not_recorded(&gateway, &collector).await;
     drop(up);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -622,4 +633,51 @@ async fn assert_dashboard(gateway: &str, order_id: &str, trace_id: &str) {
     .unwrap();
     assert_eq!(letters.status(), StatusCode::OK);
     assert_eq!(letters.json::<Value>().await.unwrap(), json!([]));
+}
+
+/// A checkout whose client asks that its trace not be recorded: no
+/// service makes a span of it — not the gateway, nor orders, nor any
+/// consumer of its messages — while the order is confirmed as ever, and
+/// its timeline links to no trace.
+async fn assert_not_recorded(gateway: &str, collector: &Collector) {
+    let (trace_id, order_id) = checkout_flagged(gateway, "00").await;
+    // The saga's last messages (notifications) are handled a moment later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = Api::new(gateway).login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let http = reqwest::Client::new();
+    let res = http
+        .get(format!("{gateway}/_dashboard/api/traces/{trace_id}"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "spans were kept");
+    let timeline: Value = http
+        .get(format!(
+            "{gateway}/_dashboard/api/orders/{order_id}/timeline"
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(timeline["trace_ids"], json!([]), "{timeline:#}");
+    let steps = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["what"] == "saga")
+        .count();
+    assert_eq!(steps, 3, "{timeline:#}");
+    assert!(
+        collector
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.trace_id != trace_id),
+        "spans were exported"
+    );
 }

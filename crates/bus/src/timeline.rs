@@ -61,10 +61,10 @@ pub fn now_us() -> u64 {
 
 /// The trace id a `traceparent` names.
 pub fn trace_id_of(traceparent: Option<&str>) -> Option<String> {
-    traceparent
-        .and_then(|tp| tp.split('-').nth(1))
-        .filter(|t| t.len() == 32)
-        .map(str::to_owned)
+    let mut parts = traceparent?.split('-');
+    let trace_id = parts.nth(1).filter(|t| t.len() == 32)?;
+    // A trace not recorded has nothing to link to.
+    (parts.nth(1) != Some("00")).then(|| trace_id.to_owned())
 }
 
 /// Records `event`.
@@ -142,4 +142,19 @@ pub fn events(correlation_id: &str) -> Vec<Event> {
         .collect();
     out.sort_by_key(|e| e.at_us);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_trace_not_recorded_links_to_nothing() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-f0fee9aafe2fae6f";
+        assert_eq!(
+            super::trace_id_of(Some(&format!("{tp}-01"))).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(super::trace_id_of(Some(&format!("{tp}-00"))), None);
+        assert_eq!(super::trace_id_of(Some("garbage")), None);
+        assert_eq!(super::trace_id_of(None), None);
+    }
 }

@@ -284,6 +284,10 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness, edge: bool) -> 
             X_INSTANCE_ID,
             instance,
         ))
+        .map_request(|mut req: axum::extract::Request| {
+            stamp_trace(&mut req);
+            req
+        })
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(move |req: &axum::http::Request<_>| server_span(service, req))
@@ -311,10 +315,14 @@ fn platform(ctx: &ServiceContext, app: Router, ready: Readiness, edge: bool) -> 
 /// `traceparent` names (or a new one), named by the route once routing
 /// found it ([`crate::metrics::track`], the gateway's route label).
 fn server_span<B>(service: &'static str, req: &axum::http::Request<B>) -> tracing::Span {
-    if operational(req.uri().path()) {
+    let headers = req.headers();
+    // Not recorded: the caller's choice, or this trace's dice
+    // ([`stamp_trace`]).
+    if operational(req.uri().path())
+        || bazaar_mesh::trace::declined(headers.get(TRACEPARENT).map(HeaderValue::as_bytes))
+    {
         return tracing::Span::none();
     }
-    let headers = req.headers();
     let request_id = headers
         .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
@@ -333,6 +341,25 @@ fn server_span<B>(service: &'static str, req: &axum::http::Request<B>) -> tracin
     );
     bazaar_mesh::trace::follow(&span, headers.get(TRACEPARENT).map(HeaderValue::as_bytes));
     span
+}
+
+/// Decides, for a request that starts a trace (it came without a valid
+/// `traceparent`), whether that trace is recorded; one that is not gets
+/// the context of a new trace with the sampled flag unset, to be served
+/// under (no spans) and passed on (no spans after it either).
+fn stamp_trace<B>(req: &mut axum::http::Request<B>) {
+    let valid = req
+        .headers()
+        .get(TRACEPARENT)
+        .is_some_and(|v| bazaar_mesh::trace::remote(v.as_bytes()).is_some());
+    if valid || operational(req.uri().path()) {
+        return;
+    }
+    if let Some(v) =
+        bazaar_mesh::trace::unrecorded_root().and_then(|tp| HeaderValue::from_str(&tp).ok())
+    {
+        req.headers_mut().insert(TRACEPARENT, v);
+    }
 }
 
 /// Whether a path is the platform's own (health, metrics, traces, the
@@ -796,6 +823,7 @@ where
         };
         let method = req.method().clone();
         let route = (self.fast.route)(req.uri().path());
+        stamp_trace(&mut req);
         let span = server_span(self.service, &req);
         let answer = (self.fast.handler)(req, peer);
         let (recorded, verb) = (span.clone(), method.clone());

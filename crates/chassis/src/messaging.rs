@@ -265,21 +265,34 @@ async fn relay_pass(db: &Db, bus: &Bus) -> anyhow::Result<bool> {
         heads.push(head);
         // A producer span in the message's trace, until the broker
         // confirms; consumers continue from it.
-        let span = tracing::info_span!(
-            "publish",
-            service = bus.service(),
-            otel.name = %format_args!("publish {key}"),
-            otel.kind = "producer",
-            messaging.destination = %exchange,
-            messaging.routing_key = %key,
-            messaging.message_id = msg.message_id.as_deref().unwrap_or(""),
-        );
-        bazaar_mesh::trace::follow(
-            &span,
-            msg.headers
-                .get(bazaar_bus::header::TRACEPARENT)
-                .map(String::as_bytes),
-        );
+        let tp = msg
+            .headers
+            .get(bazaar_bus::header::TRACEPARENT)
+            .map(String::as_bytes);
+        let span = if bazaar_mesh::trace::recorded(tp) {
+            let span = tracing::info_span!(
+                "publish",
+                service = bus.service(),
+                otel.name = %format_args!("publish {key}"),
+                otel.kind = "producer",
+                messaging.destination = %exchange,
+                messaging.routing_key = %key,
+                messaging.message_id = msg.message_id.as_deref().unwrap_or(""),
+            );
+            bazaar_mesh::trace::follow(&span, tp);
+            span
+        } else {
+            // A message that starts a trace not recorded says so, so
+            // that its consumers do not record it either.
+            if bazaar_mesh::trace::recording() && tp.and_then(bazaar_mesh::trace::remote).is_none()
+            {
+                msg.headers.insert(
+                    bazaar_bus::header::TRACEPARENT.into(),
+                    bazaar_mesh::trace::new_unrecorded(),
+                );
+            }
+            tracing::Span::none()
+        };
         if let Some(tp) = bazaar_mesh::trace::traceparent_of(&span) {
             msg.headers
                 .insert(bazaar_bus::header::TRACEPARENT.into(), tp);
@@ -518,6 +531,13 @@ pub fn retry(e: impl std::fmt::Display) -> Failure {
 /// the message's trace (its publish span's, else its envelope's), with
 /// its kind, id and request id.
 pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
+    let tp = msg
+        .headers
+        .get(bazaar_bus::header::TRACEPARENT)
+        .or(msg.envelope.traceparent.as_ref());
+    if !bazaar_mesh::trace::recorded(tp.map(String::as_bytes)) {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "message",
         service,
@@ -533,10 +553,6 @@ pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
             .get(bazaar_bus::header::SOURCE)
             .map_or("", String::as_str),
     );
-    let tp = msg
-        .headers
-        .get(bazaar_bus::header::TRACEPARENT)
-        .or(msg.envelope.traceparent.as_ref());
     bazaar_mesh::trace::follow(&span, tp.map(String::as_bytes));
     span
 }

@@ -1,6 +1,8 @@
 //! Traces: every `tracing` span with a `service` field is an OpenTelemetry
-//! span (tracing-opentelemetry), sampled by trace id (`trace_sample_ratio`,
-//! parent-based: a trace is kept or dropped whole). Ended spans go to a
+//! span (tracing-opentelemetry). A trace is recorded or not as a whole:
+//! decided once where it enters a process (`trace_sample_ratio` for a new
+//! one, else its sender's sampled flag; [`bazaar_mesh::trace::recorded`]),
+//! and no span is made for one that is not. Ended spans go to a
 //! bounded in-memory store (the dashboard reads recent traces from it)
 //! and, when `otlp_endpoint` is set, to an OTLP/HTTP collector (protobuf),
 //! each span under the resource of the service that made it, so the
@@ -452,11 +454,12 @@ where
         }
         _ => None,
     };
-    let ratio = settings.sample_ratio.clamp(0.0, 1.0);
+    // Which traces are recorded is decided where work enters a process
+    // ([`bazaar_mesh::trace::recorded`]); a span is made only for those,
+    // so the provider keeps every span it sees.
+    bazaar_mesh::trace::set_sample_ratio(settings.sample_ratio);
     let provider = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            ratio,
-        ))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_span_processor(Keep {
             recent: recent.clone(),
             export,

@@ -234,19 +234,35 @@ impl Request<'_> {
         }
         // The call's span carries the trace on; without recorded spans,
         // the caller's trace (or a new one) with a span id of this call.
-        let span = tracing::info_span!(
-            "call",
-            service = self.client.caller,
-            otel.name = %format_args!("{} {}", self.method, self.service),
-            otel.kind = "client",
-            peer.service = %self.service,
-            url.path = %path,
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = if crate::trace::in_recorded_span() {
+            tracing::info_span!(
+                "call",
+                service = self.client.caller,
+                otel.name = %format_args!("{} {}", self.method, self.service),
+                otel.kind = "client",
+                peer.service = %self.service,
+                url.path = %path,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         match crate::trace::traceparent_of(&span).and_then(|tp| HeaderValue::from_str(&tp).ok()) {
             Some(tp) => {
                 self.headers.insert(TRACEPARENT, tp);
+            }
+            // Outside a recorded trace, with none given: a trace not
+            // recorded, so the callee does not start one of its own.
+            None if crate::trace::recording()
+                && !self
+                    .headers
+                    .get(TRACEPARENT)
+                    .is_some_and(|v| valid_traceparent_bytes(v.as_bytes())) =>
+            {
+                if let Ok(v) = HeaderValue::from_str(&crate::trace::new_unrecorded()) {
+                    self.headers.insert(TRACEPARENT, v);
+                }
             }
             None => continue_trace(&mut self.headers),
         }

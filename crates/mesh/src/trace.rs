@@ -5,9 +5,78 @@
 //! `traceparent`, so every hop continues the same trace with a span of
 //! its own.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use opentelemetry::Context;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// `trace_sample_ratio` as f64 bits; 0 while traces are not recorded.
+static RATIO: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the share of new traces recorded (`bazaar_chassis::traces`
+/// does, when it installs the recording).
+pub fn set_sample_ratio(ratio: f64) {
+    RATIO.store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+}
+
+fn ratio() -> f64 {
+    f64::from_bits(RATIO.load(Ordering::Relaxed))
+}
+
+/// Whether a trace arriving with `tp` (a request's or a message's
+/// `traceparent`) is recorded here: as its sender decided (the sampled
+/// flag), else by `trace_sample_ratio`'s dice for a new trace. The one
+/// decision is made where work enters a process; the spans of a trace
+/// not recorded are not made at all, only its context passed on (with
+/// the flag unset, so that the next hops do not record it either).
+pub fn recorded(tp: Option<&[u8]>) -> bool {
+    let ratio = ratio();
+    if ratio <= 0.0 {
+        return false;
+    }
+    match tp.and_then(remote) {
+        Some(cx) => cx.is_sampled(),
+        None => ratio >= 1.0 || rand::random::<f64>() < ratio,
+    }
+}
+
+/// For a request arriving without a valid `traceparent`: `None` when its
+/// new trace is recorded (its spans start it), else the `traceparent` of
+/// a new trace not recorded, to serve it under and pass on.
+pub fn unrecorded_root() -> Option<String> {
+    let ratio = ratio();
+    // Off: nothing is recorded and hops start their own contexts as ever.
+    if ratio <= 0.0 || ratio >= 1.0 || rand::random::<f64>() < ratio {
+        return None;
+    }
+    Some(new_unrecorded())
+}
+
+/// Whether traces are recorded in this process at all.
+pub fn recording() -> bool {
+    ratio() > 0.0
+}
+
+/// The `traceparent` of a new trace, not recorded (sampled flag unset).
+pub fn new_unrecorded() -> String {
+    let mut tp = crate::client::new_traceparent();
+    tp.replace_range(53..55, "00");
+    tp
+}
+
+/// Whether `tp` is a valid `traceparent` whose sender chose not to record
+/// its trace.
+pub fn declined(tp: Option<&[u8]>) -> bool {
+    tp.and_then(remote).is_some_and(|cx| !cx.is_sampled())
+}
+
+/// Whether the span current here is recorded: a child span (a call, a
+/// saga step, a write) is made only inside one, so that a trace not
+/// recorded makes none, and none starts a trace of its own.
+pub fn in_recorded_span() -> bool {
+    !tracing::Span::current().is_disabled()
+}
 
 /// The remote span a `traceparent` names, when it is well-formed.
 pub fn remote(tp: &[u8]) -> Option<SpanContext> {
@@ -63,6 +132,37 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sender_decides_else_the_ratio() {
+        // One test: the ratio is process-wide.
+        set_sample_ratio(0.0);
+        let sampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(!recorded(Some(sampled)), "off: nothing is recorded");
+        assert_eq!(unrecorded_root(), None, "off: no context is made up");
+        set_sample_ratio(0.01);
+        assert!(recorded(Some(sampled)));
+        assert!(!recorded(Some(unsampled)));
+        let kept = (0..20_000).filter(|_| recorded(None)).count();
+        assert!((100..=300).contains(&kept), "{kept} of 20 000 at 0.01");
+        let roots: Vec<Option<String>> = (0..1000).map(|_| unrecorded_root()).collect();
+        let unrecorded = roots.iter().flatten().count();
+        assert!(
+            unrecorded > 950,
+            "{unrecorded} of 1000 not recorded at 0.01"
+        );
+        for tp in roots.iter().flatten() {
+            assert!(
+                tp.ends_with("-00") && !recorded(Some(tp.as_bytes())),
+                "{tp}"
+            );
+        }
+        set_sample_ratio(1.0);
+        assert!(recorded(None));
+        assert!(!recorded(Some(unsampled)), "the sender's word holds");
+        assert_eq!(unrecorded_root(), None);
+    }
 
     #[test]
     fn a_traceparent_names_its_span() {

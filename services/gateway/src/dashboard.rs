@@ -517,7 +517,7 @@ struct Found<T> {
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Service discovery is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn current(
+pub async fn snapshot_now(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
@@ -537,7 +537,7 @@ pub async fn current(
         (status = 401, description = "Not from loopback, and no valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn stream(
+pub async fn snapshot_stream(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
@@ -584,7 +584,7 @@ pub struct Search {
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The search is longer than 100 characters", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn search(
+pub async fn search_traces(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(search): Query<Search>,
@@ -672,7 +672,7 @@ fn encode(v: &str) -> String {
         (status = 422, description = "Unknown queue, or a bad reason or time", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The message bus is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn dead_letters(
+pub async fn dashboard_dead_letters(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(which): Query<crate::admin::Which>,
@@ -700,7 +700,7 @@ pub async fn dead_letters(
         (status = 422, description = "Unknown queue, neither or both of id and all, or a bad reason, time or rate", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The message bus is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn replay(
+pub async fn replay_dead_letters(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
@@ -725,7 +725,7 @@ pub async fn replay(
         (status = 401, description = "Not from loopback, and no valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn replays(
+pub async fn dashboard_replays(
     State(g): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,

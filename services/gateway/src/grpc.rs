@@ -185,15 +185,19 @@ pub async fn handle(g: &Shared, peer: SocketAddr, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    let span = tracing::info_span!(
-        "call",
-        service = "gateway",
-        otel.name = %target_method(&target),
-        otel.kind = "client",
-        rpc.system = "grpc",
-        peer.service = route.service,
-        otel.status_code = tracing::field::Empty,
-    );
+    let span = if bazaar_mesh::trace::in_recorded_span() {
+        tracing::info_span!(
+            "call",
+            service = "gateway",
+            otel.name = %target_method(&target),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            peer.service = route.service,
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     match bazaar_mesh::trace::traceparent_of(&span).and_then(|tp| HeaderValue::from_str(&tp).ok()) {
         Some(tp) => {
             parts.headers.insert(bazaar_mesh::client::TRACEPARENT, tp);

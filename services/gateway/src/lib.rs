@@ -43,12 +43,12 @@ fn own_api() -> utoipa_axum::router::OpenApiRouter<proxy::Shared> {
         .routes(routes!(act::act))
         .routes(routes!(dashboard::trace))
         .routes(routes!(dashboard::timeline))
-        .routes(routes!(dashboard::current))
-        .routes(routes!(dashboard::stream))
-        .routes(routes!(dashboard::search))
-        .routes(routes!(dashboard::dead_letters))
-        .routes(routes!(dashboard::replay))
-        .routes(routes!(dashboard::replays))
+        .routes(routes!(dashboard::snapshot_now))
+        .routes(routes!(dashboard::snapshot_stream))
+        .routes(routes!(dashboard::search_traces))
+        .routes(routes!(dashboard::dashboard_dead_letters))
+        .routes(routes!(dashboard::replay_dead_letters))
+        .routes(routes!(dashboard::dashboard_replays))
 }
 
 /// The contract of what the gateway serves itself (paths as clients see

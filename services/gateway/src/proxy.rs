@@ -191,15 +191,19 @@ impl Gateway {
             client: Some(client),
         };
         let mut headers = headers;
-        let span = tracing::info_span!(
-            "call",
-            service = "gateway",
-            otel.name = %format_args!("{method} {}", call.service),
-            otel.kind = "client",
-            peer.service = call.service,
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = if bazaar_mesh::trace::in_recorded_span() {
+            tracing::info_span!(
+                "call",
+                service = "gateway",
+                otel.name = %format_args!("{method} {}", call.service),
+                otel.kind = "client",
+                peer.service = call.service,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         match bazaar_mesh::trace::traceparent_of(&span)
             .and_then(|tp| HeaderValue::from_str(&tp).ok())
         {

@@ -71,17 +71,21 @@ async fn transition(
     (status, step, reason): (&str, &str, Option<&str>),
     step_deadline: &str,
 ) -> Result<Option<ChargePayment>, sqlx::Error> {
-    let span = tracing::info_span!(
-        "saga",
-        service = "orders",
-        otel.name = %format_args!("saga {from} → {}", if status == "PENDING" { step } else { status }),
-        order.id = %order_id,
-        saga.from = from,
-        saga.status = status,
-        saga.step = step,
-        saga.reason = reason.unwrap_or(""),
-        saga.moved = tracing::field::Empty,
-    );
+    let span = if bazaar_mesh::trace::in_recorded_span() {
+        tracing::info_span!(
+            "saga",
+            service = "orders",
+            otel.name = %format_args!("saga {from} → {}", if status == "PENDING" { step } else { status }),
+            order.id = %order_id,
+            saga.from = from,
+            saga.status = status,
+            saga.step = step,
+            saga.reason = reason.unwrap_or(""),
+            saga.moved = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     let row = sqlx::query(
         "UPDATE orders SET status = $1, saga_step = $2, cancel_reason = $3, step_deadline = $4, updated_at = $5
          WHERE id = $6 AND status = 'PENDING' AND saga_step = $7

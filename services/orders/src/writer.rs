@@ -89,14 +89,18 @@ impl OrderWriter {
 
     /// Stores one order (in whichever batch it joins).
     pub async fn create(&self, order: NewOrder) -> Result<Stored, WriteError> {
-        let span = tracing::info_span!(
-            "store",
-            service = "orders",
-            otel.name = "INSERT orders",
-            db.operation = "INSERT",
-            db.collection = "orders",
-            order.id = tracing::field::Empty,
-        );
+        let span = if bazaar_mesh::trace::in_recorded_span() {
+            tracing::info_span!(
+                "store",
+                service = "orders",
+                otel.name = "INSERT orders",
+                db.operation = "INSERT",
+                db.collection = "orders",
+                order.id = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let (tx, rx) = oneshot::channel();
         async {
             self.jobs
