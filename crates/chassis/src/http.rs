@@ -220,8 +220,8 @@ async fn search_handler(
 async fn edges_handler(
     axum::extract::Query(q): axum::extract::Query<TraceQuery>,
 ) -> axum::Json<serde_json::Value> {
-    let since =
-        crate::traces::now_us().saturating_sub(q.seconds.unwrap_or(60).min(3600) * 1_000_000);
+    let since = bazaar_bus::timeline::now_us()
+        .saturating_sub(q.seconds.unwrap_or(60).min(3600) * 1_000_000);
     let edges = crate::traces::recent().map_or_else(Vec::new, |r| r.edges(since));
     axum::Json(serde_json::json!({"process": crate::traces::process_id(), "edges": edges}))
 }

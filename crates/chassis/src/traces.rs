@@ -176,26 +176,14 @@ impl Recent {
         let q = q.trim();
         let mut order: Vec<&str> = Vec::new();
         let mut wanted: HashMap<&str, TraceSummary> = HashMap::new();
-        if q.is_empty() {
-            for s in spans.iter().rev() {
-                if order.len() >= limit {
-                    break;
-                }
-                if !wanted.contains_key(s.trace_id.as_str()) {
-                    order.push(&s.trace_id);
-                    wanted.insert(&s.trace_id, TraceSummary::new(&s.trace_id));
-                }
+        for s in spans.iter().rev() {
+            if order.len() >= limit {
+                break;
             }
-        } else {
-            for s in spans.iter().rev() {
-                if order.len() >= limit {
-                    break;
-                }
-                let hit = s.trace_id == q || s.attributes.values().any(|v| v == q);
-                if hit && !wanted.contains_key(s.trace_id.as_str()) {
-                    order.push(&s.trace_id);
-                    wanted.insert(&s.trace_id, TraceSummary::new(&s.trace_id));
-                }
+            let hit = q.is_empty() || s.trace_id == q || s.attributes.values().any(|v| v == q);
+            if hit && !wanted.contains_key(s.trace_id.as_str()) {
+                order.push(&s.trace_id);
+                wanted.insert(&s.trace_id, TraceSummary::new(&s.trace_id));
             }
         }
         for s in spans.iter() {
@@ -312,11 +300,6 @@ impl SpanProcessor for Keep {
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
         Ok(())
     }
-}
-
-/// Now, in Unix microseconds.
-pub fn now_us() -> u64 {
-    micros(SystemTime::now())
 }
 
 fn micros(t: SystemTime) -> u64 {

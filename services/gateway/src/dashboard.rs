@@ -350,10 +350,11 @@ async fn snapshot(g: &Shared) -> Result<Arc<Snapshot>, Problem> {
     // This process's own spans first (it may not be able to ask itself).
     let mut processes = HashSet::from([traces::process_id().to_owned()]);
     let mut edges: BTreeMap<(String, String, String), Edge> = BTreeMap::new();
-    let since = traces::now_us().saturating_sub(60_000_000);
-    for e in traces::recent().map_or_else(Vec::new, |r| r.edges(since)) {
-        edges.insert((e.from.clone(), e.to.clone(), e.kind.clone()), e);
-    }
+    let since = bazaar_bus::timeline::now_us().saturating_sub(60_000_000);
+    add_edges(
+        &mut edges,
+        traces::recent().map_or_else(Vec::new, |r| r.edges(since)),
+    );
     let mut answering = HashSet::new();
     for (instance, (metrics, found)) in all.iter().zip(answers) {
         if let Some(text) = metrics {
@@ -368,19 +369,7 @@ async fn snapshot(g: &Shared) -> Result<Arc<Snapshot>, Problem> {
         if let Some(found) = found
             && processes.insert(found.process)
         {
-            for e in found.edges {
-                let key = (e.from.clone(), e.to.clone(), e.kind.clone());
-                match edges.get_mut(&key) {
-                    Some(have) => {
-                        have.calls += e.calls;
-                        have.errors += e.errors;
-                        have.total_us += e.total_us;
-                    }
-                    None => {
-                        edges.insert(key, e);
-                    }
-                }
-            }
+            add_edges(&mut edges, found.edges);
         }
     }
     let before = last.as_ref().map(|l| (&l.counters, l.at));
@@ -478,7 +467,7 @@ async fn snapshot(g: &Shared) -> Result<Arc<Snapshot>, Problem> {
         })
         .collect();
     let snapshot = Arc::new(Snapshot {
-        at_ms: traces::now_us() / 1000,
+        at_ms: bazaar_bus::timeline::now_us() / 1000,
         window_s: window,
         instances,
         edges,
@@ -491,6 +480,23 @@ async fn snapshot(g: &Shared) -> Result<Arc<Snapshot>, Problem> {
         snapshot: snapshot.clone(),
     });
     Ok(snapshot)
+}
+
+/// Adds one process's edges to those summed so far.
+fn add_edges(edges: &mut BTreeMap<(String, String, String), Edge>, more: Vec<Edge>) {
+    for e in more {
+        let key = (e.from.clone(), e.to.clone(), e.kind.clone());
+        match edges.get_mut(&key) {
+            Some(have) => {
+                have.calls += e.calls;
+                have.errors += e.errors;
+                have.total_us += e.total_us;
+            }
+            None => {
+                edges.insert(key, e);
+            }
+        }
+    }
 }
 
 /// An instance's answer to `/_traces/edges` or `/_traces/search`.
