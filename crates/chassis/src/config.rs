@@ -350,10 +350,14 @@ impl Config {
                 self.trace_sample_ratio
             ));
         }
+        // No TLS in the binary: a collector on the node or in the pod
+        // (the usual OpenTelemetry agent) takes plain HTTP.
         if let Some(url) = self.otlp_endpoint.as_deref().filter(|u| !u.is_empty())
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+            && url.strip_prefix("http://").is_none_or(str::is_empty)
         {
-            return Err(format!("otlp_endpoint must be an http(s) URL, not {url:?}"));
+            return Err(format!(
+                "otlp_endpoint must be an http:// URL (a collector nearby; https is not supported), not {url:?}"
+            ));
         }
         Ok(())
     }
@@ -521,6 +525,23 @@ mod tests {
         assert_eq!(c.advertised_url(bound), "http://[fd00::5]:7001");
         c.advertise_host = Some("catalog-0.catalog".into());
         assert_eq!(c.advertised_url(bound), "http://catalog-0.catalog:7001");
+    }
+
+    #[test]
+    fn an_otlp_endpoint_is_plain_http() {
+        let mut c = Config::default();
+        for ok in [
+            "",
+            "http://127.0.0.1:4318",
+            "http://collector:4318/v1/traces",
+        ] {
+            c.otlp_endpoint = Some(ok.into());
+            assert_eq!(c.validate(), Ok(()), "{ok}");
+        }
+        for bad in ["https://collector:4318", "collector:4318", "http://"] {
+            c.otlp_endpoint = Some(bad.into());
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

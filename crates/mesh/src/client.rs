@@ -398,6 +398,15 @@ fn traceparent(parent: Option<&[u8]>) -> [u8; 55] {
     out
 }
 
+/// The `traceparent` naming the span `span` of trace `trace`, with `flags`.
+pub(crate) fn traceparent_of_ids(trace: u128, span: u64, flags: u8) -> String {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex(&mut out[3..35], trace);
+    hex(&mut out[36..52], u128::from(span));
+    hex(&mut out[53..55], u128::from(flags));
+    out.iter().map(|&b| char::from(b)).collect()
+}
+
 /// Writes the low `out.len() / 2` bytes of `v` as lowercase hex.
 fn hex(out: &mut [u8], v: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -120,11 +120,10 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     let span_ref = cx.span();
     let sc = span_ref.span_context();
     sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
+        crate::client::traceparent_of_ids(
+            u128::from_be_bytes(sc.trace_id().to_bytes()),
+            u64::from_be_bytes(sc.span_id().to_bytes()),
+            sc.trace_flags().to_u8(),
         )
     })
 }
@@ -174,6 +173,12 @@ mod tests {
         );
         assert_eq!(cx.span_id().to_string(), "00f067aa0ba902b7");
         assert!(cx.is_sampled() && cx.is_remote());
+        let written = crate::client::traceparent_of_ids(
+            u128::from_be_bytes(cx.trace_id().to_bytes()),
+            u64::from_be_bytes(cx.span_id().to_bytes()),
+            cx.trace_flags().to_u8(),
+        );
+        assert_eq!(written.as_bytes(), tp);
         assert!(remote(b"00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
         assert!(remote(b"garbage").is_none());
         // No layer installed: nothing is recorded, nothing is made up.
