@@ -529,7 +529,7 @@ pub fn retry(e: impl std::fmt::Display) -> Failure {
 
 /// The span a message is handled in, by `service`: a consumer span in
 /// the message's trace (its publish span's, else its envelope's), with
-/// its kind, id and request id.
+/// its id and request id (the kind is in its name).
 pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
     let tp = msg
         .headers
@@ -543,8 +543,6 @@ pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
         service,
         otel.name = %format_args!("consume {}", msg.envelope.kind),
         otel.kind = "consumer",
-        kind = %msg.envelope.kind,
-        id = %msg.envelope.id,
         messaging.message_id = %msg.envelope.id,
         request_id = msg.envelope.request_id.as_deref().unwrap_or(""),
         attempt = msg.attempt,

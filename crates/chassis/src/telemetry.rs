@@ -207,9 +207,13 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for SpanFields {
         mut writer: tracing_subscriber::fmt::format::Writer<'w>,
         fields: R,
     ) -> std::fmt::Result {
-        let mut pick = Pick { out: String::new() };
+        let mut pick = Pick {
+            out: String::with_capacity(64),
+        };
+        pick.out.push('{');
         fields.record(&mut pick);
-        write!(writer, "{{{}}}", pick.out)
+        pick.out.push('}');
+        writer.write_str(&pick.out)
     }
 
     fn add_fields(
@@ -230,7 +234,7 @@ struct Pick {
 impl tracing::field::Visit for Pick {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         if matches!(field.name(), "service" | "request_id") {
-            if !self.out.is_empty() {
+            if self.out.len() > 1 {
                 self.out.push(',');
             }
             json_string(&mut self.out, field.name());

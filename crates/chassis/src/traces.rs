@@ -428,6 +428,9 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<SpanData>>) {
     };
     let mut warned: Option<tokio::time::Instant> = None;
     let mut batch = Vec::with_capacity(EXPORT_BATCH);
+    // One buffer for every request, taken back once a request is sent:
+    // a new one each time came as fresh pages from the kernel, zeroed.
+    let mut buf = bytes::BytesMut::new();
     let mut size_hint = 0;
     while let Some(first) = rx.recv().await {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -442,9 +445,10 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<SpanData>>) {
                 }
             }
             let drained = batch.len() < EXPORT_BATCH;
-            let mut body = Vec::with_capacity(size_hint);
-            otlp::request(&batch, &mut body);
-            size_hint = body.len();
+            buf.reserve(size_hint);
+            otlp::request(&batch, &mut buf);
+            size_hint = size_hint.max(buf.len());
+            let body = buf.split().freeze();
             batch.clear();
             let sent = client
                 .post(&url)
@@ -475,13 +479,14 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<SpanData>>) {
 mod otlp {
     use std::borrow::Cow;
 
+    use bytes::{BufMut as _, BytesMut};
     use opentelemetry::Value;
     use opentelemetry::trace::{SpanId, SpanKind, Status};
     use opentelemetry_sdk::trace::SpanData;
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
     /// Appends the request for `spans` to `out`.
-    pub(super) fn request(spans: &[std::sync::Arc<SpanData>], out: &mut Vec<u8>) {
+    pub(super) fn request(spans: &[std::sync::Arc<SpanData>], out: &mut BytesMut) {
         let mut by_service: Vec<(&str, Vec<&SpanData>)> = Vec::new();
         for s in spans {
             let service = super::service_of(s);
@@ -526,17 +531,17 @@ mod otlp {
     }
 
     /// The key and length of a length-delimited field; its bytes follow.
-    fn field(out: &mut Vec<u8>, tag: u32, len: usize) {
+    fn field(out: &mut BytesMut, tag: u32, len: usize) {
         encode_key(tag, WireType::LengthDelimited, out);
         encode_varint(len as u64, out);
     }
 
-    fn bytes(out: &mut Vec<u8>, tag: u32, b: &[u8]) {
+    fn bytes(out: &mut BytesMut, tag: u32, b: &[u8]) {
         field(out, tag, b.len());
-        out.extend_from_slice(b);
+        out.put_slice(b);
     }
 
-    fn varint(out: &mut Vec<u8>, tag: u32, v: u64) {
+    fn varint(out: &mut BytesMut, tag: u32, v: u64) {
         encode_key(tag, WireType::Varint, out);
         encode_varint(v, out);
     }
@@ -569,7 +574,7 @@ mod otlp {
         }
     }
 
-    fn put_any_value(out: &mut Vec<u8>, v: &Scalar<'_>) {
+    fn put_any_value(out: &mut BytesMut, v: &Scalar<'_>) {
         match v {
             Scalar::Str(s) => bytes(out, 1, s.as_bytes()),
             Scalar::Bool(b) => varint(out, 2, u64::from(*b)),
@@ -577,7 +582,7 @@ mod otlp {
             Scalar::Int(i) => varint(out, 3, *i as u64),
             Scalar::Double(f) => {
                 encode_key(4, WireType::SixtyFourBit, out);
-                out.extend_from_slice(&f.to_le_bytes());
+                out.put_slice(&f.to_le_bytes());
             }
         }
     }
@@ -587,7 +592,7 @@ mod otlp {
         delimited(1, key.len()) + delimited(2, any_value_len(v))
     }
 
-    fn put_key_value(out: &mut Vec<u8>, key: &str, v: &Scalar<'_>) {
+    fn put_key_value(out: &mut BytesMut, key: &str, v: &Scalar<'_>) {
         bytes(out, 1, key.as_bytes());
         field(out, 2, any_value_len(v));
         put_any_value(out, v);
@@ -677,7 +682,7 @@ mod otlp {
             + 4
     }
 
-    fn put_span(out: &mut Vec<u8>, s: &SpanData) {
+    fn put_span(out: &mut BytesMut, s: &SpanData) {
         bytes(out, 1, &s.span_context.trace_id().to_bytes());
         bytes(out, 2, &s.span_context.span_id().to_bytes());
         if s.parent_span_id != SpanId::INVALID {
@@ -687,7 +692,7 @@ mod otlp {
         varint(out, 6, kind(s));
         for (tag, t) in [(7, s.start_time), (8, s.end_time)] {
             encode_key(tag, WireType::SixtyFourBit, out);
-            out.extend_from_slice(&super::nanos(t).to_le_bytes());
+            out.put_slice(&super::nanos(t).to_le_bytes());
         }
         for (k, v) in attributes(s) {
             field(out, 9, key_value_len(k, &v));
@@ -705,7 +710,7 @@ mod otlp {
             varint(out, 3, code);
         }
         encode_key(16, WireType::ThirtyTwoBit, out);
-        out.extend_from_slice(&flags(s).to_le_bytes());
+        out.put_slice(&flags(s).to_le_bytes());
     }
 
     #[cfg(test)]
@@ -759,9 +764,9 @@ mod otlp {
                 span("payments", 0, Status::error("card declined")),
                 span("orders", 7, Status::Ok),
             ];
-            let mut out = Vec::new();
+            let mut out = BytesMut::new();
             request(&spans, &mut out);
-            let req = ExportTraceServiceRequest::decode(out.as_slice()).unwrap();
+            let req = ExportTraceServiceRequest::decode(out.freeze()).unwrap();
             assert_eq!(req.resource_spans.len(), 2);
             let mut seen = 0;
             for (rs, (service, n)) in req
@@ -884,8 +889,10 @@ where
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
             // The source location of each span is the same for every
-            // trace: three attributes per span not worth their cost.
+            // trace, and the thread that ran a task's poll says nothing
+            // of it: five attributes per span not worth their cost.
             .with_location(false)
+            .with_threads(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false),
     )
