@@ -450,13 +450,18 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<SpanData>>) {
             size_hint = size_hint.max(buf.len());
             let body = buf.split().freeze();
             batch.clear();
-            let sent = client
+            let sent = match client
                 .post(&url)
                 .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
                 .body(body)
                 .send()
                 .await
-                .and_then(reqwest::Response::error_for_status);
+                .and_then(reqwest::Response::error_for_status)
+            {
+                // Read to its end, so that the connection is used again.
+                Ok(answer) => answer.bytes().await.map(drop),
+                Err(err) => Err(err),
+            };
             // Once a minute at most: a collector away is not news.
             if let Err(err) = sent
                 && warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60))
