@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# What a confirmed order costs in serve mode: every service its own
+# `bazaar serve` process on RabbitMQ (a vhost of its own) and PostgreSQL
+# (schemas of their own), under `bazaar load` at RATE for LOAD_SECONDS.
+# Prints, per process, the CPU it spent per confirmed order (user +
+# system from /proc, over the load and its drain: `bazaar load` waits
+# for every order's outcome) and its RSS idle and after the load; then
+# PostgreSQL's and RabbitMQ's CPU per order (their server processes;
+# a backend that exits during the run is not counted), the total; and
+# per order: transactions committed, rows written, WAL records and
+# syncs, messages published and consumed (the services' own counters).
+#
+# Env: RATE (orders/s, default 200), LOAD_SECONDS (default 20), PROFILE
+# (default release). The machine is shared: compare runs made one after
+# the other, interleaved, and the CPU figures rather than the rates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${RATE:-200}
+LOAD_SECONDS=${LOAD_SECONDS:-20}
+source bench/lib.sh
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# Every process of a server: PostgreSQL's postmaster and backends,
+# RabbitMQ's Erlang VM (and its helpers).
+pg_pids() { pgrep -x postgres || true; }
+mq_pids() { pgrep -f 'beam.smp|erl_child_setup|inet_gethost|epmd' || true; }
+# CPU ticks of a set of pids, as "pid ticks" lines (gone ones left out).
+ticks_of() { local p; for p in "$@"; do [[ -r /proc/$p/stat ]] && echo "$p $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)"; done; }
+# Ticks spent since a snapshot ("pid ticks" lines): a pid new since then
+# counts from 0.
+spent() { # snapshot-file pids...
+  local snap=$1; shift
+  ticks_of "$@" | awk -v snap="$snap" '
+    BEGIN { while ((getline line < snap) > 0) { split(line, f, " "); before[f[1]] = f[2] } }
+    { t += $2 - ($1 in before ? before[$1] : 0) } END { print t + 0 }'
+}
+pg_stats() { # transactions, rows written, WAL records, WAL syncs
+  psql_db -F ' ' -c "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),
+    (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables WHERE schemaname LIKE '${PREFIX//_/\\_}%'),
+    (SELECT wal_records FROM pg_stat_wal), (SELECT wal_sync FROM pg_stat_wal)"
+}
+bus_counts() { # published consumed, summed over every service
+  local s
+  for s in "${SERVICES[@]}"; do curl -sf "http://127.0.0.1:${PORT[$s]}/metrics" || true; done |
+    awk '/^bus_published_total/ { p += $NF } /^bus_consumed_total/ { c += $NF } END { printf "%d %d\n", p, c }'
+}
+
+serve_system
+sleep 3
+declare -A IDLE
+for s in "${SERVICES[@]}"; do IDLE[$s]=$(rss_kib "${PID[$s]}"); done
+# Warm up: stock set, connections made, statements prepared.
+"$BIN" load --gateway "$GW" --seconds 2 --rate 50 --stock 100000000 >/dev/null 2>&1 || true
+
+declare -A BEFORE
+for s in "${SERVICES[@]}"; do BEFORE[$s]=$(ticks "${PID[$s]}"); done
+# shellcheck disable=SC2046
+ticks_of $(pg_pids) >"$WORK/pg.snap"
+# shellcheck disable=SC2046
+ticks_of $(mq_pids) >"$WORK/mq.snap"
+read -r tx0 rows0 wal0 sync0 < <(pg_stats)
+read -r pub0 con0 < <(bus_counts)
+
+line=$("$BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null | grep '^load:')
+
+declare -A AFTER
+for s in "${SERVICES[@]}"; do AFTER[$s]=$(ticks "${PID[$s]}"); done
+# shellcheck disable=SC2046
+pg=$(spent "$WORK/pg.snap" $(pg_pids))
+# shellcheck disable=SC2046
+mq=$(spent "$WORK/mq.snap" $(mq_pids))
+read -r tx1 rows1 wal1 sync1 < <(pg_stats)
+read -r pub1 con1 < <(bus_counts)
+n=$(sed -n 's/.* confirmed=\([0-9]*\).*/\1/p' <<<"$line")
+
+echo "$line"
+[[ ${n:-0} -gt 0 ]] || { echo "cost: no order confirmed" >&2; exit 1; }
+per() { awk -v t="$1" -v hz="$TICK" -v n="$n" 'BEGIN { printf "%.3f", t * 1000 / hz / n }'; }
+printf '%-14s %12s %10s %10s\n' process cpu_ms/order idle_MiB after_MiB
+bazaar=0
+for s in "${SERVICES[@]}"; do
+  t=$((AFTER[$s] - BEFORE[$s]))
+  bazaar=$((bazaar + t))
+  printf '%-14s %12s %10.1f %10.1f\n' "$s" "$(per "$t")" \
+    "$(awk -v k="${IDLE[$s]}" 'BEGIN { print k / 1024 }')" \
+    "$(awk -v k="$(rss_kib "${PID[$s]}")" 'BEGIN { print k / 1024 }')"
+done
+printf '%-14s %12s\n' "bazaar (all)" "$(per "$bazaar")" postgresql "$(per "$pg")" rabbitmq "$(per "$mq")" \
+  total "$(per $((bazaar + pg + mq)))"
+awk -v n="$n" -v tx=$((tx1 - tx0)) -v rows=$((rows1 - rows0)) -v wal=$((wal1 - wal0)) \
+  -v sync=$((sync1 - sync0)) -v pub=$((pub1 - pub0)) -v con=$((con1 - con0)) 'BEGIN {
+  printf "per order: transactions=%.1f rows_written=%.1f wal_records=%.1f wal_syncs=%.2f published=%.1f consumed=%.1f\n",
+    tx / n, rows / n, wal / n, sync / n, pub / n, con / n }'
