@@ -360,22 +360,24 @@ async fn a_checkout_is_one_trace_across_processes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `GET path` on the gateway with an admin's token: the status and the
+/// JSON answer.
+async fn as_admin(gateway: &str, path: &str) -> (StatusCode, Value) {
+    let api = Api::new(gateway);
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let req = api.http.get(format!("{gateway}{path}")).bearer_auth(admin);
+    api.send(path, req).await
+}
+
 /// The order's timeline: the saga's steps in order, each message of it
 /// written, published, delivered and handled, in time order, in the
 /// checkout's trace.
 async fn assert_timeline(gateway: &str, order_id: &str, trace_id: &str) {
-    let admin = Api::new(gateway).login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
-    let timeline: Value = reqwest::Client::new()
-        .get(format!(
-            "{gateway}/_dashboard/api/orders/{order_id}/timeline"
-        ))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, timeline) = as_admin(
+        gateway,
+        &format!("/_dashboard/api/orders/{order_id}/timeline"),
+    )
+    .await;
     assert_eq!(timeline["trace_ids"], json!([trace_id]), "{timeline:#}");
     let events = timeline["events"].as_array().unwrap();
     let times: Vec<u64> = events
@@ -643,26 +645,13 @@ async fn assert_not_recorded(gateway: &str, collector: &Collector) {
     let (trace_id, order_id) = checkout_flagged(gateway, "00").await;
     // The saga's last messages (notifications) are handled a moment later.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let admin = Api::new(gateway).login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
-    let http = reqwest::Client::new();
-    let res = http
-        .get(format!("{gateway}/_dashboard/api/traces/{trace_id}"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::NOT_FOUND, "spans were kept");
-    let timeline: Value = http
-        .get(format!(
-            "{gateway}/_dashboard/api/orders/{order_id}/timeline"
-        ))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, _) = as_admin(gateway, &format!("/_dashboard/api/traces/{trace_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "spans were kept");
+    let (_, timeline) = as_admin(
+        gateway,
+        &format!("/_dashboard/api/orders/{order_id}/timeline"),
+    )
+    .await;
     assert_eq!(timeline["trace_ids"], json!([]), "{timeline:#}");
     let steps = timeline["events"]
         .as_array()

@@ -208,12 +208,12 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for SpanFields {
         fields: R,
     ) -> std::fmt::Result {
         let mut pick = Pick {
-            out: String::with_capacity(64),
+            out: Vec::with_capacity(64),
         };
-        pick.out.push('{');
+        pick.out.push(b'{');
         fields.record(&mut pick);
-        pick.out.push('}');
-        writer.write_str(&pick.out)
+        pick.out.push(b'}');
+        writer.write_str(std::str::from_utf8(&pick.out).map_err(|_| std::fmt::Error)?)
     }
 
     fn add_fields(
@@ -228,17 +228,17 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for SpanFields {
 
 /// The fields [`SpanFields`] keeps, as JSON members.
 struct Pick {
-    out: String,
+    out: Vec<u8>,
 }
 
 impl tracing::field::Visit for Pick {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         if matches!(field.name(), "service" | "request_id") {
             if self.out.len() > 1 {
-                self.out.push(',');
+                self.out.push(b',');
             }
             json_string(&mut self.out, field.name());
-            self.out.push(':');
+            self.out.push(b':');
             json_string(&mut self.out, value);
         }
     }
@@ -247,28 +247,9 @@ impl tracing::field::Visit for Pick {
 }
 
 /// `s` as a JSON string (a request id is the client's: anything).
-fn json_string(out: &mut String, s: &str) {
-    use std::fmt::Write as _;
-    out.push('"');
-    // Copied in runs between the characters that need escaping.
-    let mut run = 0;
-    for (at, c) in s.char_indices() {
-        let escaped = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            c if c.is_control() => "",
-            _ => continue,
-        };
-        out.push_str(&s[run..at]);
-        if escaped.is_empty() {
-            let _ = write!(out, "\\u{:04x}", u32::from(c));
-        } else {
-            out.push_str(escaped);
-        }
-        run = at + c.len_utf8();
-    }
-    out.push_str(&s[run..]);
-    out.push('"');
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a string to a Vec cannot fail.
+    let _ = serde_json::to_writer(out, s);
 }
 
 /// JSON log lines inside a recorded span get its `trace_id` and `span_id`.
@@ -398,9 +379,9 @@ mod tests {
 
     #[test]
     fn span_fields_are_json() {
-        let mut out = String::new();
+        let mut out = Vec::new();
         json_string(&mut out, "a\"b\\c\n\u{7f}é");
-        let back: String = serde_json::from_str(&out).unwrap();
+        let back: String = serde_json::from_slice(&out).unwrap();
         assert_eq!(back, "a\"b\\c\n\u{7f}é");
     }
 

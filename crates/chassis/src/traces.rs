@@ -507,11 +507,9 @@ mod otlp {
             let resource = delimited(1, attribute);
             // ScopeSpans { scope: { name: "bazaar" }, spans }
             let scope = delimited(1, SCOPE.len());
-            let scope_spans = delimited(1, scope)
-                + group
-                    .iter()
-                    .map(|s| delimited(2, span_len(s)))
-                    .sum::<usize>();
+            let lens: Vec<usize> = group.iter().map(|s| span_len(s)).collect();
+            let scope_spans =
+                delimited(1, scope) + lens.iter().map(|&len| delimited(2, len)).sum::<usize>();
             // ExportTraceServiceRequest { resource_spans: [ResourceSpans
             // { resource, scope_spans: [scope_spans] }] }
             field(out, 1, delimited(1, resource) + delimited(2, scope_spans));
@@ -521,8 +519,8 @@ mod otlp {
             field(out, 2, scope_spans);
             field(out, 1, scope);
             bytes(out, 1, SCOPE.as_bytes());
-            for s in group {
-                field(out, 2, span_len(s));
+            for (s, len) in group.into_iter().zip(lens) {
+                field(out, 2, len);
                 put_span(out, s);
             }
         }
