@@ -276,7 +276,7 @@ where
         let ids = ctx.event_scope().and_then(|scope| {
             scope
                 .into_iter()
-                .find_map(|span| crate::traces::ids_of(&span.id()))
+                .find_map(|span| crate::traces::ids_of(&span))
         });
         match (ids, line.strip_suffix("}\n")) {
             (Some((trace_id, span_id)), Some(open)) => writeln!(

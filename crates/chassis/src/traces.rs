@@ -1,5 +1,6 @@
-//! Traces: every `tracing` span with a `service` field is an OpenTelemetry
-//! span (tracing-opentelemetry). A trace is recorded or not as a whole:
+//! Traces: every `tracing` span with a `service` field is recorded as an
+//! OpenTelemetry span ([`Recorded`], by this module's layer). A trace is
+//! recorded or not as a whole:
 //! decided once where it enters a process (`trace_sample_ratio` for a new
 //! one, else its sender's sampled flag; [`bazaar_mesh::trace::recorded`]),
 //! and no span is made for one that is not. Ended spans go to a
@@ -14,12 +15,9 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
-use opentelemetry::{Context, Value};
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, Span, SpanData, SpanProcessor};
+pub use bazaar_mesh::trace::{Kind, Recorded, Status, Value};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -81,12 +79,12 @@ impl TraceSummary {
         }
     }
 
-    fn add(&mut self, s: &SpanData) {
+    fn add(&mut self, s: &Recorded) {
         let service = service_of(s);
-        if s.parent_span_id == SpanId::INVALID {
+        if s.parent_span_id == 0 {
             self.root = Some(format!("{service}: {}", s.name));
         }
-        let start_us = micros(s.start_time);
+        let start_us = s.start_ns / 1000;
         let span_end = start_us + duration_us(s);
         let end = if self.spans == 0 {
             span_end
@@ -145,12 +143,12 @@ pub fn process_id() -> &'static str {
 /// asked for: most are never looked at.
 #[derive(Debug)]
 pub struct Recent {
-    spans: Mutex<VecDeque<Arc<SpanData>>>,
+    spans: Mutex<VecDeque<Arc<Recorded>>>,
     keep: usize,
 }
 
 impl Recent {
-    fn push(&self, span: Arc<SpanData>) {
+    fn push(&self, span: Arc<Recorded>) {
         let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = if spans.len() >= self.keep {
             spans.pop_front()
@@ -171,7 +169,7 @@ impl Recent {
         let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<SpanRecord> = spans
             .iter()
-            .filter(|s| s.span_context.trace_id() == id)
+            .filter(|s| s.trace_id == id)
             .map(|s| record(s))
             .collect();
         drop(spans);
@@ -187,13 +185,13 @@ impl Recent {
         let q = q.trim();
         let by_id = trace_id_from(q);
         let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        let mut order: Vec<TraceId> = Vec::new();
-        let mut wanted: HashMap<TraceId, TraceSummary> = HashMap::new();
+        let mut order: Vec<u128> = Vec::new();
+        let mut wanted: HashMap<u128, TraceSummary> = HashMap::new();
         for s in spans.iter().rev() {
             if order.len() >= limit {
                 break;
             }
-            let id = s.span_context.trace_id();
+            let id = s.trace_id;
             if wanted.contains_key(&id) {
                 continue;
             }
@@ -201,14 +199,14 @@ impl Recent {
                 || by_id == Some(id)
                 || s.attributes
                     .iter()
-                    .any(|kv| kv.key.as_str() != "service" && text(&kv.value) == q);
+                    .any(|(k, v)| *k != "service" && text(v) == q);
             if hit {
                 order.push(id);
-                wanted.insert(id, TraceSummary::new(&id.to_string()));
+                wanted.insert(id, TraceSummary::new(&hex32(id)));
             }
         }
         for s in spans.iter() {
-            if let Some(t) = wanted.get_mut(&s.span_context.trace_id()) {
+            if let Some(t) = wanted.get_mut(&s.trace_id) {
                 t.add(s);
             }
         }
@@ -218,13 +216,13 @@ impl Recent {
     /// The summaries of the traces `ids` from the spans this store keeps
     /// (a trace it has no span of is left out).
     pub fn summaries(&self, ids: &[&str]) -> Vec<TraceSummary> {
-        let mut found: HashMap<TraceId, TraceSummary> = ids
+        let mut found: HashMap<u128, TraceSummary> = ids
             .iter()
             .filter_map(|id| Some((trace_id_from(id)?, TraceSummary::new(id))))
             .collect();
         let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         for s in spans.iter() {
-            if let Some(t) = found.get_mut(&s.span_context.trace_id()) {
+            if let Some(t) = found.get_mut(&s.trace_id) {
                 t.add(s);
             }
         }
@@ -238,11 +236,11 @@ impl Recent {
         let spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         let mut edges: BTreeMap<(String, String, &'static str), Edge> = BTreeMap::new();
         for s in spans.iter().rev() {
-            if micros(s.start_time) < since_us {
+            if s.start_ns / 1000 < since_us {
                 break;
             }
-            let (from, to, kind) = match s.span_kind {
-                SpanKind::Client => match attr(s, "peer.service") {
+            let (from, to, kind) = match s.kind {
+                Kind::Client => match attr(s, "peer.service") {
                     Some(peer) => {
                         let kind = if attr(s, "rpc.system").is_some() {
                             "grpc"
@@ -253,7 +251,7 @@ impl Recent {
                     }
                     None => continue,
                 },
-                SpanKind::Consumer => match attr(s, "messaging.source").map(text) {
+                Kind::Consumer => match attr(s, "messaging.source").map(text) {
                     Some(source) if !source.is_empty() => {
                         (source.into_owned(), service_of(s).to_owned(), "message")
                     }
@@ -287,28 +285,97 @@ impl Recent {
 
 /// This process's store of recent spans, once [`layer`] installed it.
 pub fn recent() -> Option<&'static Arc<Recent>> {
-    STATE.get().map(|s| &s.recent)
+    RECENT.get()
 }
 
-struct State {
+static RECENT: OnceLock<Arc<Recent>> = OnceLock::new();
+
+/// The layer that records Bazaar's spans ([`ours`]): a [`Recorded`] in
+/// the span's extensions from its start, with its fields; at its close,
+/// into the store and, with a collector, to the exporter.
+///
+/// Own code rather than tracing-opentelemetry and the SDK: those built
+/// each span three times over (a builder, an SDK span, its export data),
+/// and made a tenth of a traced checkout's CPU.
+struct Record {
     recent: Arc<Recent>,
-    /// Kept alive: dropping the provider would stop it.
-    _provider: SdkTracerProvider,
+    export: Option<mpsc::Sender<Arc<Recorded>>>,
 }
 
-static STATE: OnceLock<State> = OnceLock::new();
+impl<S> tracing_subscriber::Layer<S> for Record
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if !ours(attrs.metadata()) {
+            return;
+        }
+        let parent = if let Some(parent) = attrs.parent() {
+            ctx.span(parent)
+        } else if attrs.is_contextual() {
+            ctx.lookup_current()
+        } else {
+            None
+        };
+        // The nearest recorded span above (others' spans are skipped).
+        let parent = parent.and_then(|p| {
+            p.scope().find_map(|s| {
+                s.extensions()
+                    .get::<Recorded>()
+                    .map(|r| (r.trace_id, r.span_id))
+            })
+        });
+        let mut span = Recorded::start(attrs.metadata().name(), parent, attrs.fields().len());
+        attrs.record(&mut span);
+        if let Some(this) = ctx.span(id) {
+            this.extensions_mut().insert(span);
+        }
+    }
 
-/// Ended spans are put in the store and, with a collector, sent on.
-#[derive(Debug)]
-struct Keep {
-    recent: Arc<Recent>,
-    export: Option<mpsc::Sender<Arc<SpanData>>>,
-}
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id)
+            && let Some(recorded) = span.extensions_mut().get_mut::<Recorded>()
+        {
+            values.record(recorded);
+        }
+    }
 
-impl SpanProcessor for Keep {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+    /// An error logged inside a recorded span marks it failed.
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() != tracing::Level::ERROR {
+            return;
+        }
+        let Some(scope) = ctx.event_scope(event) else {
+            return;
+        };
+        for span in scope {
+            if let Some(recorded) = span.extensions_mut().get_mut::<Recorded>() {
+                let mut message = Message(String::new());
+                event.record(&mut message);
+                recorded.status = Status::Error(message.0);
+                return;
+            }
+        }
+    }
 
-    fn on_end(&self, span: SpanData) {
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let Some(mut span) = ctx
+            .span(&id)
+            .and_then(|s| s.extensions_mut().remove::<Recorded>())
+        else {
+            return;
+        };
+        span.end_ns = bazaar_mesh::trace::now_ns();
         let span = Arc::new(span);
         if let Some(tx) = &self.export {
             // A full queue (the collector is slow or away) drops the span.
@@ -316,89 +383,75 @@ impl SpanProcessor for Keep {
         }
         self.recent.push(span);
     }
+}
 
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
+/// An event's `message`.
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
     }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
 }
 
-fn nanos(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()).unwrap_or(0)
+fn duration_us(span: &Recorded) -> u64 {
+    (span.end_ns / 1000).saturating_sub(span.start_ns / 1000)
 }
 
-fn micros(t: SystemTime) -> u64 {
-    nanos(t) / 1000
-}
-
-fn duration_us(span: &SpanData) -> u64 {
-    micros(span.end_time).saturating_sub(micros(span.start_time))
-}
-
-fn failed(span: &SpanData) -> bool {
-    matches!(span.status, Status::Error { .. })
+fn failed(span: &Recorded) -> bool {
+    matches!(span.status, Status::Error(_))
 }
 
 /// A trace id as spans show it (see [`valid_trace_id`]).
-fn trace_id_from(id: &str) -> Option<TraceId> {
+fn trace_id_from(id: &str) -> Option<u128> {
     valid_trace_id(id)
-        .then(|| TraceId::from_hex(id).ok())
+        .then(|| u128::from_str_radix(id, 16).ok())
         .flatten()
 }
 
+/// A trace id in hex, as spans show it.
+fn hex32(id: u128) -> String {
+    format!("{id:032x}")
+}
+
 /// The value of a span's attribute `key`.
-fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key.as_str() == key)
-        .map(|kv| &kv.value)
+fn attr<'a>(span: &'a Recorded, key: &str) -> Option<&'a Value> {
+    span.attribute(key)
 }
 
 /// An attribute's value as text.
 fn text(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::String(s) => Cow::Borrowed(s.as_str()),
+        Value::Str(s) => Cow::Borrowed(s.as_str()),
         other => Cow::Owned(other.to_string()),
     }
 }
 
 /// The `service` attribute every Bazaar span carries.
-fn service_of(span: &SpanData) -> &str {
+fn service_of(span: &Recorded) -> &str {
     match attr(span, "service") {
-        Some(Value::String(s)) => s.as_str(),
+        Some(Value::Str(s)) => s.as_str(),
         _ => "bazaar",
     }
 }
 
-fn kind_name(kind: &SpanKind) -> &'static str {
-    match kind {
-        SpanKind::Server => "server",
-        SpanKind::Client => "client",
-        SpanKind::Producer => "producer",
-        SpanKind::Consumer => "consumer",
-        SpanKind::Internal => "internal",
-    }
-}
-
-fn record(span: &SpanData) -> SpanRecord {
+fn record(span: &Recorded) -> SpanRecord {
     let attributes = span
         .attributes
         .iter()
-        .filter(|kv| kv.key.as_str() != "service")
-        .map(|kv| (kv.key.to_string(), text(&kv.value).into_owned()))
+        .filter(|(k, _)| *k != "service")
+        .map(|(k, v)| ((*k).to_owned(), text(v).into_owned()))
         .collect();
     SpanRecord {
-        trace_id: span.span_context.trace_id().to_string(),
-        span_id: span.span_context.span_id().to_string(),
-        parent_span_id: (span.parent_span_id != SpanId::INVALID)
-            .then(|| span.parent_span_id.to_string()),
+        trace_id: hex32(span.trace_id),
+        span_id: format!("{:016x}", span.span_id),
+        parent_span_id: (span.parent_span_id != 0).then(|| format!("{:016x}", span.parent_span_id)),
         service: service_of(span).to_owned(),
         name: span.name.to_string(),
-        kind: kind_name(&span.span_kind).to_owned(),
-        start_us: micros(span.start_time),
+        kind: span.kind.name().to_owned(),
+        start_us: span.start_ns / 1000,
         duration_us: duration_us(span),
         error: failed(span),
         attributes,
@@ -410,7 +463,7 @@ const EXPORT_BATCH: usize = 512;
 
 /// Sends spans to the collector (OTLP/HTTP, protobuf) in batches, every
 /// 200 ms at most, each service's under its own resource.
-async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<SpanData>>) {
+async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<Recorded>>) {
     let url = if endpoint.ends_with("/v1/traces") {
         endpoint
     } else {
@@ -484,15 +537,13 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<Arc<SpanData>>) {
 mod otlp {
     use std::borrow::Cow;
 
+    use bazaar_mesh::trace::{Kind, Recorded, Status, Value};
     use bytes::{BufMut as _, BytesMut};
-    use opentelemetry::Value;
-    use opentelemetry::trace::{SpanId, SpanKind, Status};
-    use opentelemetry_sdk::trace::SpanData;
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
     /// Appends the request for `spans` to `out`.
-    pub(super) fn request(spans: &[std::sync::Arc<SpanData>], out: &mut BytesMut) {
-        let mut by_service: Vec<(&str, Vec<&SpanData>)> = Vec::new();
+    pub(super) fn request(spans: &[std::sync::Arc<Recorded>], out: &mut BytesMut) {
+        let mut by_service: Vec<(&str, Vec<&Recorded>)> = Vec::new();
         for s in spans {
             let service = super::service_of(s);
             match by_service.iter_mut().find(|(name, _)| *name == service) {
@@ -562,8 +613,7 @@ mod otlp {
             Value::Bool(b) => Scalar::Bool(*b),
             Value::I64(i) => Scalar::Int(*i),
             Value::F64(f) => Scalar::Double(*f),
-            Value::String(s) => Scalar::Str(Cow::Borrowed(s.as_str())),
-            other => Scalar::Str(Cow::Owned(other.to_string())),
+            Value::Str(s) => Scalar::Str(Cow::Borrowed(s.as_str())),
         }
     }
 
@@ -602,29 +652,29 @@ mod otlp {
     }
 
     /// The attributes a span is sent with: the service is its resource's.
-    fn attributes(s: &SpanData) -> impl Iterator<Item = (&str, Scalar<'_>)> {
+    fn attributes(s: &Recorded) -> impl Iterator<Item = (&str, Scalar<'_>)> {
         s.attributes
             .iter()
-            .filter(|kv| kv.key.as_str() != "service")
-            .map(|kv| (kv.key.as_str(), scalar(&kv.value)))
+            .filter(|(k, _)| *k != "service")
+            .map(|(k, v)| (*k, scalar(v)))
     }
 
-    fn kind(s: &SpanData) -> u64 {
-        match s.span_kind {
-            SpanKind::Internal => 1,
-            SpanKind::Server => 2,
-            SpanKind::Client => 3,
-            SpanKind::Producer => 4,
-            SpanKind::Consumer => 5,
+    fn kind(s: &Recorded) -> u64 {
+        match s.kind {
+            Kind::Internal => 1,
+            Kind::Server => 2,
+            Kind::Client => 3,
+            Kind::Producer => 4,
+            Kind::Consumer => 5,
         }
     }
 
     /// Status { message = 2, code = 3 }: unset 0, ok 1, error 2.
-    fn status(s: &SpanData) -> (&str, u64) {
+    fn status(s: &Recorded) -> (&str, u64) {
         match &s.status {
             Status::Unset => ("", 0),
             Status::Ok => ("", 1),
-            Status::Error { description } => (description, 2),
+            Status::Error(description) => (description, 2),
         }
     }
 
@@ -642,31 +692,27 @@ mod otlp {
         message + code
     }
 
-    /// The span's flags (fixed32, tag 16): its W3C flags, and whether
-    /// its parent is remote.
-    fn flags(s: &SpanData) -> u32 {
+    /// The span's flags (fixed32, tag 16): its W3C flags (sampled: it
+    /// is recorded), and whether its parent is remote.
+    fn flags(s: &Recorded) -> u32 {
+        const SAMPLED: u32 = 0x1;
         const HAS_IS_REMOTE: u32 = 0x100;
         const IS_REMOTE: u32 = 0x200;
-        let mut flags = u32::from(s.span_context.trace_flags().to_u8()) | HAS_IS_REMOTE;
-        if s.parent_span_is_remote {
+        let mut flags = SAMPLED | HAS_IS_REMOTE;
+        if s.parent_is_remote {
             flags |= IS_REMOTE;
         }
         flags
     }
 
     /// Span { trace_id = 1, span_id = 2, parent_span_id = 4, name = 5,
-    /// kind = 6, start = 7, end = 8, attributes = 9, dropped = 10,
-    /// status = 15, flags = 16 }
-    fn span_len(s: &SpanData) -> usize {
-        let parent = if s.parent_span_id == SpanId::INVALID {
+    /// kind = 6, start = 7, end = 8, attributes = 9, status = 15,
+    /// flags = 16 }
+    fn span_len(s: &Recorded) -> usize {
+        let parent = if s.parent_span_id == 0 {
             0
         } else {
             delimited(4, 8)
-        };
-        let dropped = if s.dropped_attributes_count == 0 {
-            0
-        } else {
-            key_len(10) + encoded_len_varint(u64::from(s.dropped_attributes_count))
         };
         let (message, code) = status(s);
         delimited(1, 16)
@@ -679,30 +725,26 @@ mod otlp {
             + attributes(s)
                 .map(|(k, v)| delimited(9, key_value_len(k, &v)))
                 .sum::<usize>()
-            + dropped
             + delimited(15, status_len(message, code))
             + key_len(16)
             + 4
     }
 
-    fn put_span(out: &mut BytesMut, s: &SpanData) {
-        bytes(out, 1, &s.span_context.trace_id().to_bytes());
-        bytes(out, 2, &s.span_context.span_id().to_bytes());
-        if s.parent_span_id != SpanId::INVALID {
-            bytes(out, 4, &s.parent_span_id.to_bytes());
+    fn put_span(out: &mut BytesMut, s: &Recorded) {
+        bytes(out, 1, &s.trace_id.to_be_bytes());
+        bytes(out, 2, &s.span_id.to_be_bytes());
+        if s.parent_span_id != 0 {
+            bytes(out, 4, &s.parent_span_id.to_be_bytes());
         }
         bytes(out, 5, s.name.as_bytes());
         varint(out, 6, kind(s));
-        for (tag, t) in [(7, s.start_time), (8, s.end_time)] {
+        for (tag, t) in [(7, s.start_ns), (8, s.end_ns)] {
             encode_key(tag, WireType::SixtyFourBit, out);
-            out.put_slice(&super::nanos(t).to_le_bytes());
+            out.put_slice(&t.to_le_bytes());
         }
         for (k, v) in attributes(s) {
             field(out, 9, key_value_len(k, &v));
             put_key_value(out, k, &v);
-        }
-        if s.dropped_attributes_count != 0 {
-            varint(out, 10, u64::from(s.dropped_attributes_count));
         }
         let (message, code) = status(s);
         field(out, 15, status_len(message, code));
@@ -719,44 +761,32 @@ mod otlp {
     #[cfg(test)]
     mod tests {
         use std::sync::Arc;
-        use std::time::{Duration, UNIX_EPOCH};
 
-        use opentelemetry::KeyValue;
-        use opentelemetry::trace::{SpanContext, TraceFlags, TraceId, TraceState};
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
         use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
         use prost::Message as _;
 
         use super::*;
 
-        fn span(service: &'static str, parent: u64, status: Status) -> Arc<SpanData> {
-            Arc::new(SpanData {
-                span_context: SpanContext::new(
-                    TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
-                    SpanId::from(rand::random::<u64>() | 1),
-                    TraceFlags::SAMPLED,
-                    false,
-                    TraceState::default(),
-                ),
-                parent_span_id: SpanId::from(parent),
-                parent_span_is_remote: parent != 0,
-                span_kind: SpanKind::Consumer,
+        fn span(service: &'static str, parent: u64, status: Status) -> Arc<Recorded> {
+            Arc::new(Recorded {
+                trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+                span_id: rand::random::<u64>() | 1,
+                parent_span_id: parent,
+                parent_is_remote: parent != 0,
+                kind: Kind::Consumer,
                 name: "consume payments.charge".into(),
-                start_time: UNIX_EPOCH + Duration::from_nanos(1_796_161_575_085_328_123),
-                end_time: UNIX_EPOCH + Duration::from_nanos(1_796_161_575_085_400_000),
+                start_ns: 1_796_161_575_085_328_123,
+                end_ns: 1_796_161_575_085_400_000,
                 attributes: vec![
-                    KeyValue::new("service", service),
-                    KeyValue::new("messaging.message_id", "m-1 \"é\""),
-                    KeyValue::new("attempt", -3_i64),
-                    KeyValue::new("redelivered", true),
-                    KeyValue::new("ratio", 0.25),
-                    KeyValue::new("big", i64::MAX),
+                    ("service", Value::Str(service.into())),
+                    ("messaging.message_id", Value::Str("m-1 \"é\"".into())),
+                    ("attempt", Value::I64(-3)),
+                    ("redelivered", Value::Bool(true)),
+                    ("ratio", Value::F64(0.25)),
+                    ("big", Value::I64(i64::MAX)),
                 ],
-                dropped_attributes_count: 2,
-                events: Default::default(),
-                links: Default::default(),
                 status,
-                instrumentation_scope: Default::default(),
             })
         }
 
@@ -764,7 +794,7 @@ mod otlp {
         fn a_request_decodes_with_the_protocols_types() {
             let spans = [
                 span("orders", 0x00f0_67aa_0ba9_02b7, Status::Unset),
-                span("payments", 0, Status::error("card declined")),
+                span("payments", 0, Status::Error("card declined".into())),
                 span("orders", 7, Status::Ok),
             ];
             let mut out = BytesMut::new();
@@ -789,22 +819,21 @@ mod otlp {
                 for g in got {
                     let want = spans
                         .iter()
-                        .find(|s| s.span_context.span_id().to_bytes().as_slice() == g.span_id)
+                        .find(|s| s.span_id.to_be_bytes().as_slice() == g.span_id)
                         .unwrap();
-                    assert_eq!(g.trace_id, want.span_context.trace_id().to_bytes());
-                    let parent = if want.parent_span_id == SpanId::INVALID {
+                    assert_eq!(g.trace_id, want.trace_id.to_be_bytes());
+                    let parent = if want.parent_span_id == 0 {
                         Vec::new()
                     } else {
-                        want.parent_span_id.to_bytes().to_vec()
+                        want.parent_span_id.to_be_bytes().to_vec()
                     };
                     assert_eq!(g.parent_span_id, parent);
                     assert_eq!(g.name, "consume payments.charge");
                     assert_eq!(g.kind, 5);
                     assert_eq!(g.start_time_unix_nano, 1_796_161_575_085_328_123);
                     assert_eq!(g.end_time_unix_nano, 1_796_161_575_085_400_000);
-                    assert_eq!(g.dropped_attributes_count, 2);
                     assert_eq!(g.flags & 0xff, 1);
-                    assert_eq!(g.flags & 0x200 != 0, want.parent_span_is_remote);
+                    assert_eq!(g.flags & 0x200 != 0, want.parent_is_remote);
                     let values: Vec<(&str, Option<&Any>)> = g
                         .attributes
                         .iter()
@@ -839,22 +868,24 @@ mod otlp {
     }
 }
 
-/// The OpenTelemetry layer for the process's subscriber, recording spans
-/// as `settings` says; `None` after the first call. Exporting needs a
-/// Tokio runtime: without one, spans are only kept in memory.
+/// The layer that records spans for the process's subscriber, as
+/// `settings` say; `None` after the first call, and when the ratio is 0.
+/// Exporting needs a Tokio runtime: without one, spans are only kept in
+/// memory.
 pub fn layer<S>(settings: &Settings) -> Option<impl tracing_subscriber::Layer<S>>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     // 0 turns tracing off: no spans are made at all (the wire still
     // carries the callers' trace context on).
-    if STATE.get().is_some() || settings.sample_ratio <= 0.0 {
+    if settings.sample_ratio <= 0.0 {
         return None;
     }
     let recent = Arc::new(Recent {
         spans: Mutex::new(VecDeque::new()),
         keep: settings.keep_spans.max(1),
     });
+    RECENT.set(recent.clone()).ok()?;
     let export = match (
         &settings.otlp_endpoint,
         tokio::runtime::Handle::try_current(),
@@ -868,37 +899,13 @@ where
     };
     // Which traces are recorded is decided where work enters a process
     // ([`bazaar_mesh::trace::recorded`]); a span is made only for those,
-    // so the provider keeps every span it sees.
+    // so the layer records every span of ours it sees. It has no filter
+    // of its own: a per-layer filter is upset by libraries' `enabled!`
+    // checks (sqlx makes them), which leave filter state on their thread
+    // that disables the next span there. The process's one filter admits
+    // Bazaar's spans ([`ours`]) whatever the log level.
     bazaar_mesh::trace::set_sample_ratio(settings.sample_ratio);
-    let provider = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
-        .with_span_processor(Keep {
-            recent: recent.clone(),
-            export,
-        })
-        .build();
-    let tracer = provider.tracer("bazaar");
-    STATE
-        .set(State {
-            recent,
-            _provider: provider,
-        })
-        .ok()?;
-    // No filter of its own: a per-layer filter is upset by libraries'
-    // `enabled!` checks (sqlx makes them), which leave filter state on
-    // their thread that disables the next span there. The process's one
-    // filter admits Bazaar's spans ([`ours`]) whatever the log level.
-    Some(
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            // The source location of each span is the same for every
-            // trace, and the thread that ran a task's poll says nothing
-            // of it: five attributes per span not worth their cost.
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_context_activation(false),
-    )
+    Some(Record { recent, export })
 }
 
 /// Whether a callsite is one of Bazaar's spans: they name their service.
@@ -906,14 +913,14 @@ pub fn ours(meta: &tracing::Metadata<'_>) -> bool {
     meta.is_span() && meta.fields().field("service").is_some()
 }
 
-/// The trace and span ids of the span `id`, when it is recorded.
-pub fn ids_of(id: &tracing::span::Id) -> Option<(String, String)> {
-    use opentelemetry::trace::TraceContextExt as _;
-    let cx = tracing::dispatcher::get_default(|d| tracing_opentelemetry::get_otel_context(id, d))?;
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid()
-        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+/// The trace and span ids of a span, when it is recorded.
+pub fn ids_of<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> Option<(String, String)>
+where
+    S: for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    span.extensions()
+        .get::<Recorded>()
+        .map(|r| (hex32(r.trace_id), format!("{:016x}", r.span_id)))
 }
 
 /// Whether `id` is a trace id as spans show it: 32 lowercase hex digits,
@@ -924,4 +931,100 @@ pub fn valid_trace_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         && id.bytes().any(|b| b != b'0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_are_recorded_as_one_tree() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let recent = Arc::new(Recent {
+            spans: Mutex::new(VecDeque::new()),
+            keep: 100,
+        });
+        let subscriber = tracing_subscriber::registry().with(Record {
+            recent: recent.clone(),
+            export: None,
+        });
+        let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (sent, root_sent) = tracing::subscriber::with_default(subscriber, || {
+            let server = tracing::info_span!(
+                "http",
+                service = "orders",
+                otel.name = "GET",
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                attempt = 3_u32,
+            );
+            bazaar_mesh::trace::follow(&server, Some(tp));
+            bazaar_mesh::trace::rename(&server, "GET /orders/{id}".into());
+            let sent = bazaar_mesh::trace::traceparent_of(&server).unwrap();
+            server.in_scope(|| {
+                // Not one of ours: not recorded, and its child is the
+                // server span's.
+                tracing::info_span!("library").in_scope(|| {
+                    tracing::info_span!("store", service = "orders", otel.name = "INSERT orders")
+                        .in_scope(|| tracing::error!("disk full"));
+                });
+            });
+            server.record("http.response.status_code", 500);
+            server.record("otel.status_code", "ERROR");
+            drop(server);
+            let root = tracing::info_span!("call", service = "gateway", otel.kind = "client");
+            let root_sent = bazaar_mesh::trace::traceparent_of(&root).unwrap();
+            (sent, root_sent)
+        });
+        let spans = recent.spans.lock().unwrap().clone();
+        assert_eq!(spans.len(), 3, "{spans:#?}");
+        let (store, server, root) = (&spans[0], &spans[1], &spans[2]);
+
+        assert_eq!(server.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
+        assert_eq!(server.parent_span_id, 0x00f0_67aa_0ba9_02b7);
+        assert!(server.parent_is_remote);
+        assert_eq!(server.name, "GET /orders/{id}");
+        assert_eq!(server.kind, Kind::Server);
+        assert_eq!(server.status, Status::Error(String::new()));
+        assert_eq!(
+            server.attributes,
+            [
+                ("service", Value::Str("orders".into())),
+                ("attempt", Value::I64(3)),
+                ("http.response.status_code", Value::I64(500)),
+            ]
+        );
+        assert!(server.start_ns > 0 && server.end_ns >= server.start_ns);
+        assert_eq!(
+            sent,
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-01",
+                server.span_id
+            )
+        );
+
+        assert_eq!(store.trace_id, server.trace_id);
+        assert_eq!(store.parent_span_id, server.span_id);
+        assert!(!store.parent_is_remote);
+        assert_ne!(store.span_id, server.span_id);
+        assert_eq!(store.name, "INSERT orders");
+        assert_eq!(store.kind, Kind::Internal);
+        assert_eq!(store.status, Status::Error("disk full".into()));
+
+        assert_ne!(root.trace_id, server.trace_id);
+        assert_eq!(root.parent_span_id, 0);
+        assert_eq!(root.kind, Kind::Client);
+        assert_eq!(
+            root_sent,
+            format!("00-{:032x}-{:016x}-01", root.trace_id, root.span_id)
+        );
+
+        let shown = recent.trace("4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(shown.len(), 2);
+        assert_eq!(shown[0].span_id, format!("{:016x}", server.span_id));
+        assert_eq!(shown[1].parent_span_id, Some(shown[0].span_id.clone()));
+        assert_eq!(shown[0].attributes["http.response.status_code"], "500");
+        assert!(shown[0].error && shown[1].error);
+    }
 }
