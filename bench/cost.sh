@@ -9,7 +9,9 @@
 # PostgreSQL's and RabbitMQ's CPU per order (their server processes;
 # a backend that exits during the run is not counted), the total; and
 # per order: transactions committed, rows written, WAL records and
-# syncs, messages published and consumed (the services' own counters).
+# syncs, messages published and consumed (the services' own counters);
+# and each process's own memory through the load, to see that it levels
+# off (LOAD_SECONDS=600 for the ten-minute run).
 #
 # Env: RATE (orders/s, default 200), LOAD_SECONDS (default 20), PROFILE
 # (default release). The machine is shared: compare runs made one after
@@ -66,7 +68,21 @@ ticks_of $(mq_pids) >"$WORK/mq.snap"
 read -r tx0 rows0 wal0 sync0 < <(pg_stats)
 read -r pub0 con0 < <(bus_counts)
 
+# Each process's own memory (RssAnon, MiB) through the load, every
+# tenth of it: it should level off, not grow.
+every=$(( LOAD_SECONDS >= 20 ? LOAD_SECONDS / 10 : 2 ))
+(
+  t=0
+  while sleep "$every"; do
+    t=$((t + every))
+    printf '%s' "$t"
+    for s in "${SERVICES[@]}"; do printf ' %s' "$(mib "$(anon_kib "${PID[$s]}")")"; done
+    echo
+  done
+) >"$WORK/memory" &
+SAMPLER=$!
 line=$("$BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null | grep '^load:')
+kill "$SAMPLER" 2>/dev/null || true
 
 declare -A AFTER
 for s in "${SERVICES[@]}"; do AFTER[$s]=$(ticks "${PID[$s]}"); done
@@ -91,6 +107,9 @@ for s in "${SERVICES[@]}"; do
 done
 printf '%-14s %12s\n' "bazaar (all)" "$(per "$bazaar")" postgresql "$(per "$pg")" rabbitmq "$(per "$mq")" \
   total "$(per $((bazaar + pg + mq)))"
+echo "own memory (RssAnon, MiB) during the load, every ${every} s:"
+printf '%14s' s "${SERVICES[@]}"; echo
+awk '{ for (i = 1; i <= NF; i++) printf "%14s", $i; print "" }' "$WORK/memory"
 awk -v n="$n" -v tx=$((tx1 - tx0)) -v rows=$((rows1 - rows0)) -v wal=$((wal1 - wal0)) \
   -v sync=$((sync1 - sync0)) -v pub=$((pub1 - pub0)) -v con=$((con1 - con0)) 'BEGIN {
   printf "per order: transactions=%.1f rows_written=%.1f wal_records=%.1f wal_syncs=%.2f published=%.1f consumed=%.1f\n",
