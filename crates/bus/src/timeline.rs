@@ -10,8 +10,11 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-/// Events kept per process, oldest dropped first.
+/// Events kept per process, oldest dropped first…
 const KEEP: usize = 20_000;
+/// …and the memory they may take: an event's size is mostly its text,
+/// which other services' messages choose (kinds, ids, reasons).
+const KEEP_BYTES: usize = 8 << 20;
 
 /// One thing that happened, as the timeline shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -46,7 +49,24 @@ pub struct Event {
     pub correlation_id: String,
 }
 
-static EVENTS: Mutex<VecDeque<Event>> = Mutex::new(VecDeque::new());
+/// The kept events, and the sum of their [`Event::size`].
+static EVENTS: Mutex<(VecDeque<Event>, usize)> = Mutex::new((VecDeque::new(), 0));
+
+impl Event {
+    /// About how much memory the event takes, with its text.
+    fn size(&self) -> usize {
+        let text = [&self.service, &self.what, &self.kind, &self.correlation_id]
+            .into_iter()
+            .map(String::capacity)
+            .sum::<usize>()
+            + [&self.message_id, &self.queue, &self.detail, &self.trace_id]
+                .into_iter()
+                .flatten()
+                .map(String::capacity)
+                .sum::<usize>();
+        std::mem::size_of::<Self>() + text
+    }
+}
 
 /// Now, in Unix microseconds.
 pub fn now_us() -> u64 {
@@ -69,11 +89,16 @@ pub fn trace_id_of(traceparent: Option<&str>) -> Option<String> {
 
 /// Records `event`.
 pub fn record(event: Event) {
-    let mut events = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
-    if events.len() >= KEEP {
-        events.pop_front();
+    let size = event.size();
+    let mut kept = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (events, bytes) = &mut *kept;
+    while events.len() >= KEEP || (!events.is_empty() && *bytes + size > KEEP_BYTES) {
+        if let Some(oldest) = events.pop_front() {
+            *bytes -= oldest.size();
+        }
     }
     events.push_back(event);
+    *bytes += size;
 }
 
 /// An outbox row published by `service` (the broker confirmed it at
@@ -134,8 +159,9 @@ pub fn message(
 
 /// The events of `correlation_id` this process keeps, in time order.
 pub fn events(correlation_id: &str) -> Vec<Event> {
-    let events = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out: Vec<Event> = events
+    let kept = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<Event> = kept
+        .0
         .iter()
         .filter(|e| e.correlation_id == correlation_id)
         .cloned()
@@ -156,5 +182,31 @@ mod tests {
         assert_eq!(super::trace_id_of(Some(&format!("{tp}-00"))), None);
         assert_eq!(super::trace_id_of(Some("garbage")), None);
         assert_eq!(super::trace_id_of(None), None);
+    }
+
+    #[test]
+    fn the_store_is_bounded_by_bytes() {
+        // Events with big text (a foreign message's 64 KiB kind) are kept
+        // to the byte budget, not the count.
+        let correlation_id = uuid::Uuid::now_v7().to_string();
+        for _ in 0..500 {
+            super::record(super::Event {
+                at_us: super::now_us(),
+                service: "orders".into(),
+                what: "delivered".into(),
+                kind: "k".repeat(64 << 10),
+                message_id: None,
+                queue: None,
+                attempt: None,
+                detail: None,
+                trace_id: None,
+                correlation_id: correlation_id.clone(),
+            });
+        }
+        let kept = super::events(&correlation_id).len();
+        assert!((100..=128).contains(&kept), "{kept} kept");
+        let (events, bytes) = &*super::EVENTS.lock().unwrap();
+        assert_eq!(events.iter().map(super::Event::size).sum::<usize>(), *bytes);
+        assert!(*bytes <= super::KEEP_BYTES);
     }
 }

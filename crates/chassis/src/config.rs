@@ -75,8 +75,8 @@ pub struct Config {
     /// started elsewhere is recorded when its caller recorded it). 0
     /// turns tracing off: no spans are made. Default 1.
     pub trace_sample_ratio: f64,
-    /// Ended spans each process keeps in memory for the dashboard.
-    /// Default 20 000.
+    /// Ended spans each process keeps in memory for the dashboard (and
+    /// at most 16 MiB of them, whatever their fields). Default 20 000.
     pub trace_keep_spans: usize,
     /// Largest request body accepted, in bytes. Default 1 MiB.
     pub body_limit: usize,

@@ -138,27 +138,49 @@ pub fn process_id() -> &'static str {
     ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
 }
 
-/// The recent spans of this process, oldest first, at most `keep`. They
-/// are kept as the SDK ended them and made into [`SpanRecord`]s only when
-/// asked for: most are never looked at.
+/// The recent spans of this process, oldest first: at most `keep`, and
+/// at most [`KEEP_BYTES`] of them (a span's size is mostly its fields'
+/// text, which clients choose: a request id, a path). They are kept as
+/// they ended and made into [`SpanRecord`]s only when asked for: most
+/// are never looked at.
 #[derive(Debug)]
 pub struct Recent {
     spans: Mutex<VecDeque<Arc<Recorded>>>,
     keep: usize,
+    /// The kept spans' [`Recorded::size`], changed under `spans`' lock.
+    bytes: std::sync::atomic::AtomicUsize,
 }
 
+/// The memory the spans of one process may take in all.
+pub const KEEP_BYTES: usize = 16 << 20;
+
 impl Recent {
+    fn new(keep: usize) -> Self {
+        Self {
+            spans: Mutex::new(VecDeque::new()),
+            keep: keep.max(1),
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
     fn push(&self, span: Arc<Recorded>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let size = span.size();
         let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        let oldest = if spans.len() >= self.keep {
-            spans.pop_front()
-        } else {
-            None
-        };
+        let mut bytes = self.bytes.load(Relaxed);
+        let mut gone = Vec::new();
+        while spans.len() >= self.keep || (!spans.is_empty() && bytes + size > KEEP_BYTES) {
+            let Some(oldest) = spans.pop_front() else {
+                break;
+            };
+            bytes -= oldest.size();
+            gone.push(oldest);
+        }
         spans.push_back(span);
+        self.bytes.store(bytes + size, Relaxed);
         drop(spans);
         // Freed after the lock: other threads' spans need not wait.
-        drop(oldest);
+        drop(gone);
     }
 
     /// The spans of one trace, in start order.
@@ -881,10 +903,7 @@ where
     if settings.sample_ratio <= 0.0 {
         return None;
     }
-    let recent = Arc::new(Recent {
-        spans: Mutex::new(VecDeque::new()),
-        keep: settings.keep_spans.max(1),
-    });
+    let recent = Arc::new(Recent::new(settings.keep_spans));
     RECENT.set(recent.clone()).ok()?;
     let export = match (
         &settings.otlp_endpoint,
@@ -940,10 +959,7 @@ mod tests {
     #[test]
     fn spans_are_recorded_as_one_tree() {
         use tracing_subscriber::layer::SubscriberExt as _;
-        let recent = Arc::new(Recent {
-            spans: Mutex::new(VecDeque::new()),
-            keep: 100,
-        });
+        let recent = Arc::new(Recent::new(100));
         let subscriber = tracing_subscriber::registry().with(Record {
             recent: recent.clone(),
             export: None,
@@ -1026,5 +1042,33 @@ mod tests {
         assert_eq!(shown[1].parent_span_id, Some(shown[0].span_id.clone()));
         assert_eq!(shown[0].attributes["http.response.status_code"], "500");
         assert!(shown[0].error && shown[1].error);
+    }
+
+    #[test]
+    fn the_store_is_bounded_by_count_and_by_bytes() {
+        let span = |request_id: String| {
+            let mut s = Recorded::start("http", None, 2);
+            s.attributes.push(("request_id", Value::Str(request_id)));
+            Arc::new(s)
+        };
+        let recent = Recent::new(3);
+        for _ in 0..5 {
+            recent.push(span("r".into()));
+        }
+        assert_eq!(recent.spans.lock().unwrap().len(), 3);
+        // Spans whose fields are big (a client's 64 KiB request id) are
+        // kept to the byte budget, not the count.
+        let recent = Recent::new(100_000);
+        for _ in 0..1_000 {
+            recent.push(span("x".repeat(64 << 10)));
+        }
+        let kept = recent.spans.lock().unwrap().len();
+        assert!((200..=256).contains(&kept), "{kept} kept");
+        let bytes: usize = recent.spans.lock().unwrap().iter().map(|s| s.size()).sum();
+        assert!(bytes <= KEEP_BYTES, "{bytes}");
+        assert_eq!(
+            recent.bytes.load(std::sync::atomic::Ordering::Relaxed),
+            bytes
+        );
     }
 }

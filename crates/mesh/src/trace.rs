@@ -148,6 +148,28 @@ impl Recorded {
         }
     }
 
+    /// About how much memory the span takes: itself, its attributes and
+    /// their text.
+    pub fn size(&self) -> usize {
+        let text = |v: &Value| match v {
+            Value::Str(s) => s.capacity(),
+            _ => 0,
+        };
+        let name = match &self.name {
+            Cow::Owned(s) => s.capacity(),
+            Cow::Borrowed(_) => 0,
+        };
+        let status = match &self.status {
+            Status::Error(message) => message.capacity(),
+            _ => 0,
+        };
+        std::mem::size_of::<Self>()
+            + self.attributes.capacity() * std::mem::size_of::<(&str, Value)>()
+            + self.attributes.iter().map(|(_, v)| text(v)).sum::<usize>()
+            + name
+            + status
+    }
+
     /// The value of attribute `key`.
     pub fn attribute(&self, key: &str) -> Option<&Value> {
         self.attributes
