@@ -5,7 +5,8 @@
 # Prints, per process, the CPU it spent per confirmed order (user +
 # system from /proc, over the load and its drain: `bazaar load` waits
 # for every order's outcome) and its RSS idle and after the load (and of
-# it, the process's own: RssAnon; the rest is the binary's shared pages); then
+# it, the process's own: RssAnon; the rest is the binary's shared pages;
+# and its PSS, its own plus its share of the binary's pages); then
 # PostgreSQL's and RabbitMQ's CPU per order (their server processes;
 # a backend that exits during the run is not counted), the total; and
 # per order: transactions committed, rows written, WAL records and
@@ -26,6 +27,9 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 # Of that, the process's own memory (RssAnon): the rest is the binary's
 # pages, shared by every process that runs it.
 anon_kib() { awk '/^RssAnon:/ { print $2 }' "/proc/$1/status"; }
+# Its share of the pages it shares with others (PSS): its own, plus the
+# binary's pages divided among the processes that run it.
+pss_kib() { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 # Every process of a server: PostgreSQL's postmaster and backends,
 # RabbitMQ's Erlang VM (and its helpers).
@@ -54,8 +58,10 @@ bus_counts() { # published consumed, summed over every service
 
 serve_system
 sleep 3
-declare -A IDLE IDLE_ANON
-for s in "${SERVICES[@]}"; do IDLE[$s]=$(rss_kib "${PID[$s]}") IDLE_ANON[$s]=$(anon_kib "${PID[$s]}"); done
+declare -A IDLE IDLE_ANON IDLE_PSS
+for s in "${SERVICES[@]}"; do
+  IDLE[$s]=$(rss_kib "${PID[$s]}") IDLE_ANON[$s]=$(anon_kib "${PID[$s]}") IDLE_PSS[$s]=$(pss_kib "${PID[$s]}")
+done
 # Warm up: stock set, connections made, statements prepared.
 "$BIN" load --gateway "$GW" --seconds 2 --rate 50 --stock 100000000 >/dev/null 2>&1 || true
 
@@ -97,13 +103,14 @@ n=$(sed -n 's/.* confirmed=\([0-9]*\).*/\1/p' <<<"$line")
 echo "$line"
 [[ ${n:-0} -gt 0 ]] || { echo "cost: no order confirmed" >&2; exit 1; }
 per() { awk -v t="$1" -v hz="$TICK" -v n="$n" 'BEGIN { printf "%.3f", t * 1000 / hz / n }'; }
-printf '%-14s %12s %10s %10s %10s %10s\n' process cpu_ms/order idle_MiB anon_MiB after_MiB anon_MiB
+printf '%-14s %12s %10s %10s %10s %10s %10s %10s\n' process cpu_ms/order idle_MiB anon_MiB pss_MiB after_MiB anon_MiB pss_MiB
 bazaar=0
 for s in "${SERVICES[@]}"; do
   t=$((AFTER[$s] - BEFORE[$s]))
   bazaar=$((bazaar + t))
-  printf '%-14s %12s %10s %10s %10s %10s\n' "$s" "$(per "$t")" "$(mib "${IDLE[$s]}")" "$(mib "${IDLE_ANON[$s]}")" \
-    "$(mib "$(rss_kib "${PID[$s]}")")" "$(mib "$(anon_kib "${PID[$s]}")")"
+  printf '%-14s %12s %10s %10s %10s %10s %10s %10s\n' "$s" "$(per "$t")" \
+    "$(mib "${IDLE[$s]}")" "$(mib "${IDLE_ANON[$s]}")" "$(mib "${IDLE_PSS[$s]}")" \
+    "$(mib "$(rss_kib "${PID[$s]}")")" "$(mib "$(anon_kib "${PID[$s]}")")" "$(mib "$(pss_kib "${PID[$s]}")")"
 done
 printf '%-14s %12s\n' "bazaar (all)" "$(per "$bazaar")" postgresql "$(per "$pg")" rabbitmq "$(per "$mq")" \
   total "$(per $((bazaar + pg + mq)))"
