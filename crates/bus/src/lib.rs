@@ -7,6 +7,7 @@
 //! bus, requests matched to replies by correlation id) on top of either.
 
 pub mod amqp;
+pub mod bounded;
 mod consumer;
 mod dlq;
 mod envelope;

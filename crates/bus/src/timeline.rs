@@ -5,10 +5,11 @@
 //! service records here too. Only correlated messages are recorded, in a
 //! bounded store per process; `events` reads one correlation's.
 
-use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+
+use crate::bounded::Bounded;
 
 /// Events kept per process, oldest dropped first…
 const KEEP: usize = 20_000;
@@ -49,8 +50,7 @@ pub struct Event {
     pub correlation_id: String,
 }
 
-/// The kept events, and the sum of their [`Event::size`].
-static EVENTS: Mutex<(VecDeque<Event>, usize)> = Mutex::new((VecDeque::new(), 0));
+static EVENTS: Mutex<Bounded<Event>> = Mutex::new(Bounded::new(KEEP, KEEP_BYTES));
 
 impl Event {
     /// About how much memory the event takes, with its text.
@@ -90,15 +90,12 @@ pub fn trace_id_of(traceparent: Option<&str>) -> Option<String> {
 /// Records `event`.
 pub fn record(event: Event) {
     let size = event.size();
-    let mut kept = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
-    let (events, bytes) = &mut *kept;
-    while events.len() >= KEEP || (!events.is_empty() && *bytes + size > KEEP_BYTES) {
-        if let Some(oldest) = events.pop_front() {
-            *bytes -= oldest.size();
-        }
-    }
-    events.push_back(event);
-    *bytes += size;
+    let gone = EVENTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(event, size);
+    // Freed after the lock.
+    drop(gone);
 }
 
 /// An outbox row published by `service` (the broker confirmed it at
@@ -159,9 +156,8 @@ pub fn message(
 
 /// The events of `correlation_id` this process keeps, in time order.
 pub fn events(correlation_id: &str) -> Vec<Event> {
-    let kept = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out: Vec<Event> = kept
-        .0
+    let events = EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<Event> = events
         .iter()
         .filter(|e| e.correlation_id == correlation_id)
         .cloned()
@@ -205,8 +201,9 @@ mod tests {
         }
         let kept = super::events(&correlation_id).len();
         assert!((100..=128).contains(&kept), "{kept} kept");
-        let (events, bytes) = &*super::EVENTS.lock().unwrap();
-        assert_eq!(events.iter().map(super::Event::size).sum::<usize>(), *bytes);
-        assert!(*bytes <= super::KEEP_BYTES);
+        let events = super::EVENTS.lock().unwrap();
+        let bytes = events.bytes();
+        assert_eq!(events.iter().map(super::Event::size).sum::<usize>(), bytes);
+        assert!(bytes <= super::KEEP_BYTES);
     }
 }

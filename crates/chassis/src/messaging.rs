@@ -196,7 +196,6 @@ impl Outbox {
         let slots = Arc::new(tokio::sync::Semaphore::new(passes));
         // Rows relayed since the last vacuum (PostgreSQL).
         let moved = Arc::new(AtomicUsize::new(0));
-        let vacuuming = Arc::new(tokio::sync::Mutex::new(()));
         tokio::spawn(async move {
             let mut pruned = tokio::time::Instant::now();
             let mut sampled = tokio::time::Instant::now() - OUTBOX_SAMPLE;
@@ -228,17 +227,14 @@ impl Outbox {
                     sampled = tokio::time::Instant::now();
                 }
                 let n = moved.load(Ordering::Relaxed);
+                // (One still running makes the next skip the table.)
                 if db.backend == Backend::Postgres
                     && (n >= VACUUM_AFTER_ROWS || (n > 0 && vacuumed.elapsed() >= VACUUM_EVERY))
-                    && let Ok(running) = Arc::clone(&vacuuming).try_lock_owned()
                 {
                     moved.store(0, Ordering::Relaxed);
                     vacuumed = tokio::time::Instant::now();
                     let db = db.clone();
-                    tokio::spawn(async move {
-                        vacuum(&db, "VACUUM (SKIP_LOCKED) outbox").await;
-                        drop(running);
-                    });
+                    tokio::spawn(async move { vacuum(&db, "VACUUM (SKIP_LOCKED) outbox").await });
                 }
                 tokio::select! {
                     () = wake.notified() => {}

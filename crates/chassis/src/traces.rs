@@ -13,10 +13,11 @@
 //! [`bazaar_mesh::trace`].
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use bazaar_bus::bounded::Bounded;
 pub use bazaar_mesh::trace::{Kind, Recorded, Status, Value};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -135,7 +136,7 @@ pub struct Edge {
 /// mode) are counted once.
 pub fn process_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+    ID.get_or_init(|| hex16(rand::random::<u64>()))
 }
 
 /// The recent spans of this process, oldest first: at most `keep`, and
@@ -145,10 +146,7 @@ pub fn process_id() -> &'static str {
 /// are never looked at.
 #[derive(Debug)]
 pub struct Recent {
-    spans: Mutex<VecDeque<Arc<Recorded>>>,
-    keep: usize,
-    /// The kept spans' [`Recorded::size`], changed under `spans`' lock.
-    bytes: std::sync::atomic::AtomicUsize,
+    spans: Mutex<Bounded<Arc<Recorded>>>,
 }
 
 /// The memory the spans of one process may take in all.
@@ -157,28 +155,17 @@ pub const KEEP_BYTES: usize = 16 << 20;
 impl Recent {
     fn new(keep: usize) -> Self {
         Self {
-            spans: Mutex::new(VecDeque::new()),
-            keep: keep.max(1),
-            bytes: std::sync::atomic::AtomicUsize::new(0),
+            spans: Mutex::new(Bounded::new(keep, KEEP_BYTES)),
         }
     }
 
     fn push(&self, span: Arc<Recorded>) {
-        use std::sync::atomic::Ordering::Relaxed;
         let size = span.size();
-        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        let mut bytes = self.bytes.load(Relaxed);
-        let mut gone = Vec::new();
-        while spans.len() >= self.keep || (!spans.is_empty() && bytes + size > KEEP_BYTES) {
-            let Some(oldest) = spans.pop_front() else {
-                break;
-            };
-            bytes -= oldest.size();
-            gone.push(oldest);
-        }
-        spans.push_back(span);
-        self.bytes.store(bytes + size, Relaxed);
-        drop(spans);
+        let gone = self
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(span, size);
         // Freed after the lock: other threads' spans need not wait.
         drop(gone);
     }
@@ -262,9 +249,9 @@ impl Recent {
                 break;
             }
             let (from, to, kind) = match s.kind {
-                Kind::Client => match attr(s, "peer.service") {
+                Kind::Client => match s.attribute("peer.service") {
                     Some(peer) => {
-                        let kind = if attr(s, "rpc.system").is_some() {
+                        let kind = if s.attribute("rpc.system").is_some() {
                             "grpc"
                         } else {
                             "http"
@@ -273,7 +260,7 @@ impl Recent {
                     }
                     None => continue,
                 },
-                Kind::Consumer => match attr(s, "messaging.source").map(text) {
+                Kind::Consumer => match s.attribute("messaging.source").map(text) {
                     Some(source) if !source.is_empty() => {
                         (source.into_owned(), service_of(s).to_owned(), "message")
                     }
@@ -438,9 +425,9 @@ fn hex32(id: u128) -> String {
     format!("{id:032x}")
 }
 
-/// The value of a span's attribute `key`.
-fn attr<'a>(span: &'a Recorded, key: &str) -> Option<&'a Value> {
-    span.attribute(key)
+/// A span id in hex, as spans show it.
+fn hex16(id: u64) -> String {
+    format!("{id:016x}")
 }
 
 /// An attribute's value as text.
@@ -453,7 +440,7 @@ fn text(value: &Value) -> Cow<'_, str> {
 
 /// The `service` attribute every Bazaar span carries.
 fn service_of(span: &Recorded) -> &str {
-    match attr(span, "service") {
+    match span.attribute("service") {
         Some(Value::Str(s)) => s.as_str(),
         _ => "bazaar",
     }
@@ -468,8 +455,8 @@ fn record(span: &Recorded) -> SpanRecord {
         .collect();
     SpanRecord {
         trace_id: hex32(span.trace_id),
-        span_id: format!("{:016x}", span.span_id),
-        parent_span_id: (span.parent_span_id != 0).then(|| format!("{:016x}", span.parent_span_id)),
+        span_id: hex16(span.span_id),
+        parent_span_id: (span.parent_span_id != 0).then(|| hex16(span.parent_span_id)),
         service: service_of(span).to_owned(),
         name: span.name.to_string(),
         kind: span.kind.name().to_owned(),
@@ -939,7 +926,7 @@ where
 {
     span.extensions()
         .get::<Recorded>()
-        .map(|r| (hex32(r.trace_id), format!("{:016x}", r.span_id)))
+        .map(|r| (hex32(r.trace_id), hex16(r.span_id)))
 }
 
 /// Whether `id` is a trace id as spans show it: 32 lowercase hex digits,
@@ -993,7 +980,7 @@ mod tests {
             let root_sent = bazaar_mesh::trace::traceparent_of(&root).unwrap();
             (sent, root_sent)
         });
-        let spans = recent.spans.lock().unwrap().clone();
+        let spans: Vec<Arc<Recorded>> = recent.spans.lock().unwrap().iter().cloned().collect();
         assert_eq!(spans.len(), 3, "{spans:#?}");
         let (store, server, root) = (&spans[0], &spans[1], &spans[2]);
 
@@ -1066,9 +1053,6 @@ mod tests {
         assert!((200..=256).contains(&kept), "{kept} kept");
         let bytes: usize = recent.spans.lock().unwrap().iter().map(|s| s.size()).sum();
         assert!(bytes <= KEEP_BYTES, "{bytes}");
-        assert_eq!(
-            recent.bytes.load(std::sync::atomic::Ordering::Relaxed),
-            bytes
-        );
+        assert_eq!(recent.spans.lock().unwrap().bytes(), bytes);
     }
 }
