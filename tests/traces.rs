@@ -360,11 +360,15 @@ async fn a_checkout_is_one_trace_across_processes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `GET path` on the gateway with an admin's token: the status and the
+/// An admin's token on the gateway.
+async fn admin_token(gateway: &str) -> String {
+    Api::new(gateway).login(ADMIN_EMAIL, ADMIN_PASSWORD).await
+}
+
+/// `GET path` on the gateway with `admin`'s token: the status and the
 /// JSON answer.
-async fn as_admin(gateway: &str, path: &str) -> (StatusCode, Value) {
+async fn as_admin(gateway: &str, admin: &str, path: &str) -> (StatusCode, Value) {
     let api = Api::new(gateway);
-    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let req = api.http.get(format!("{gateway}{path}")).bearer_auth(admin);
     api.send(path, req).await
 }
@@ -373,8 +377,10 @@ async fn as_admin(gateway: &str, path: &str) -> (StatusCode, Value) {
 /// written, published, delivered and handled, in time order, in the
 /// checkout's trace.
 async fn assert_timeline(gateway: &str, order_id: &str, trace_id: &str) {
+    let admin = admin_token(gateway).await;
     let (_, timeline) = as_admin(
         gateway,
+        &admin,
         &format!("/_dashboard/api/orders/{order_id}/timeline"),
     )
     .await;
@@ -645,10 +651,17 @@ async fn assert_not_recorded(gateway: &str, collector: &Collector) {
     let (trace_id, order_id) = checkout_flagged(gateway, "00").await;
     // The saga's last messages (notifications) are handled a moment later.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (status, _) = as_admin(gateway, &format!("/_dashboard/api/traces/{trace_id}")).await;
+    let admin = admin_token(gateway).await;
+    let (status, _) = as_admin(
+        gateway,
+        &admin,
+        &format!("/_dashboard/api/traces/{trace_id}"),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "spans were kept");
     let (_, timeline) = as_admin(
         gateway,
+        &admin,
         &format!("/_dashboard/api/orders/{order_id}/timeline"),
     )
     .await;
