@@ -168,8 +168,9 @@ async fn every_saga_path_and_idempotent_checkout() {
     // Confirmed: stock leaves `available`, nothing stays reserved, one charge.
     // The trace context and request id of the checkout ride the saga's messages.
     let cheap = shop.product(1_250, 10).await;
-    let tap = QueueSpec::new(format!("tap.reserve.{}", unique()))
-        .bind(topics::COMMAND_EXCHANGE, topics::INVENTORY_RESERVE)
+    // The saga's first message: inventory holds the units on it.
+    let tap = QueueSpec::new(format!("tap.created.{}", unique()))
+        .bind(topics::ORDER, topics::ORDER_CREATED)
         .expires_after(Duration::from_secs(60));
     let mut reserves = system.bus.subscribe(&tap, 10).await.unwrap();
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -192,7 +193,7 @@ async fn every_saga_path_and_idempotent_checkout() {
         .unwrap()
         .unwrap();
     // The client's trace: the gateway's call to orders has a span id of
-    // its own, and the command carries that trace on.
+    // its own, and the event carries that trace on.
     let carried = reserve.headers.get("traceparent").unwrap();
     assert!(
         carried.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")

@@ -175,6 +175,9 @@ impl Consumer {
         }
         let outcomes = handler.handle(&received).await;
         let mut outcomes = outcomes.into_iter();
+        // The batch's acks go out together: each waits on the connection's
+        // writer, and one after another they would take a round of hand-offs each.
+        let mut acks = Vec::with_capacity(received.len());
         for (delivery, r) in parsed.into_iter().zip(&received) {
             let outcome = outcomes
                 .next()
@@ -192,16 +195,19 @@ impl Consumer {
             match outcome {
                 Ok(()) => {
                     metrics.queue(&metrics.consumed, &self.spec.name);
-                    if let Err(e) = delivery.ack().await {
-                        // The effects are committed; the redelivery is dropped by the inbox.
-                        tracing::warn!(error = %e, "ack failed");
-                    }
+                    acks.push(delivery.ack());
                 }
                 Err(Failure::Retry(reason)) => self.retry(delivery, &reason).await,
                 Err(Failure::Reject(reason)) => {
                     tracing::warn!(queue = %self.spec.name, %reason, "message rejected; dead-lettering");
                     self.dead_letter(delivery, &reason).await;
                 }
+            }
+        }
+        for acked in futures::future::join_all(acks).await {
+            if let Err(e) = acked {
+                // The effects are committed; the redelivery is dropped by the inbox.
+                tracing::warn!(error = %e, "ack failed");
             }
         }
         metrics

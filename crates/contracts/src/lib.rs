@@ -112,11 +112,16 @@ pub struct Checkout {
     pub items: Vec<StockLine>,
 }
 
-/// Command `inventory.reserve`.
+/// Command `inventory.reserve`. With `charge`, the saga's next step rides
+/// along: once the units are held, inventory sends `payments.charge` with
+/// it instead of answering `inventory.reserved` (no round trip through
+/// orders); refused, it answers `inventory.rejected` as ever.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReserveStock {
     pub order_id: String,
     pub items: Vec<StockLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<ChargePayment>,
 }
 
 /// Event `product.deleted`: which product is gone.
@@ -125,7 +130,8 @@ pub struct ProductRef {
     pub product_id: String,
 }
 
-/// Commands `inventory.release`, `inventory.commit`, `payments.refund`,
+/// Commands `inventory.release`, `inventory.commit` (sent by earlier
+/// versions: inventory now commits on `order.confirmed`), `payments.refund`,
 /// and the inventory events: which order they are about.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OrderRef {
@@ -272,6 +278,35 @@ pub struct Order {
     pub cancel_reason: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl Order {
+    /// The saga's first step for this order: its units, and the charge
+    /// that follows once they are held.
+    pub fn reservation(&self) -> ReserveStock {
+        ReserveStock {
+            order_id: self.id.clone(),
+            items: self
+                .items
+                .iter()
+                .map(|i| StockLine {
+                    product_id: i.product_id.clone(),
+                    quantity: i.quantity,
+                })
+                .collect(),
+            charge: Some(self.charge()),
+        }
+    }
+
+    /// What paying for this order asks of payments.
+    pub fn charge(&self) -> ChargePayment {
+        ChargePayment {
+            order_id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            amount: self.total,
+            currency: self.currency.clone(),
+        }
+    }
 }
 
 /// Command `orders.create`: the buyer and the already-priced lines.

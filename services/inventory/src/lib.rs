@@ -1,7 +1,14 @@
-//! The inventory service: owns stock and reservations. Consumes the saga's
-//! commands (`inventory.reserve`, `inventory.release`, `inventory.commit`)
-//! and `product.created`; answers with `inventory.reserved`,
-//! `inventory.rejected` and `inventory.released` through its outbox.
+//! The inventory service: owns stock and reservations, through its outbox:
+//!
+//! - `order.created` (or the command `inventory.reserve`, which orders
+//!   sends when it resumes a saga) holds the order's units, then passes
+//!   the order's charge on to payments (`payments.charge`); refused, it
+//!   answers `inventory.rejected`. (A reserve command without a charge,
+//!   from an earlier version of orders, is answered `inventory.reserved`.)
+//! - `order.confirmed` (or `inventory.commit`, from earlier versions)
+//!   takes the held units out of stock for good.
+//! - `inventory.release` returns them (`inventory.released`).
+//! - `product.created` and `product.deleted` start and retire a stock.
 
 mod http;
 mod store;
@@ -13,9 +20,10 @@ use bazaar_chassis::{ServiceContext, Shutdown};
 use bazaar_contracts::topics::{
     COMMAND_EXCHANGE, INVENTORY, INVENTORY_COMMIT, INVENTORY_PRODUCTS_QUEUE, INVENTORY_QUEUE,
     INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RELEASED, INVENTORY_RESERVE,
-    INVENTORY_RESERVED, PRODUCT, PRODUCT_CREATED, PRODUCT_DELETED,
+    INVENTORY_RESERVED, ORDER, ORDER_CONFIRMED, ORDER_CREATED, PAYMENTS_CHARGE, PRODUCT,
+    PRODUCT_CREATED, PRODUCT_DELETED,
 };
-use bazaar_contracts::{OrderRef, Product, ProductRef, ReserveStock};
+use bazaar_contracts::{Order, OrderRef, Product, ProductRef, ReserveStock};
 use sqlx::AnyConnection;
 use std::time::Duration;
 
@@ -68,7 +76,10 @@ impl Application {
         let effects = || Commands {
             default_stock: self.ctx.config.inventory.default_stock,
         };
-        let commands = QueueSpec::new(INVENTORY_QUEUE).bind(COMMAND_EXCHANGE, "inventory.*");
+        let commands = QueueSpec::new(INVENTORY_QUEUE)
+            .bind(COMMAND_EXCHANGE, "inventory.*")
+            .bind(ORDER, ORDER_CREATED)
+            .bind(ORDER, ORDER_CONFIRMED);
         let products = QueueSpec::new(INVENTORY_PRODUCTS_QUEUE)
             .bind(PRODUCT, PRODUCT_CREATED)
             .bind(PRODUCT, PRODUCT_DELETED);
@@ -114,21 +125,10 @@ impl Effects for Commands {
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
         let env = &msg.envelope;
         let answer = match env.kind.as_str() {
-            INVENTORY_RESERVE => {
-                let cmd: ReserveStock = payload(msg)?;
-                if cmd.items.is_empty() || cmd.items.iter().any(|l| l.quantity <= 0) {
-                    return Err(Failure::Reject(
-                        "a reservation needs lines with positive quantities".into(),
-                    ));
-                }
-                let outcome = store::reserve(tx, &cmd.order_id, &cmd.items, self.default_stock)
-                    .await
-                    .map_err(retry)?;
-                let kind = match outcome {
-                    Outcome::Reserved | Outcome::Committed => INVENTORY_RESERVED,
-                    Outcome::Rejected | Outcome::Released => INVENTORY_REJECTED,
-                };
-                Some((kind, cmd.order_id))
+            INVENTORY_RESERVE => return self.reserve(tx, env, payload(msg)?).await,
+            ORDER_CREATED => {
+                let order: Order = payload(msg)?;
+                return self.reserve(tx, env, order.reservation()).await;
             }
             INVENTORY_RELEASE => {
                 let cmd: OrderRef = payload(msg)?;
@@ -138,6 +138,11 @@ impl Effects for Commands {
             INVENTORY_COMMIT => {
                 let cmd: OrderRef = payload(msg)?;
                 store::commit(tx, &cmd.order_id).await.map_err(retry)?;
+                None
+            }
+            ORDER_CONFIRMED => {
+                let order: Order = payload(msg)?;
+                store::commit(tx, &order.id).await.map_err(retry)?;
                 None
             }
             PRODUCT_CREATED => {
@@ -159,16 +164,64 @@ impl Effects for Commands {
                 )));
             }
         };
-        if let Some((kind, order_id)) = answer {
-            let event = env
-                .caused(kind, &OrderRef { order_id })
-                .map_err(|e| Failure::Reject(e.to_string()))?;
-            messaging::enqueue(tx, &[(INVENTORY, kind, &event)])
-                .await
-                .map_err(retry)?;
+        match answer {
+            Some((kind, order_id)) => {
+                send(tx, env, (INVENTORY, kind), &OrderRef { order_id }).await
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+impl Commands {
+    /// Holds an order's units; then sends its charge on to payments (or,
+    /// with none, answers `inventory.reserved`), or answers
+    /// `inventory.rejected`. A repeat gets the first outcome again.
+    async fn reserve(
+        &self,
+        tx: &mut AnyConnection,
+        env: &bazaar_bus::Envelope,
+        cmd: ReserveStock,
+    ) -> Result<(), Failure> {
+        if cmd.items.is_empty() || cmd.items.iter().any(|l| l.quantity <= 0) {
+            return Err(Failure::Reject(
+                "a reservation needs lines with positive quantities".into(),
+            ));
+        }
+        let outcome = store::reserve(tx, &cmd.order_id, &cmd.items, self.default_stock)
+            .await
+            .map_err(retry)?;
+        let order = OrderRef {
+            order_id: cmd.order_id,
+        };
+        match (outcome, cmd.charge) {
+            (Outcome::Reserved | Outcome::Committed, Some(charge)) => {
+                send(tx, env, (COMMAND_EXCHANGE, PAYMENTS_CHARGE), &charge).await
+            }
+            (Outcome::Reserved | Outcome::Committed, None) => {
+                send(tx, env, (INVENTORY, INVENTORY_RESERVED), &order).await
+            }
+            (Outcome::Rejected | Outcome::Released, _) => {
+                send(tx, env, (INVENTORY, INVENTORY_REJECTED), &order).await
+            }
+        }
+    }
+}
+
+/// Enqueues a message caused by `cause`, on `exchange` with routing key
+/// (and type) `kind`.
+async fn send(
+    tx: &mut AnyConnection,
+    cause: &bazaar_bus::Envelope,
+    (exchange, kind): (&str, &str),
+    payload: &impl serde::Serialize,
+) -> Result<(), Failure> {
+    let message = cause
+        .caused(kind, payload)
+        .map_err(|e| Failure::Reject(e.to_string()))?;
+    messaging::enqueue(tx, &[(exchange, kind, &message)])
+        .await
+        .map_err(retry)
 }
 
 /// Releases reservations held longer than `ttl`, until `shutdown`: a

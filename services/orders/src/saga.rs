@@ -1,15 +1,23 @@
 //! The order saga, orchestrated here with its state in the orders table:
 //!
 //! ```text
-//! PENDING/reserving --inventory.reserved--> PENDING/charging --payment.charged--> CONFIRMED
-//!        |                                        |                  (inventory.commit)
-//!        +--inventory.rejected--> CANCELLED        +--payment.declined--> CANCELLED
-//!             (out_of_stock)                            (payment_declined; inventory.release)
-//! any step past its deadline --> CANCELLED (timeout; inventory.release, and
-//!                                payments.refund if a charge was asked for)
+//! PENDING/reserving --payment.charged--> CONFIRMED (order.confirmed: inventory
+//!        |                                          commits the units)
+//!        +--inventory.rejected--> CANCELLED (out_of_stock)
+//!        +--payment.declined----> CANCELLED (payment_declined; inventory.release)
+//! any step past its deadline --> CANCELLED (timeout; inventory.release and
+//!                                payments.refund, which voids a charge not made yet)
 //! a product of it deleted -----> CANCELLED (product_unavailable; the same
 //!                                compensations)
 //! ```
+//!
+//! The steps travel as a routing slip: `order.created` (or, when a saga is
+//! resumed, `inventory.reserve`) makes inventory hold the units and then
+//! send the order's charge to payments itself, so a checkout takes three
+//! messages to its outcome, not five. Orders keeps the state, the
+//! deadlines and the compensations. (Orders whose saga began under an
+//! earlier version may still wait at `charging`, after an
+//! `inventory.reserved`; those steps are still followed.)
 //!
 //! Every transition is one conditional UPDATE (`WHERE status = 'PENDING'
 //! AND saga_step = <expected>`) plus its outgoing messages in the outbox,
@@ -24,11 +32,11 @@ use bazaar_chassis::Shutdown;
 use bazaar_chassis::db::Db;
 use bazaar_chassis::messaging::{self, Effects, Outbox, retry};
 use bazaar_contracts::topics::{
-    COMMAND_EXCHANGE, INVENTORY_COMMIT, INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RESERVE,
-    INVENTORY_RESERVED, ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, PAYMENT_CHARGED, PAYMENT_DECLINED,
-    PAYMENTS_CHARGE, PAYMENTS_REFUND, PRODUCT_DELETED,
+    COMMAND_EXCHANGE, INVENTORY_REJECTED, INVENTORY_RELEASE, INVENTORY_RESERVE, INVENTORY_RESERVED,
+    ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, PAYMENT_CHARGED, PAYMENT_DECLINED, PAYMENTS_CHARGE,
+    PAYMENTS_REFUND, PRODUCT_DELETED,
 };
-use bazaar_contracts::{ChargePayment, Order, OrderRef, ProductRef, ReserveStock, StockLine};
+use bazaar_contracts::{ChargePayment, Order, OrderRef, ProductRef};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 use tracing::Instrument as _;
@@ -39,6 +47,10 @@ use crate::store;
 pub const RESERVING: &str = "reserving";
 pub const CHARGING: &str = "charging";
 pub const DONE: &str = "done";
+/// The steps a payment's answer may find its order at: `reserving` (the
+/// charge rode along with the reservation) or `charging` (a saga begun
+/// step by step, by an earlier version).
+const PAYING: [&str; 2] = [RESERVING, CHARGING];
 
 /// The deadline of a step that starts now.
 pub fn deadline(step_timeout: Duration) -> String {
@@ -147,29 +159,6 @@ async fn load(tx: &mut AnyConnection, order_id: &str) -> Result<Order, Failure> 
         .ok_or_else(|| Failure::Retry(format!("order {order_id} vanished")))
 }
 
-fn charge_of(order: &Order) -> ChargePayment {
-    ChargePayment {
-        order_id: order.id.clone(),
-        user_id: order.user_id.clone(),
-        amount: order.total,
-        currency: order.currency.clone(),
-    }
-}
-
-pub(crate) fn reserve_of(order: &Order) -> ReserveStock {
-    ReserveStock {
-        order_id: order.id.clone(),
-        items: order
-            .items
-            .iter()
-            .map(|i| StockLine {
-                product_id: i.product_id.clone(),
-                quantity: i.quantity,
-            })
-            .collect(),
-    }
-}
-
 /// Cancels an order waiting on `from`, with its compensations.
 async fn cancel(
     tx: &mut AnyConnection,
@@ -210,9 +199,10 @@ async fn cancel(
             caused(cause, INVENTORY_RELEASE, &by_ref)?,
         ));
     }
-    // A charge was asked for and its answer never came: refund it, or void
-    // it so that a late charge command charges nothing.
-    if from == CHARGING && reason != "payment_declined" {
+    // A charge was asked for (or rides along with the reservation) and its
+    // answer never came: refund it, or void it so that a late charge
+    // command charges nothing.
+    if reason != "payment_declined" && reason != "out_of_stock" {
         out.push((
             COMMAND_EXCHANGE,
             PAYMENTS_REFUND,
@@ -282,46 +272,32 @@ impl Effects for Saga {
                 cancel(tx, &self.metrics, env, &order_id, RESERVING, "out_of_stock").await?;
             }
             PAYMENT_CHARGED => {
-                let done = transition(
-                    tx,
-                    &self.metrics,
-                    &order_id,
-                    CHARGING,
-                    ("CONFIRMED", DONE, None),
-                    "",
-                )
-                .await
-                .map_err(retry)?;
-                if done.is_some() {
-                    let order = load(tx, &order_id).await?;
-                    let commit = OrderRef {
-                        order_id: order.id.clone(),
-                    };
-                    let out = [
-                        (
-                            COMMAND_EXCHANGE,
-                            INVENTORY_COMMIT,
-                            caused(env, INVENTORY_COMMIT, &commit)?,
-                        ),
-                        (
-                            ORDER,
-                            ORDER_CONFIRMED,
-                            caused(env, ORDER_CONFIRMED, &order)?,
-                        ),
-                    ];
-                    enqueue(tx, &out).await?;
+                for from in PAYING {
+                    let done = transition(
+                        tx,
+                        &self.metrics,
+                        &order_id,
+                        from,
+                        ("CONFIRMED", DONE, None),
+                        "",
+                    )
+                    .await
+                    .map_err(retry)?;
+                    if done.is_some() {
+                        // Inventory commits the held units on it too.
+                        let order = load(tx, &order_id).await?;
+                        let confirmed = caused(env, ORDER_CONFIRMED, &order)?;
+                        enqueue(tx, &[(ORDER, ORDER_CONFIRMED, confirmed)]).await?;
+                        break;
+                    }
                 }
             }
             _ => {
-                cancel(
-                    tx,
-                    &self.metrics,
-                    env,
-                    &order_id,
-                    CHARGING,
-                    "payment_declined",
-                )
-                .await?;
+                for from in PAYING {
+                    if cancel(tx, &self.metrics, env, &order_id, from, "payment_declined").await? {
+                        break;
+                    }
+                }
             }
         }
         Ok(())
@@ -483,11 +459,11 @@ pub async fn resume(db: &Db, outbox: &Outbox, step_timeout: Duration) -> anyhow:
             let (key, env) = match step.as_str() {
                 RESERVING => (
                     INVENTORY_RESERVE,
-                    message(&id, trace, INVENTORY_RESERVE, &reserve_of(&order))?,
+                    message(&id, trace, INVENTORY_RESERVE, &order.reservation())?,
                 ),
                 CHARGING => (
                     PAYMENTS_CHARGE,
-                    message(&id, trace, PAYMENTS_CHARGE, &charge_of(&order))?,
+                    message(&id, trace, PAYMENTS_CHARGE, &order.charge())?,
                 ),
                 _ => continue,
             };

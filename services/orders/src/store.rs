@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use bazaar_bus::Envelope;
 use bazaar_chassis::messaging;
-use bazaar_contracts::topics::{COMMAND_EXCHANGE, INVENTORY_RESERVE, ORDER, ORDER_CREATED};
+use bazaar_contracts::topics::{ORDER, ORDER_CREATED};
 use bazaar_contracts::{CreateOrder, Order, OrderItem};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
@@ -155,12 +155,7 @@ pub async fn create_batch(
             continue;
         }
         let trace = (new.traceparent.as_deref(), new.http_request_id.as_deref());
-        let reserve = saga::reserve_of(order);
-        messages.push((
-            COMMAND_EXCHANGE,
-            INVENTORY_RESERVE,
-            saga::message(&order.id, trace, INVENTORY_RESERVE, &reserve)?,
-        ));
+        // Inventory holds the units on it: the saga's first step.
         messages.push((
             ORDER,
             ORDER_CREATED,
@@ -361,15 +356,15 @@ mod tests {
         .unwrap();
         let read = get(&mut conn, &big[0].0.id).await.unwrap().unwrap();
         assert_eq!(read.items.len(), LINES_PER_STATEMENT + 7);
-        // Each new order started its saga: a reserve command and an
-        // order.created event, once per order.
+        // Each new order started its saga: an order.created event (on
+        // which inventory holds its units), once per order.
         let outbox: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox")
             .fetch_one(&mut *conn)
             .await
             .unwrap()
             .try_get("n")
             .unwrap();
-        assert_eq!(outbox, 3 * 2);
+        assert_eq!(outbox, 3);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
