@@ -93,6 +93,19 @@ pub async fn retire(conn: &mut AnyConnection, product_id: &str) -> Result<(), sq
     Ok(())
 }
 
+/// Starts a reservation as RESERVED; `false` if the order has one already.
+async fn open(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO reservations (order_id, status, created_at, updated_at) VALUES ($1, 'RESERVED', $2, $2)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(bazaar_chassis::now())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Moves a RESERVED reservation to `to`; `false` if it is no longer
 /// RESERVED (another transaction settled it first).
 async fn claim(conn: &mut AnyConnection, order_id: &str, to: Outcome) -> Result<bool, sqlx::Error> {
@@ -156,7 +169,12 @@ pub async fn reserve(
     lines: &[StockLine],
     default_stock: i64,
 ) -> Result<Outcome, sqlx::Error> {
-    if let Some(done) = status(conn, order_id).await? {
+    // The row first, as RESERVED: a second call for the same order (or
+    // one racing this, which waits on the row) finds it and gets its outcome.
+    if !open(conn, order_id).await? {
+        let done = status(conn, order_id)
+            .await?
+            .ok_or_else(|| sqlx::Error::Protocol(format!("reservation {order_id} vanished")))?;
         // A reservation released before it arrived (the order timed out) is refused.
         return Ok(match done {
             Outcome::Released => Outcome::Rejected,
@@ -199,7 +217,6 @@ pub async fn reserve(
         set_status(conn, order_id, Outcome::Rejected).await?;
         return Ok(Outcome::Rejected);
     }
-    set_status(conn, order_id, Outcome::Reserved).await?;
     for (product, quantity) in wanted {
         sqlx::query(
             "INSERT INTO reservation_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)",
@@ -259,17 +276,12 @@ pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, s
 
 /// The order is confirmed: its held units leave `reserved` for good.
 pub async fn commit(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
-    match status(conn, order_id).await? {
-        Some(Outcome::Reserved) => {}
-        Some(Outcome::Released) => {
+    if !claim(conn, order_id, Outcome::Committed).await? {
+        if status(conn, order_id).await? == Some(Outcome::Released) {
             // Released before the commit came (expired): the order was
             // confirmed without its units held. Loud, not silent.
             tracing::error!(order_id, "commit of a reservation already released");
-            return Ok(false);
         }
-        _ => return Ok(false),
-    }
-    if !claim(conn, order_id, Outcome::Committed).await? {
         return Ok(false);
     }
     for (product, quantity) in lines(conn, order_id).await? {
