@@ -67,6 +67,9 @@ tokio::task_local! {
     static ENQUEUED: std::cell::Cell<bool>;
     /// What is to happen once the transaction being written commits.
     static AFTER_COMMIT: std::cell::RefCell<Vec<Hook>>;
+    /// The outbox rows an inbox batch's handlers enqueued, written
+    /// together before the batch commits.
+    static BATCH_ROWS: std::cell::RefCell<Vec<OutboxRow>>;
 }
 
 type Hook = Box<dyn FnOnce() + Send>;
@@ -106,7 +109,12 @@ pub async fn committing<T, E>(
     result
 }
 
-/// Puts messages in the outbox inside the caller's transaction.
+/// An outbox row: id, exchange, routing key, envelope (JSON).
+type OutboxRow = (String, String, String, String);
+
+/// Puts messages in the outbox inside the caller's transaction. Inside a
+/// message handler of an [`Inbox`] they are written with the rest of the
+/// batch's, in one statement just before it commits.
 pub async fn enqueue(
     conn: &mut AnyConnection,
     messages: &[(&str, &str, &Envelope)],
@@ -114,27 +122,9 @@ pub async fn enqueue(
     if messages.is_empty() {
         return Ok(());
     }
-    let now = crate::now();
-    let rows: Vec<String> = (0..messages.len())
-        .map(|i| {
-            let b = i * 5;
-            format!(
-                "(${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5
-            )
-        })
-        .collect();
-    let sql = format!(
-        "INSERT INTO outbox (id, exchange, routing_key, envelope, created_at) VALUES {}",
-        rows.join(", ")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
     // A message continues the trace of the span that causes it.
     let current = bazaar_mesh::trace::traceparent_of(&tracing::Span::current());
+    let mut rows = Vec::with_capacity(messages.len());
     for (exchange, key, env) in messages {
         let body = match &current {
             Some(tp) if env.traceparent.as_ref() != Some(tp) => {
@@ -145,15 +135,58 @@ pub async fn enqueue(
             _ => serde_json::to_string(env),
         }
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        query = query
-            .bind(env.id.clone())
-            .bind((*exchange).to_owned())
-            .bind((*key).to_owned())
-            .bind(body)
-            .bind(now.clone());
+        rows.push((
+            env.id.clone(),
+            (*exchange).to_owned(),
+            (*key).to_owned(),
+            body,
+        ));
     }
-    query.execute(conn).await?;
     let _ = ENQUEUED.try_with(|e| e.set(true));
+    let mut rows = Some(rows);
+    let _ = BATCH_ROWS.try_with(|batch| {
+        if let Some(rows) = rows.take() {
+            batch.borrow_mut().extend(rows);
+        }
+    });
+    match rows {
+        Some(rows) => insert(conn, &rows).await,
+        None => Ok(()),
+    }
+}
+
+/// Writes outbox rows, a few hundred per statement.
+async fn insert(conn: &mut AnyConnection, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+    let now = crate::now();
+    for chunk in rows.chunks(200) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = i * 5;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO outbox (id, exchange, routing_key, envelope, created_at) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (id, exchange, key, body) in chunk {
+            query = query
+                .bind(id.as_str())
+                .bind(exchange.as_str())
+                .bind(key.as_str())
+                .bind(body.as_str())
+                .bind(now.as_str());
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -479,6 +512,30 @@ impl<E: Effects> Inbox<E> {
         // One statement records the whole batch; only ids it had not seen come back.
         let ids: Vec<&str> = batch.iter().map(|m| m.envelope.id.as_str()).collect();
         let mut fresh = first_times(&mut tx, &ids).await.map_err(retry)?;
+        let (duplicates, rows) = BATCH_ROWS
+            .scope(std::cell::RefCell::new(Vec::new()), async {
+                let duplicates = self.apply_fresh(&mut tx, batch, &mut fresh).await?;
+                Ok::<_, Failure>((duplicates, BATCH_ROWS.with(std::cell::RefCell::take)))
+            })
+            .await?;
+        insert(&mut tx, &rows).await.map_err(retry)?;
+        if duplicates > 0 {
+            let counter = self.bus.metrics().inbox_duplicates.clone();
+            after_commit(move || {
+                counter.inc_by(duplicates);
+            });
+        }
+        tx.commit().await.map_err(retry)
+    }
+
+    /// Applies the effects of the messages of `batch` that are `fresh`;
+    /// returns how many were not (duplicates).
+    async fn apply_fresh(
+        &self,
+        tx: &mut AnyConnection,
+        batch: &[Received],
+        fresh: &mut std::collections::HashSet<String>,
+    ) -> Result<u64, Failure> {
         let mut duplicates = 0;
         for msg in batch {
             // `remove`: an id twice in one batch is applied once.
@@ -492,17 +549,11 @@ impl<E: Effects> Inbox<E> {
                 continue;
             }
             self.effects
-                .apply(&mut tx, msg)
+                .apply(tx, msg)
                 .instrument(message_span(self.bus.service(), msg))
                 .await?;
         }
-        if duplicates > 0 {
-            let counter = self.bus.metrics().inbox_duplicates.clone();
-            after_commit(move || {
-                counter.inc_by(duplicates);
-            });
-        }
-        tx.commit().await.map_err(retry)
+        Ok(duplicates)
     }
 }
 
