@@ -36,9 +36,9 @@ use bazaar_contracts::topics::{
     ORDER, ORDER_CANCELLED, ORDER_CONFIRMED, PAYMENT_CHARGED, PAYMENT_DECLINED, PAYMENTS_CHARGE,
     PAYMENTS_REFUND, PRODUCT_DELETED,
 };
-use bazaar_contracts::{ChargePayment, Order, OrderRef, ProductRef};
+use bazaar_contracts::{Order, OrderRef, ProductRef};
 use serde::Serialize;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use tracing::Instrument as _;
 
 use crate::metrics::SagaMetrics;
@@ -73,7 +73,8 @@ pub fn message(
 }
 
 /// Moves a PENDING order from step `from` to (`status`, `step`), if it is
-/// still there; returns `(user_id, total, currency)`, or `None` if it was not.
+/// still there; returns the order as it is now, with its lines, or `None`
+/// if it was not.
 /// An outcome (`CONFIRMED`, `CANCELLED`) is counted in `metrics`.
 async fn transition(
     tx: &mut AnyConnection,
@@ -82,7 +83,7 @@ async fn transition(
     from: &str,
     (status, step, reason): (&str, &str, Option<&str>),
     step_deadline: &str,
-) -> Result<Option<ChargePayment>, sqlx::Error> {
+) -> Result<Option<Order>, sqlx::Error> {
     let span = if bazaar_mesh::trace::in_recorded_span() {
         tracing::info_span!(
             "saga",
@@ -98,11 +99,12 @@ async fn transition(
     } else {
         tracing::Span::none()
     };
-    let row = sqlx::query(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "UPDATE orders SET status = $1, saga_step = $2, cancel_reason = $3, step_deadline = $4, updated_at = $5
          WHERE id = $6 AND status = 'PENDING' AND saga_step = $7
-         RETURNING user_id, total, currency, created_at",
-    )
+         RETURNING {}",
+        store::COLUMNS
+    )))
     .bind(status)
     .bind(step)
     .bind(reason)
@@ -137,26 +139,14 @@ async fn transition(
         };
         messaging::after_commit(move || bazaar_bus::timeline::record(event));
     }
-    row.map(|r| {
-        if status != "PENDING" {
-            metrics.outcome(status, reason, &r.try_get::<String, _>("created_at")?);
-        }
-        Ok(ChargePayment {
-            order_id: order_id.to_owned(),
-            user_id: r.try_get("user_id")?,
-            amount: r.try_get("total")?,
-            currency: r.try_get("currency")?,
-        })
-    })
-    .transpose()
-}
-
-/// The order as it is now, for an event that carries it whole.
-async fn load(tx: &mut AnyConnection, order_id: &str) -> Result<Order, Failure> {
-    store::get(tx, order_id)
-        .await
-        .map_err(retry)?
-        .ok_or_else(|| Failure::Retry(format!("order {order_id} vanished")))
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let order = store::order_from(&row)?;
+    if status != "PENDING" {
+        metrics.outcome(status, reason, &order.created_at);
+    }
+    Ok(store::with_items(tx, vec![order]).await?.pop())
 }
 
 /// Cancels an order waiting on `from`, with its compensations.
@@ -168,7 +158,7 @@ async fn cancel(
     from: &str,
     reason: &str,
 ) -> Result<bool, Failure> {
-    let Some(charge) = transition(
+    let Some(order) = transition(
         tx,
         metrics,
         order_id,
@@ -181,7 +171,6 @@ async fn cancel(
     else {
         return Ok(false);
     };
-    let order = load(tx, order_id).await?;
     let by_ref = OrderRef {
         order_id: order.id.clone(),
     };
@@ -206,7 +195,7 @@ async fn cancel(
         out.push((
             COMMAND_EXCHANGE,
             PAYMENTS_REFUND,
-            caused(cause, PAYMENTS_REFUND, &charge)?,
+            caused(cause, PAYMENTS_REFUND, &order.charge())?,
         ));
     }
     enqueue(tx, &out).await?;
@@ -263,8 +252,8 @@ impl Effects for Saga {
                 )
                 .await
                 .map_err(retry)?;
-                if let Some(charge) = next {
-                    let charge = caused(env, PAYMENTS_CHARGE, &charge)?;
+                if let Some(order) = next {
+                    let charge = caused(env, PAYMENTS_CHARGE, &order.charge())?;
                     enqueue(tx, &[(COMMAND_EXCHANGE, PAYMENTS_CHARGE, charge)]).await?;
                 }
             }
@@ -273,7 +262,7 @@ impl Effects for Saga {
             }
             PAYMENT_CHARGED => {
                 for from in PAYING {
-                    let done = transition(
+                    let confirmed = transition(
                         tx,
                         &self.metrics,
                         &order_id,
@@ -283,9 +272,8 @@ impl Effects for Saga {
                     )
                     .await
                     .map_err(retry)?;
-                    if done.is_some() {
+                    if let Some(order) = confirmed {
                         // Inventory commits the held units on it too.
-                        let order = load(tx, &order_id).await?;
                         let confirmed = caused(env, ORDER_CONFIRMED, &order)?;
                         enqueue(tx, &[(ORDER, ORDER_CONFIRMED, confirmed)]).await?;
                         break;

@@ -11,7 +11,7 @@ use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 use crate::saga;
 
 /// An order's columns, with its buyer's name from the profile replica.
-const COLUMNS: &str =
+pub(crate) const COLUMNS: &str =
     "id, user_id, user_email, total, currency, status, cancel_reason, created_at, updated_at,
      (SELECT name FROM buyers WHERE buyers.user_id = orders.user_id AND deleted = 0) AS user_name";
 
@@ -240,7 +240,7 @@ pub async fn list_for_user(
 }
 
 /// Fills in the lines of each order with one query.
-async fn with_items(
+pub(crate) async fn with_items(
     db: &mut AnyConnection,
     mut orders: Vec<Order>,
 ) -> Result<Vec<Order>, sqlx::Error> {
