@@ -30,8 +30,8 @@ pub struct Event {
     /// `delivered`, `handled`, `duplicate` (dropped by the inbox),
     /// `retried`, `dead_lettered`, or `saga` (a step of the saga).
     pub what: String,
-    /// The message's kind (`inventory.reserve`), or the saga step
-    /// (`reserving → charging`).
+    /// The message's kind (`order.created`), or the saga step
+    /// (`reserving → CONFIRMED`).
     pub kind: String,
     /// The message's id, if a message.
     #[serde(default)]
