@@ -188,6 +188,16 @@ impl Commands {
                 "a reservation needs lines with positive quantities".into(),
             ));
         }
+        // The charge passed on is the reserved order's, never another's.
+        if cmd
+            .charge
+            .as_ref()
+            .is_some_and(|c| c.order_id != cmd.order_id)
+        {
+            return Err(Failure::Reject(
+                "a reservation's charge must be for the same order".into(),
+            ));
+        }
         let outcome = store::reserve(tx, &cmd.order_id, &cmd.items, self.default_stock)
             .await
             .map_err(retry)?;
@@ -264,5 +274,76 @@ async fn expire(db: &Db, outbox: &Outbox, ttl: Duration) -> anyhow::Result<()> {
         if (due.len() as i64) < BATCH {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bazaar_bus::{Envelope, Failure, Received};
+    use bazaar_chassis::messaging::Effects;
+    use bazaar_contracts::topics::{INVENTORY_RESERVE, PAYMENTS_CHARGE};
+    use bazaar_contracts::{ChargePayment, ReserveStock, StockLine};
+    use sqlx::Row;
+
+    fn received(kind: &str, payload: &impl serde::Serialize) -> Received {
+        Received {
+            envelope: Envelope::new(kind, payload).unwrap(),
+            correlation_id: None,
+            reply_to: None,
+            headers: Default::default(),
+            attempt: 1,
+        }
+    }
+
+    fn reserve(order_id: &str, charged: &str) -> ReserveStock {
+        ReserveStock {
+            order_id: order_id.into(),
+            items: vec![StockLine {
+                product_id: "p".into(),
+                quantity: 2,
+            }],
+            charge: Some(ChargePayment {
+                order_id: charged.into(),
+                user_id: "u".into(),
+                amount: 500,
+                currency: "USD".into(),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn held_units_pass_the_charge_on_and_only_the_orders_own() {
+        let dir = std::env::temp_dir().join(format!("bazaar-inventory-{}", uuid::Uuid::now_v7()));
+        let config = bazaar_chassis::Config {
+            data_dir: dir.clone(),
+            ..Default::default()
+        };
+        let db = bazaar_chassis::db::connect(&config, "inventory", &crate::MIGRATOR)
+            .await
+            .unwrap();
+        let commands = super::Commands { default_stock: 10 };
+        let mut tx = db.write.begin().await.unwrap();
+        // Another order's charge riding on this reservation is refused,
+        // and nothing is held.
+        let foreign = received(INVENTORY_RESERVE, &reserve("o1", "o2"));
+        assert!(matches!(
+            commands.apply(&mut tx, &foreign).await,
+            Err(Failure::Reject(_))
+        ));
+        // Held: the charge goes to payments, for this order.
+        let own = received(INVENTORY_RESERVE, &reserve("o1", "o1"));
+        commands.apply(&mut tx, &own).await.unwrap();
+        let rows = sqlx::query("SELECT routing_key, envelope FROM outbox")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<String, _>("routing_key"), PAYMENTS_CHARGE);
+        let sent: Envelope = serde_json::from_str(&rows[0].get::<String, _>("envelope")).unwrap();
+        assert_eq!(sent.payload::<ChargePayment>().unwrap().order_id, "o1");
+        assert_eq!(sent.causation_id.as_deref(), Some(own.envelope.id.as_str()));
+        let stock = crate::store::get(&mut tx, "p").await.unwrap().unwrap();
+        assert_eq!((stock.available, stock.reserved), (8, 2));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
