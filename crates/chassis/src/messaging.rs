@@ -143,20 +143,32 @@ pub async fn enqueue(
         ));
     }
     let _ = ENQUEUED.try_with(|e| e.set(true));
-    let mut rows = Some(rows);
-    let _ = BATCH_ROWS.try_with(|batch| {
-        if let Some(rows) = rows.take() {
-            batch.borrow_mut().extend(rows);
-        }
-    });
-    match rows {
-        Some(rows) => insert(conn, &rows).await,
-        None => Ok(()),
-    }
+    // In an inbox batch the rows wait for it (and none are left here).
+    let _ = BATCH_ROWS.try_with(|batch| batch.borrow_mut().append(&mut rows));
+    insert(conn, &rows).await
+}
+
+/// Enqueues one message caused by `cause` (same correlation and trace) on
+/// `exchange`, with `kind` as its type and routing key: a handler's answer.
+pub async fn send_caused(
+    tx: &mut AnyConnection,
+    cause: &Envelope,
+    (exchange, kind): (&str, &str),
+    payload: &impl serde::Serialize,
+) -> Result<(), Failure> {
+    let message = cause
+        .caused(kind, payload)
+        .map_err(|e| Failure::Reject(e.to_string()))?;
+    enqueue(tx, &[(exchange, kind, &message)])
+        .await
+        .map_err(retry)
 }
 
 /// Writes outbox rows, a few hundred per statement.
 async fn insert(conn: &mut AnyConnection, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let now = crate::now();
     for chunk in rows.chunks(200) {
         let values: Vec<String> = (0..chunk.len())

@@ -141,7 +141,12 @@ impl Effects for Commands {
                 None
             }
             ORDER_CONFIRMED => {
-                let order: Order = payload(msg)?;
+                // Only the order's id: the rest of the order is not needed here.
+                #[derive(serde::Deserialize)]
+                struct Confirmed {
+                    id: String,
+                }
+                let order: Confirmed = payload(msg)?;
                 store::commit(tx, &order.id).await.map_err(retry)?;
                 None
             }
@@ -166,7 +171,7 @@ impl Effects for Commands {
         };
         match answer {
             Some((kind, order_id)) => {
-                send(tx, env, (INVENTORY, kind), &OrderRef { order_id }).await
+                messaging::send_caused(tx, env, (INVENTORY, kind), &OrderRef { order_id }).await
             }
             None => Ok(()),
         }
@@ -206,32 +211,16 @@ impl Commands {
         };
         match (outcome, cmd.charge) {
             (Outcome::Reserved | Outcome::Committed, Some(charge)) => {
-                send(tx, env, (COMMAND_EXCHANGE, PAYMENTS_CHARGE), &charge).await
+                messaging::send_caused(tx, env, (COMMAND_EXCHANGE, PAYMENTS_CHARGE), &charge).await
             }
             (Outcome::Reserved | Outcome::Committed, None) => {
-                send(tx, env, (INVENTORY, INVENTORY_RESERVED), &order).await
+                messaging::send_caused(tx, env, (INVENTORY, INVENTORY_RESERVED), &order).await
             }
             (Outcome::Rejected | Outcome::Released, _) => {
-                send(tx, env, (INVENTORY, INVENTORY_REJECTED), &order).await
+                messaging::send_caused(tx, env, (INVENTORY, INVENTORY_REJECTED), &order).await
             }
         }
     }
-}
-
-/// Enqueues a message caused by `cause`, on `exchange` with routing key
-/// (and type) `kind`.
-async fn send(
-    tx: &mut AnyConnection,
-    cause: &bazaar_bus::Envelope,
-    (exchange, kind): (&str, &str),
-    payload: &impl serde::Serialize,
-) -> Result<(), Failure> {
-    let message = cause
-        .caused(kind, payload)
-        .map_err(|e| Failure::Reject(e.to_string()))?;
-    messaging::enqueue(tx, &[(exchange, kind, &message)])
-        .await
-        .map_err(retry)
 }
 
 /// Releases reservations held longer than `ttl`, until `shutdown`: a
@@ -313,14 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_units_pass_the_charge_on_and_only_the_orders_own() {
-        let dir = std::env::temp_dir().join(format!("bazaar-inventory-{}", uuid::Uuid::now_v7()));
-        let config = bazaar_chassis::Config {
-            data_dir: dir.clone(),
-            ..Default::default()
-        };
-        let db = bazaar_chassis::db::connect(&config, "inventory", &crate::MIGRATOR)
-            .await
-            .unwrap();
+        let db = crate::store::tests::db().await;
         let commands = super::Commands { default_stock: 10 };
         let mut tx = db.write.begin().await.unwrap();
         // Another order's charge riding on this reservation is refused,
@@ -344,6 +326,5 @@ mod tests {
         assert_eq!(sent.causation_id.as_deref(), Some(own.envelope.id.as_str()));
         let stock = crate::store::get(&mut tx, "p").await.unwrap().unwrap();
         assert_eq!((stock.available, stock.reserved), (8, 2));
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -353,10 +353,10 @@ pub async fn set_available(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    async fn db() -> bazaar_chassis::db::Db {
+    pub(crate) async fn db() -> bazaar_chassis::db::Db {
         let dir = std::env::temp_dir().join(format!("bazaar-inventory-{}", uuid::Uuid::now_v7()));
         let config = bazaar_chassis::Config {
             data_dir: dir,

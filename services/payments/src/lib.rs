@@ -194,12 +194,7 @@ impl Effects for Commands {
                 currency: req.currency.clone(),
                 status: status.into(),
             };
-            let event = env
-                .caused(kind, &payment)
-                .map_err(|e| Failure::Reject(e.to_string()))?;
-            messaging::enqueue(tx, &[(PAYMENT, kind, &event)])
-                .await
-                .map_err(retry)?;
+            messaging::send_caused(tx, env, (PAYMENT, kind), &payment).await?;
         }
         Ok(())
     }
