@@ -9,10 +9,15 @@
 # and its PSS, its own plus its share of the binary's pages); then
 # PostgreSQL's and RabbitMQ's CPU per order (their server processes;
 # a backend that exits during the run is not counted), the total; and
-# per order: transactions committed, rows written, WAL records and
-# syncs, messages published and consumed (the services' own counters);
-# and each process's own memory through the load, to see that it levels
-# off (LOAD_SECONDS=600 for the ten-minute run).
+# per order: statements, transactions committed, rows written, WAL
+# records and syncs, messages published and consumed (the services' own
+# counters); the statements run most, per order; and each process's own
+# memory through the load, to see that it levels off (LOAD_SECONDS=600
+# for the ten-minute run).
+#
+# PostgreSQL is a server of the run's own (bench/lib.sh), with
+# pg_stat_statements loaded to count statements; it needs PostgreSQL's
+# server binaries (installed with the machine's server).
 #
 # Env: RATE (orders/s, default 200), LOAD_SECONDS (default 20), PROFILE
 # (default release). The machine is shared: compare runs made one after
@@ -22,6 +27,7 @@ cd "$(dirname "$0")/.."
 RATE=${RATE:-200}
 LOAD_SECONDS=${LOAD_SECONDS:-20}
 source bench/lib.sh
+private_postgres
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 # Of that, the process's own memory (RssAnon): the rest is the binary's
@@ -33,7 +39,7 @@ pss_kib() { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 # Every process of a server: PostgreSQL's postmaster and backends,
 # RabbitMQ's Erlang VM (and its helpers).
-pg_pids() { pgrep -x postgres || true; }
+pg_pids() { private_postgres_pids; }
 mq_pids() { pgrep -f 'beam.smp|erl_child_setup|inet_gethost|epmd' || true; }
 # CPU ticks of a set of pids, as "pid ticks" lines (gone ones left out).
 ticks_of() { local p; for p in "$@"; do [[ -r /proc/$p/stat ]] && echo "$p $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)"; done; }
@@ -45,8 +51,9 @@ spent() { # snapshot-file pids...
     BEGIN { while ((getline line < snap) > 0) { split(line, f, " "); before[f[1]] = f[2] } }
     { t += $2 - ($1 in before ? before[$1] : 0) } END { print t + 0 }'
 }
-pg_stats() { # transactions, rows written, WAL records, WAL syncs
-  psql_db -F ' ' -c "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),
+pg_stats() { # statements, transactions, rows written, WAL records, WAL syncs
+  psql_db -F ' ' -c "SELECT (SELECT coalesce(sum(calls), 0) FROM pg_stat_statements),
+    (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),
     (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables WHERE schemaname LIKE '${PREFIX//_/\\_}%'),
     (SELECT wal_records FROM pg_stat_wal), (SELECT wal_sync FROM pg_stat_wal)"
 }
@@ -71,7 +78,8 @@ for s in "${SERVICES[@]}"; do BEFORE[$s]=$(ticks "${PID[$s]}"); done
 ticks_of $(pg_pids) >"$WORK/pg.snap"
 # shellcheck disable=SC2046
 ticks_of $(mq_pids) >"$WORK/mq.snap"
-read -r tx0 rows0 wal0 sync0 < <(pg_stats)
+psql_db -c 'SELECT pg_stat_statements_reset()' >/dev/null
+read -r st0 tx0 rows0 wal0 sync0 < <(pg_stats)
 read -r pub0 con0 < <(bus_counts)
 
 # Each process's own memory (RssAnon, MiB) through the load, every
@@ -96,7 +104,7 @@ for s in "${SERVICES[@]}"; do AFTER[$s]=$(ticks "${PID[$s]}"); done
 pg=$(spent "$WORK/pg.snap" $(pg_pids))
 # shellcheck disable=SC2046
 mq=$(spent "$WORK/mq.snap" $(mq_pids))
-read -r tx1 rows1 wal1 sync1 < <(pg_stats)
+read -r st1 tx1 rows1 wal1 sync1 < <(pg_stats)
 read -r pub1 con1 < <(bus_counts)
 n=$(sed -n 's/.* confirmed=\([0-9]*\).*/\1/p' <<<"$line")
 
@@ -117,7 +125,10 @@ printf '%-14s %12s\n' "bazaar (all)" "$(per "$bazaar")" postgresql "$(per "$pg")
 echo "own memory (RssAnon, MiB) during the load, every ${every} s:"
 printf '%14s' s "${SERVICES[@]}"; echo
 awk '{ for (i = 1; i <= NF; i++) printf "%14s", $i; print "" }' "$WORK/memory"
-awk -v n="$n" -v tx=$((tx1 - tx0)) -v rows=$((rows1 - rows0)) -v wal=$((wal1 - wal0)) \
+awk -v n="$n" -v st=$((st1 - st0)) -v tx=$((tx1 - tx0)) -v rows=$((rows1 - rows0)) -v wal=$((wal1 - wal0)) \
   -v sync=$((sync1 - sync0)) -v pub=$((pub1 - pub0)) -v con=$((con1 - con0)) 'BEGIN {
-  printf "per order: transactions=%.1f rows_written=%.1f wal_records=%.1f wal_syncs=%.2f published=%.1f consumed=%.1f\n",
-    tx / n, rows / n, wal / n, sync / n, pub / n, con / n }'
+  printf "per order: statements=%.1f transactions=%.1f rows_written=%.1f wal_records=%.1f wal_syncs=%.2f published=%.1f consumed=%.1f\n",
+    st / n, tx / n, rows / n, wal / n, sync / n, pub / n, con / n }'
+echo "statements run most (per order, and its first 90 characters):"
+psql_db -F ' ' -c "SELECT round(calls::numeric / $n, 2), left(regexp_replace(query, '\s+', ' ', 'g'), 90)
+  FROM pg_stat_statements ORDER BY calls DESC LIMIT 15" | sed 's/^/  /'

@@ -36,6 +36,7 @@ cleanup() {
   for p in "${EXTRA_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   if [[ -n ${ETCD_PID:-} ]]; then kill "$ETCD_PID" 2>/dev/null || true; fi
   wait 2>/dev/null || true
+  [[ -n ${PRIVATE_PG:-} ]] && stop_private_postgres
   if [[ -n $VHOST ]]; then
     for s in "${SERVICES[@]}"; do psql_db -c "DROP SCHEMA IF EXISTS \"$PREFIX$s\" CASCADE" >/dev/null 2>&1 || true; done
     rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true
@@ -43,6 +44,38 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# A PostgreSQL server of the run's own (same version and settings as the
+# machine's, with pg_stat_statements loaded, which counts statements);
+# points DB at it. It goes with the run. As root, it runs as `postgres`.
+private_postgres() {
+  local bin as=()
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+  PRIVATE_PG=$WORK/pg
+  mkdir -p "$PRIVATE_PG"
+  if [[ $(id -u) == 0 ]]; then
+    as=(runuser -u postgres --)
+    chmod 755 "$WORK"
+    chown postgres "$PRIVATE_PG"
+  fi
+  PG_CTL=("${as[@]}" "$bin/pg_ctl" -D "$PRIVATE_PG/data")
+  "${as[@]}" "$bin/initdb" -D "$PRIVATE_PG/data" -U postgres --auth=trust -E UTF8 >"$PRIVATE_PG/initdb.log" 2>&1 ||
+    { cat "$PRIVATE_PG/initdb.log" >&2; exit 1; }
+  local port; port=$(free_port)
+  "${PG_CTL[@]}" -w -l "$PRIVATE_PG/log" start -o "-p $port -k $PRIVATE_PG -c listen_addresses=127.0.0.1 \
+    -c autovacuum=off -c shared_buffers=128MB -c max_connections=200 \
+    -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on" >/dev/null ||
+    { cat "$PRIVATE_PG/log" >&2; exit 1; }
+  DB=postgres://postgres@127.0.0.1:$port/postgres
+  psql_db -c "CREATE EXTENSION pg_stat_statements" >/dev/null
+}
+stop_private_postgres() { "${PG_CTL[@]}" -m fast stop >/dev/null 2>&1 || true; }
+# Its processes: the postmaster and its children.
+private_postgres_pids() {
+  local pm; pm=$(head -n1 "$PRIVATE_PG/data/postmaster.pid")
+  echo "$pm"
+  pgrep -P "$pm" || true
+}
 
 wait_up() { # gateway url
   for _ in $(seq 1 150); do curl -sf "$1/api/v1/products?limit=1" >/dev/null && return 0; sleep 0.2; done

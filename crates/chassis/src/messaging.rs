@@ -3,21 +3,27 @@
 //!
 //! - **Outbox.** A service never publishes from a handler. It writes the
 //!   message into `outbox` in the same transaction as the state change
-//!   ([`enqueue`]); the relay ([`Outbox::spawn`]) publishes pending rows with
-//!   publisher confirms and deletes them only once confirmed. A crash, or a
-//!   broker that is down, leaves rows in place to be sent later.
+//!   ([`enqueue`]). Once that transaction commits, the rows it wrote are
+//!   published at once from memory ([`Outbox::committing`], and every
+//!   [`Inbox`] batch), with publisher confirms, and deleted in bulk
+//!   moments after the broker confirmed them. The relay
+//!   ([`Outbox::spawn`]) is the fallback: it publishes rows still there
+//!   [`FALLBACK_AFTER`] after they were written (a crash between commit
+//!   and confirm, a broker that was down, another replica's leftovers).
+//!   Either way a row is deleted only once confirmed; a message may so go
+//!   out twice, never not at all.
 //! - **Inbox.** A consumer applies a message's effects and records its id in
 //!   `inbox` in one transaction ([`Inbox`]); a redelivered id is acked
 //!   without effect.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bazaar_bus::{BatchHandler, Bus, BusError, Envelope, Failure, Outgoing, Received};
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument;
 
 use crate::Shutdown;
@@ -40,9 +46,18 @@ CREATE TABLE IF NOT EXISTS inbox (
 
 /// Rows one relay pass publishes.
 const RELAY_BATCH: usize = 256;
-/// How often the relay looks for rows nobody told it about (other
-/// replicas' leftovers, rows left by a crash).
+/// How often the relay looks for rows left behind.
 const RELAY_POLL: Duration = Duration::from_millis(500);
+/// How old a row must be before the relay takes it: a row younger than
+/// this is still being published from memory, or is confirmed and about
+/// to be deleted. (Taking it anyway only sends it twice.)
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(2);
+/// Rows published from memory and not yet confirmed, at most; past it,
+/// the relay sends the rest (a broker that is slow or down must not make
+/// them pile up in memory).
+const MAX_IN_FLIGHT: usize = 4096;
+/// How long confirmed ids are gathered before one statement deletes them.
+const DELETE_EVERY: Duration = Duration::from_millis(100);
 /// Relay passes in flight at once on PostgreSQL.
 const RELAY_PASSES: usize = 4;
 /// How often the outbox's backlog is measured for `/metrics`.
@@ -62,9 +77,9 @@ const VACUUM_EVERY: Duration = Duration::from_secs(30);
 const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 tokio::task_local! {
-    /// Set when a message handler enqueued something, so the inbox pokes
-    /// the relay only when there is something to send.
-    static ENQUEUED: std::cell::Cell<bool>;
+    /// The outbox rows of the transaction being written in an
+    /// [`Outbox::committing`] block, to publish once it commits.
+    static SENDING: std::cell::RefCell<Vec<OutboxRow>>;
     /// What is to happen once the transaction being written commits.
     static AFTER_COMMIT: std::cell::RefCell<Vec<Hook>>;
     /// The outbox rows an inbox batch's handlers enqueued, written
@@ -114,7 +129,10 @@ type OutboxRow = (String, String, String, String);
 
 /// Puts messages in the outbox inside the caller's transaction. Inside a
 /// message handler of an [`Inbox`] they are written with the rest of the
-/// batch's, in one statement just before it commits.
+/// batch's, in one statement just before it commits. Inside an
+/// [`Outbox::committing`] block, or an inbox batch, they are published
+/// as soon as the transaction commits; elsewhere the caller pokes the
+/// relay after the commit ([`Outbox::poke`]).
 pub async fn enqueue(
     conn: &mut AnyConnection,
     messages: &[(&str, &str, &Envelope)],
@@ -142,10 +160,11 @@ pub async fn enqueue(
             body,
         ));
     }
-    let _ = ENQUEUED.try_with(|e| e.set(true));
     // In an inbox batch the rows wait for it (and none are left here).
     let _ = BATCH_ROWS.try_with(|batch| batch.borrow_mut().append(&mut rows));
-    insert(conn, &rows).await
+    insert(conn, &rows).await?;
+    let _ = SENDING.try_with(|sending| sending.borrow_mut().append(&mut rows));
+    Ok(())
 }
 
 /// Enqueues one message caused by `cause` (same correlation and trace) on
@@ -202,18 +221,28 @@ async fn insert(conn: &mut AnyConnection, rows: &[OutboxRow]) -> Result<(), sqlx
     Ok(())
 }
 
-/// A handle to the outbox relay: poke it after a commit that enqueued.
-#[derive(Clone)]
+/// A service's outbox: publishes what its transactions enqueued, once
+/// they commit ([`Outbox::committing`]), and runs the relay for the rows
+/// that were not (see the module's doc).
+#[derive(Clone, Default)]
 pub struct Outbox {
     wake: Arc<Notify>,
+    /// Set by [`Outbox::poke`]: the next pass takes every row, however young.
+    everything: Arc<AtomicBool>,
+    /// Set once the outbox is started; until then rows wait for the relay.
+    direct: Arc<OnceLock<Direct>>,
 }
 
-impl Default for Outbox {
-    fn default() -> Self {
-        Self {
-            wake: Arc::new(Notify::new()),
-        }
-    }
+/// What publishing from memory needs.
+#[derive(Clone)]
+struct Direct {
+    bus: Bus,
+    /// One permit per row being published.
+    in_flight: Arc<Semaphore>,
+    /// Ids the broker confirmed, to delete.
+    confirmed: Arc<Mutex<Vec<String>>>,
+    /// Wakes the task that deletes them.
+    to_delete: Arc<Notify>,
 }
 
 impl Outbox {
@@ -224,23 +253,95 @@ impl Outbox {
         outbox
     }
 
+    /// Runs `work`, which writes and commits one transaction; once it
+    /// has, publishes what it [`enqueue`]d (and runs its
+    /// [`after_commit`] hooks).
+    pub async fn committing<T, E>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let (result, rows) = SENDING
+            .scope(std::cell::RefCell::new(Vec::new()), async {
+                let result = committing(work).await;
+                (result, SENDING.with(std::cell::RefCell::take))
+            })
+            .await;
+        if result.is_ok() {
+            self.send(rows);
+        }
+        result
+    }
+
+    /// Publishes committed outbox rows from memory; the broker's confirm
+    /// has them deleted. Rows it cannot take (not started yet, too many
+    /// in flight) stay for the relay.
+    fn send(&self, rows: Vec<OutboxRow>) {
+        if rows.is_empty() {
+            return;
+        }
+        let Some(direct) = self.direct.get() else {
+            self.poke();
+            return;
+        };
+        let n = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+        let Ok(permits) = Arc::clone(&direct.in_flight).try_acquire_many_owned(n) else {
+            return;
+        };
+        let direct = direct.clone();
+        tokio::spawn(async move {
+            // Rows this process wrote moments ago parse; if not, they stay.
+            let Ok(outcomes) = publish(&direct.bus, &rows).await else {
+                return;
+            };
+            let mut confirmed = lock(&direct.confirmed);
+            for ((id, ..), outcome) in rows.into_iter().zip(outcomes) {
+                // A failed one stays for the relay.
+                if outcome.is_ok() {
+                    confirmed.push(id);
+                }
+            }
+            drop(confirmed);
+            direct.to_delete.notify_one();
+            drop(permits);
+        });
+    }
+
     /// Starts the relay for a handle made earlier (services that enqueue
-    /// before they run, such as catalog seeding).
+    /// before they run, such as catalog seeding), and publishing from
+    /// memory.
     ///
-    /// Passes overlap: a pass holds its rows until the broker confirms
-    /// them, which under steady traffic waits for the broker's disk sync,
-    /// so the next pass starts without waiting for it (on PostgreSQL, up
-    /// to [`RELAY_PASSES`] at once, each taking rows the others have not
-    /// locked; SQLite's single writer allows one).
+    /// Relay passes overlap: a pass holds its rows until the broker
+    /// confirms them, so the next pass starts without waiting for it (on
+    /// PostgreSQL, up to [`RELAY_PASSES`] at once, each taking rows the
+    /// others have not locked; SQLite's single writer allows one).
     pub fn start(&self, db: Db, bus: Bus, shutdown: Shutdown) {
+        let direct = Direct {
+            bus: bus.clone(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            confirmed: Arc::default(),
+            to_delete: Arc::default(),
+        };
+        if self.direct.set(direct.clone()).is_err() {
+            tracing::warn!("the outbox was started twice; the second start is ignored");
+            return;
+        }
+        // Rows relayed or deleted since the last vacuum (PostgreSQL).
+        let moved = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(delete_confirmed(
+            db.clone(),
+            direct.clone(),
+            Arc::clone(&moved),
+            shutdown.clone(),
+        ));
         let wake = Arc::clone(&self.wake);
+        // The first pass takes everything: rows a crash left behind.
+        let everything = Arc::clone(&self.everything);
+        everything.store(true, Ordering::Relaxed);
         let passes = match db.backend {
             Backend::Postgres => RELAY_PASSES,
             Backend::Sqlite => 1,
         };
         let slots = Arc::new(tokio::sync::Semaphore::new(passes));
-        // Rows relayed since the last vacuum (PostgreSQL).
-        let moved = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
             let mut pruned = tokio::time::Instant::now();
             let mut sampled = tokio::time::Instant::now() - OUTBOX_SAMPLE;
@@ -250,11 +351,18 @@ impl Outbox {
                     return;
                 };
                 let (pass_db, pass_bus, again) = (db.clone(), bus.clone(), Arc::clone(&wake));
-                let pass_moved = Arc::clone(&moved);
+                let (pass_moved, pass_everything) = (Arc::clone(&moved), Arc::clone(&everything));
+                let all = everything.swap(false, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    match relay_pass(&pass_db, &pass_bus, &pass_moved).await {
+                    let before = (!all).then(|| crate::ago(FALLBACK_AFTER));
+                    match relay_pass(&pass_db, &pass_bus, &pass_moved, before.as_deref()).await {
                         // More may be waiting: go again at once.
-                        Ok(true) => again.notify_one(),
+                        Ok(true) => {
+                            if all {
+                                pass_everything.store(true, Ordering::Relaxed);
+                            }
+                            again.notify_one();
+                        }
                         Ok(false) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "outbox relay pass failed; rows stay for the next");
@@ -285,10 +393,18 @@ impl Outbox {
                     () = wake.notified() => {}
                     () = tokio::time::sleep(RELAY_POLL) => {}
                     () = shutdown.wait() => {
-                        // Let the passes in flight finish, then one last pass
-                        // so messages of the final commits go out.
+                        // Let what is in flight finish (publishes wait for
+                        // the broker only so long), delete what was
+                        // confirmed, then one last pass so messages of the
+                        // final commits go out.
                         let _ = slots.acquire_many(u32::try_from(passes).unwrap_or(1)).await;
-                        let _ = relay_pass(&db, &bus, &moved).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            direct.in_flight.acquire_many(u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX)),
+                        )
+                        .await;
+                        delete(&db, &direct, &moved).await;
+                        let _ = relay_pass(&db, &bus, &moved, None).await;
                         return;
                     }
                 }
@@ -296,43 +412,61 @@ impl Outbox {
         });
     }
 
-    /// Tells the relay there are new rows.
+    /// Tells the relay to take every row now: for rows committed outside
+    /// an [`Outbox::committing`] block.
     pub fn poke(&self) {
+        self.everything.store(true, Ordering::Relaxed);
         self.wake.notify_one();
     }
 }
 
-/// Publishes one batch of pending rows; `true` if the batch was full, so
-/// more may be waiting.
-async fn relay_pass(db: &Db, bus: &Bus, moved: &AtomicUsize) -> anyhow::Result<bool> {
-    // Rows are taken (deleted) in a transaction that commits only once the
-    // broker confirmed every one of them; any failure rolls the whole batch
-    // back, to be sent again (the confirmed part twice, which inboxes drop).
-    // On PostgreSQL, replicas of a service share the outbox: SKIP LOCKED
-    // gives each row to one relay. (SQLite has one writer.)
-    let lock = match db.backend {
-        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-        Backend::Sqlite => "",
-    };
-    let mut tx = db.write.begin().await?;
-    let mut rows = sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {RELAY_BATCH}{lock})
-         RETURNING id, exchange, routing_key, envelope, created_at"
-    )))
-    .fetch_all(&mut *tx)
-    .await?;
-    if rows.is_empty() {
-        return Ok(false);
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Deletes confirmed rows, [`DELETE_EVERY`] at most, until `shutdown`
+/// (the relay deletes the last ones).
+async fn delete_confirmed(db: Db, direct: Direct, moved: Arc<AtomicUsize>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            () = direct.to_delete.notified() => {}
+            () = shutdown.wait() => return,
+        }
+        tokio::time::sleep(DELETE_EVERY).await;
+        delete(&db, &direct, &moved).await;
     }
-    rows.sort_by_cached_key(|r| r.try_get::<String, _>("id").unwrap_or_default());
+}
+
+/// Deletes the rows confirmed so far. If that fails they stay, and the
+/// relay sends them again: a duplicate, which inboxes drop.
+async fn delete(db: &Db, direct: &Direct, moved: &AtomicUsize) {
+    let ids = std::mem::take(&mut *lock(&direct.confirmed));
+    for chunk in ids.chunks(500) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("DELETE FROM outbox WHERE id IN ({})", marks.join(", "));
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        match query.execute(&db.write).await {
+            Ok(_) => {
+                moved.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting sent outbox rows failed; the relay sends them again");
+            }
+        }
+    }
+}
+
+/// Publishes outbox rows, each with a producer span in its message's
+/// trace, and waits for the broker's confirms; counts and records those
+/// confirmed. Fails if a row does not parse.
+async fn publish(bus: &Bus, rows: &[OutboxRow]) -> anyhow::Result<Vec<Result<(), BusError>>> {
     let mut sends = Vec::with_capacity(rows.len());
     let mut heads = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let exchange: String = row.try_get("exchange")?;
-        let key: String = row.try_get("routing_key")?;
-        let body: String = row.try_get("envelope")?;
-        // Written by this code, so it parses; if not, the batch stays put.
-        let (mut msg, head) = Outgoing::envelope_json_head(body.into_bytes())?;
+    for (_, exchange, key, body) in rows {
+        let (mut msg, head) = Outgoing::envelope_json_head(body.clone().into_bytes())?;
         heads.push(head);
         // A producer span in the message's trace, until the broker
         // confirms; consumers continue from it.
@@ -373,22 +507,76 @@ async fn relay_pass(db: &Db, bus: &Bus, moved: &AtomicUsize) -> anyhow::Result<b
                 .insert(bazaar_bus::header::SOURCE.into(), bus.service().into());
         }
         sends.push(
-            async move { bus.transport().publish(&exchange, &key, msg).await }.instrument(span),
+            async move { bus.transport().publish(exchange, key, msg).await }.instrument(span),
         );
     }
+    let outcomes = futures::future::join_all(sends).await;
+    let now = bazaar_bus::timeline::now_us();
+    let published = &bus.metrics().published;
+    for (((_, _, key, _), head), outcome) in rows.iter().zip(heads).zip(&outcomes) {
+        if outcome.is_ok() {
+            bazaar_bus::timeline::published(bus.service(), head, now);
+            published
+                .get_or_create(&bazaar_bus::metrics::KeyLabel {
+                    routing_key: key.clone(),
+                })
+                .inc();
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Publishes one batch of rows written before `before` (all rows if
+/// `None`); `true` if the batch was full, so more may be waiting.
+async fn relay_pass(
+    db: &Db,
+    bus: &Bus,
+    moved: &AtomicUsize,
+    before: Option<&str>,
+) -> anyhow::Result<bool> {
+    // Rows are taken (deleted) in a transaction that commits only once the
+    // broker confirmed every one of them; any failure rolls the whole batch
+    // back, to be sent again (the confirmed part twice, which inboxes drop).
+    // On PostgreSQL, replicas of a service share the outbox: SKIP LOCKED
+    // gives each row to one relay. (SQLite has one writer.)
+    let lock = match db.backend {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let filter = if before.is_some() {
+        " WHERE created_at < $1"
+    } else {
+        ""
+    };
+    let mut tx = db.write.begin().await?;
+    let sql = format!(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox{filter} ORDER BY id LIMIT {RELAY_BATCH}{lock})
+         RETURNING id, exchange, routing_key, envelope, created_at"
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    if let Some(before) = before {
+        query = query.bind(before);
+    }
+    let mut rows = query.fetch_all(&mut *tx).await?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    rows.sort_by_cached_key(|r| r.try_get::<String, _>("id").unwrap_or_default());
+    let mut taken = Vec::with_capacity(rows.len());
+    for row in &rows {
+        taken.push((
+            row.try_get::<String, _>("id")?,
+            row.try_get::<String, _>("exchange")?,
+            row.try_get::<String, _>("routing_key")?,
+            row.try_get::<String, _>("envelope")?,
+        ));
+    }
+    // Written by this code, so it parses; if not, the batch stays put.
+    let outcomes = publish(bus, &taken).await?;
     let mut kept = 0;
-    let mut sent = Vec::with_capacity(rows.len());
-    let mut confirmed = Vec::new();
-    for ((row, outcome), head) in rows
-        .iter()
-        .zip(futures::future::join_all(sends).await)
-        .zip(heads)
-    {
+    for ((row, (_, exchange, key, body)), outcome) in rows.iter().zip(&taken).zip(outcomes) {
         match outcome {
-            Ok(()) => {
-                sent.push(row.try_get::<String, _>("routing_key")?);
-                confirmed.push(head);
-            }
+            Ok(()) => {}
             // A command whose service has not declared its queue yet: it
             // stays in the outbox for a later pass, the rest are done. It
             // goes to the back (a new row id; the message id is in the
@@ -402,9 +590,9 @@ async fn relay_pass(db: &Db, bus: &Bus, moved: &AtomicUsize) -> anyhow::Result<b
                      VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(uuid::Uuid::now_v7().to_string())
-                .bind(row.try_get::<String, _>("exchange")?)
-                .bind(row.try_get::<String, _>("routing_key")?)
-                .bind(row.try_get::<String, _>("envelope")?)
+                .bind(exchange)
+                .bind(key)
+                .bind(body)
                 .bind(row.try_get::<String, _>("created_at")?)
                 .execute(&mut *tx)
                 .await?;
@@ -415,16 +603,6 @@ async fn relay_pass(db: &Db, bus: &Bus, moved: &AtomicUsize) -> anyhow::Result<b
     }
     tx.commit().await?;
     moved.fetch_add(rows.len(), Ordering::Relaxed);
-    let now = bazaar_bus::timeline::now_us();
-    for head in confirmed {
-        bazaar_bus::timeline::published(bus.service(), head, now);
-    }
-    let published = &bus.metrics().published;
-    for key in sent {
-        published
-            .get_or_create(&bazaar_bus::metrics::KeyLabel { routing_key: key })
-            .inc();
-    }
     // Go on at once only when this batch was full of rows that went out.
     Ok(kept == 0 && rows.len() == RELAY_BATCH)
 }
@@ -537,7 +715,9 @@ impl<E: Effects> Inbox<E> {
                 counter.inc_by(duplicates);
             });
         }
-        tx.commit().await.map_err(retry)
+        tx.commit().await.map_err(retry)?;
+        self.outbox.send(rows);
+        Ok(())
     }
 
     /// Applies the effects of the messages of `batch` that are `fresh`;
@@ -598,15 +778,7 @@ pub async fn first_times(
 #[async_trait]
 impl<E: Effects> BatchHandler for Inbox<E> {
     async fn handle(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
-        ENQUEUED
-            .scope(std::cell::Cell::new(false), self.handle_batch(batch))
-            .await
-    }
-}
-
-impl<E: Effects> Inbox<E> {
-    async fn handle_batch(&self, batch: &[Received]) -> Vec<Result<(), Failure>> {
-        let outcomes = match self.apply_all(batch).await {
+        match self.apply_all(batch).await {
             Ok(()) => vec![Ok(()); batch.len()],
             Err(e) if batch.len() == 1 => vec![Err(e)],
             Err(_) => {
@@ -616,14 +788,7 @@ impl<E: Effects> Inbox<E> {
                 }
                 outcomes
             }
-        };
-        // (A failed batch may have set the flag; a needless poke is harmless.)
-        if outcomes.iter().any(Result::is_ok)
-            && ENQUEUED.try_with(std::cell::Cell::get).unwrap_or(true)
-        {
-            self.outbox.poke();
         }
-        outcomes
     }
 }
 

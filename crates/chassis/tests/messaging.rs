@@ -263,8 +263,90 @@ async fn inbox_applies_each_message_once(bus: &Bus, db: &Db) {
     run.await.unwrap();
 }
 
+/// What a transaction enqueued in an `Outbox::committing` block goes out
+/// as soon as it commits, and its row is deleted once confirmed; a row
+/// nobody sent (a crash right after the commit) is left to the relay,
+/// which takes it once it is `FALLBACK_AFTER` old; a rolled-back block
+/// sends nothing.
+async fn outbox_sends_at_commit_and_relays_what_was_left(bus: &Bus, db: &Db) {
+    let bus = &bus.instrumented("test");
+    let ex = format!("ex.direct.{}", unique());
+    let mut deliveries = bus
+        .subscribe(&queue("q.direct").bind(&ex, "#"), 10)
+        .await
+        .unwrap();
+    let shutdown = Shutdown::default();
+    let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
+    // The relay's first pass (everything left behind) is over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(db, "SELECT COUNT(*) FROM outbox").await, 0);
+    let commit = async |payload: &str, fail: bool| {
+        let env = Envelope::new("t", &payload).unwrap();
+        let result = outbox
+            .committing(async {
+                let mut tx = db.write.begin().await?;
+                messaging::enqueue(&mut tx, &[(&ex, "a.b", &env)]).await?;
+                if fail {
+                    return Err(sqlx::Error::RowNotFound);
+                }
+                tx.commit().await
+            })
+            .await;
+        assert_eq!(result.is_ok(), !fail);
+        env.id
+    };
+    let next = async |deliveries: &mut bazaar_bus::Deliveries, within: Duration| {
+        let d = tokio::time::timeout(within, deliveries.next())
+            .await
+            .ok()??;
+        let env = d.envelope().unwrap();
+        d.ack().await.unwrap();
+        Some(env.id)
+    };
+
+    let _ = commit("rolled back", true).await;
+    let started = tokio::time::Instant::now();
+    let sent = commit("at once", false).await;
+    let got = next(&mut deliveries, Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some(sent.as_str()));
+    assert!(
+        started.elapsed() < messaging::FALLBACK_AFTER,
+        "published by the relay, not at commit: {:?}",
+        started.elapsed()
+    );
+    eventually("the sent row deleted", async || {
+        count(db, "SELECT COUNT(*) FROM outbox").await == 0
+    })
+    .await;
+
+    // Committed, but not sent: the relay leaves it while it is young.
+    let left = Envelope::new("t", &"left").unwrap();
+    let mut tx = db.write.begin().await.unwrap();
+    messaging::enqueue(&mut tx, &[(&ex, "a.b", &left)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let written = tokio::time::Instant::now();
+    let early = next(&mut deliveries, messaging::FALLBACK_AFTER / 2).await;
+    assert_eq!(early, None, "the relay took a row being sent from memory");
+    let got = next(&mut deliveries, Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some(left.id.as_str()));
+    assert!(written.elapsed() >= messaging::FALLBACK_AFTER);
+    eventually("the relayed row deleted", async || {
+        count(db, "SELECT COUNT(*) FROM outbox").await == 0
+    })
+    .await;
+    assert_eq!(
+        next(&mut deliveries, Duration::from_millis(300)).await,
+        None,
+        "the rolled-back message (or a duplicate) was published"
+    );
+    shutdown.trigger();
+}
+
 async fn suite(bus: Bus, db: Db) {
     outbox_publishes_committed_rows_only(&bus, &db).await;
+    outbox_sends_at_commit_and_relays_what_was_left(&bus, &db).await;
     outbox_keeps_a_command_until_its_queue_exists(&bus, &db).await;
     inbox_applies_each_message_once(&bus, &db).await;
 }

@@ -90,8 +90,9 @@ async fn register(
         role: "customer".into(),
         created_at: bazaar_chassis::now(),
     };
-    store::insert_user(&s.db.write, &user, &hash).await?;
-    s.outbox.poke();
+    s.outbox
+        .committing(store::insert_user(&s.db.write, &user, &hash))
+        .await?;
     Ok((StatusCode::CREATED, Json(user)))
 }
 

@@ -133,10 +133,10 @@ async fn create(
         creator: caller.id,
         created_at: bazaar_chassis::now(),
     };
-    store::insert(&s.db.write, &product)
+    s.outbox
+        .committing(store::insert(&s.db.write, &product))
         .await
         .map_err(db_error)?;
-    s.outbox.poke();
     Ok((StatusCode::CREATED, Json(product)))
 }
 
@@ -159,11 +159,12 @@ async fn replace(
 ) -> Result<Json<Product>, Problem> {
     caller.require_admin()?;
     let input = ProductInput::try_from(body)?;
-    let product = store::update(&s.db.write, &id, &input)
+    let product = s
+        .outbox
+        .committing(store::update(&s.db.write, &id, &input))
         .await
         .map_err(db_error)?
         .ok_or_else(|| Problem::not_found("no such product"))?;
-    s.outbox.poke();
     Ok(Json(product))
 }
 
@@ -183,8 +184,11 @@ async fn remove(
     PathId(id): PathId,
 ) -> Result<StatusCode, Problem> {
     caller.require_admin()?;
-    if store::delete(&s.db.write, &id).await.map_err(db_error)? {
-        s.outbox.poke();
+    if s.outbox
+        .committing(store::delete(&s.db.write, &id))
+        .await
+        .map_err(db_error)?
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("no such product"))

@@ -238,32 +238,38 @@ fn spawn_expiry(db: Db, outbox: Outbox, ttl: Duration, shutdown: Shutdown) {
 async fn expire(db: &Db, outbox: &Outbox, ttl: Duration) -> anyhow::Result<()> {
     const BATCH: i64 = 200;
     loop {
-        let before = bazaar_chassis::ago(ttl);
-        let mut tx = db.write.begin().await?;
-        let due = store::held_since(&mut tx, &before, BATCH).await?;
-        for order_id in &due {
-            if store::release(&mut tx, order_id).await? {
-                let mut event = bazaar_bus::Envelope::new(
-                    INVENTORY_RELEASED,
-                    &OrderRef {
-                        order_id: order_id.clone(),
-                    },
-                )?;
-                event.correlation_id = Some(order_id.clone());
-                messaging::enqueue(&mut tx, &[(INVENTORY, INVENTORY_RELEASED, &event)]).await?;
-                tracing::warn!(
-                    order_id = %order_id,
-                    ttl_ms = ttl.as_millis() as u64,
-                    "a reservation was neither committed nor released in time; released"
-                );
-            }
-        }
-        tx.commit().await?;
-        outbox.poke();
-        if (due.len() as i64) < BATCH {
+        let due = outbox.committing(release_expired(db, ttl, BATCH)).await?;
+        if (due as i64) < BATCH {
             return Ok(());
         }
     }
+}
+
+/// Releases up to `batch` reservations held longer than `ttl`, in one
+/// transaction; returns how many were due.
+async fn release_expired(db: &Db, ttl: Duration, batch: i64) -> anyhow::Result<usize> {
+    let before = bazaar_chassis::ago(ttl);
+    let mut tx = db.write.begin().await?;
+    let due = store::held_since(&mut tx, &before, batch).await?;
+    for order_id in &due {
+        if store::release(&mut tx, order_id).await? {
+            let mut event = bazaar_bus::Envelope::new(
+                INVENTORY_RELEASED,
+                &OrderRef {
+                    order_id: order_id.clone(),
+                },
+            )?;
+            event.correlation_id = Some(order_id.clone());
+            messaging::enqueue(&mut tx, &[(INVENTORY, INVENTORY_RELEASED, &event)]).await?;
+            tracing::warn!(
+                order_id = %order_id,
+                ttl_ms = ttl.as_millis() as u64,
+                "a reservation was neither committed nor released in time; released"
+            );
+        }
+    }
+    tx.commit().await?;
+    Ok(due.len())
 }
 
 #[cfg(test)]

@@ -383,8 +383,7 @@ async fn sweep(db: &Db, outbox: &Outbox, metrics: &SagaMetrics) -> anyhow::Resul
         if due.is_empty() {
             return Ok(());
         }
-        let cancelled = messaging::committing(cancel_overdue(db, metrics, &due)).await?;
-        outbox.poke();
+        let cancelled = outbox.committing(cancel_overdue(db, metrics, &due)).await?;
         tracing::info!(cancelled, "orders timed out and were compensated");
         if due.len() < 200 {
             return Ok(());

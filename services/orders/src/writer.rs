@@ -34,8 +34,8 @@ pub enum WriteError {
 }
 
 impl OrderWriter {
-    /// Starts the writer task on `db`; each committed batch pokes the
-    /// outbox relay, which sends the new sagas' first commands.
+    /// Starts the writer task on `db`; each committed batch's outbox
+    /// sends the new sagas' first messages.
     pub fn spawn(
         db: AnyPool,
         outbox: Outbox,
@@ -47,9 +47,11 @@ impl OrderWriter {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let (orders, done): (Vec<NewOrder>, Vec<Done>) = batch.drain(..).unzip();
-                match store::create_batch(&db, &orders, step_timeout).await {
+                match outbox
+                    .committing(store::create_batch(&db, &orders, step_timeout))
+                    .await
+                {
                     Ok(stored) => {
-                        outbox.poke();
                         let now = bazaar_bus::timeline::now_us();
                         for ((order, created), new) in stored.iter().zip(&orders) {
                             if *created {

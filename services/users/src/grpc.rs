@@ -160,10 +160,17 @@ impl UserService for Users {
             updated_at: account.created_at.clone(),
             created_at: account.created_at,
         };
-        let mut tx = self.0.db.write.begin().await.map_err(internal)?;
-        let p = store::create(&mut tx, &profile).await.map_err(internal)?;
-        tx.commit().await.map_err(internal)?;
-        self.0.outbox.poke();
+        let p = self
+            .0
+            .outbox
+            .committing(async {
+                let mut tx = self.0.db.write.begin().await?;
+                let p = store::create(&mut tx, &profile).await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(p)
+            })
+            .await
+            .map_err(internal)?;
         Ok(Response::new(to_user(p)))
     }
 
@@ -178,10 +185,12 @@ impl UserService for Users {
             address: r.address.map(set),
         })
         .map_err(|p| status(&p))?;
-        let p = store::update(&self.0.db.write, &id, &change)
+        let p = self
+            .0
+            .outbox
+            .committing(store::update(&self.0.db.write, &id, &change))
             .await
             .map_err(internal)?;
-        self.0.outbox.poke();
         p.map(|p| Response::new(to_user(p)))
             .ok_or_else(|| Status::not_found("no such user"))
     }
@@ -192,14 +201,14 @@ impl UserService for Users {
     ) -> Result<Response<DeleteUserResponse>, Status> {
         let caller = self.caller(&req).await?;
         let id = Self::target(&caller, &req.get_ref().id)?;
-        match store::delete(&self.0.db.write, &id)
+        match self
+            .0
+            .outbox
+            .committing(store::delete(&self.0.db.write, &id))
             .await
             .map_err(internal)?
         {
-            Some(_) => {
-                self.0.outbox.poke();
-                Ok(Response::new(DeleteUserResponse { success: true }))
-            }
+            Some(_) => Ok(Response::new(DeleteUserResponse { success: true })),
             None => Err(Status::not_found("no such user")),
         }
     }

@@ -99,10 +99,11 @@ async fn patch_me(
     Json(body): Json<PatchBody>,
 ) -> Result<Json<Profile>, Problem> {
     let change = Change::try_from(body)?;
-    let p = store::update(&s.db.write, &caller.id, &change)
+    let p = s
+        .outbox
+        .committing(store::update(&s.db.write, &caller.id, &change))
         .await
         .map_err(internal)?;
-    s.outbox.poke();
     p.map(Json).ok_or_else(no_profile)
 }
 
@@ -142,11 +143,13 @@ async fn remove(
     PathId(id): PathId,
 ) -> Result<StatusCode, Problem> {
     allowed(&caller, &id)?;
-    match store::delete(&s.db.write, &id).await.map_err(internal)? {
-        Some(_) => {
-            s.outbox.poke();
-            Ok(StatusCode::NO_CONTENT)
-        }
+    match s
+        .outbox
+        .committing(store::delete(&s.db.write, &id))
+        .await
+        .map_err(internal)?
+    {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
         None => Err(no_profile()),
     }
 }
