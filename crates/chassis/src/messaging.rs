@@ -57,7 +57,7 @@ pub const FALLBACK_AFTER: Duration = Duration::from_secs(2);
 /// them pile up in memory).
 const MAX_IN_FLIGHT: usize = 4096;
 /// How long confirmed ids are gathered before one statement deletes them.
-const DELETE_EVERY: Duration = Duration::from_millis(100);
+const DELETE_EVERY: Duration = Duration::from_millis(500);
 /// Relay passes in flight at once on PostgreSQL.
 const RELAY_PASSES: usize = 4;
 /// How often the outbox's backlog is measured for `/metrics`.
