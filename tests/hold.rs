@@ -222,7 +222,7 @@ async fn item_12_every_401_says_www_authenticate_bearer() {
 }
 
 #[tokio::test]
-async fn item_13_an_idempotency_key_reused_with_another_body_is_422() {
+async fn item_13_an_idempotency_key_reused_with_another_body_is_422_and_outlives_its_products() {
     let (system, _dir) = embedded().await;
     wait_ready(&system.gateway_url).await;
     let api = Api::new(&system.gateway_url);
@@ -238,6 +238,7 @@ async fn item_13_an_idempotency_key_reused_with_another_body_is_422() {
             .json(&json!({ "items": items }))
     };
     let first = json!([{"product_id": a, "quantity": 2}]);
+    let first_again = first.clone();
     let (s, order) = api.send("first", checkout(first.clone())).await;
     assert_eq!(s, StatusCode::CREATED, "{order}");
     let (s, again) = api.send("same", checkout(first)).await;
@@ -252,6 +253,38 @@ async fn item_13_an_idempotency_key_reused_with_another_body_is_422() {
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{other}: {p}");
         assert_eq!(p["errors"][0]["field"], "Idempotency-Key");
     }
+    // A product deleted since cannot be priced, but the key's order is
+    // still the answer to a retry.
+    let admin = api.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let (s, _) = api
+        .call("DELETE", &format!("/products/{a}"), Some(&admin), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Once orders has heard of it (its price cache), a new checkout fails…
+    let (other, _) = api.register_and_login(&format!("{}@x.org", unique())).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (s, p) = api
+            .call(
+                "POST",
+                "/orders",
+                Some(&other),
+                Some(json!({"items": [{"product_id": a, "quantity": 1}]})),
+            )
+            .await;
+        if s == StatusCode::UNPROCESSABLE_ENTITY {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still priced: {s} {p}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // …and the retry still gets its order.
+    let (s, again) = api.send("after the delete", checkout(first_again)).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], order["id"]);
     let (_, mine) = api.call("GET", "/orders", Some(&token), None).await;
     assert_eq!(mine["total"], 1, "{mine}");
     system.shutdown.trigger();

@@ -235,49 +235,26 @@ async fn checkout(
         Some(key) => format!("key:{}:{key}", caller.id),
         None => format!("http:{}", uuid::Uuid::now_v7()),
     };
-    if let Some(key) = &key {
-        let mut conn = s.db.read.acquire().await.map_err(internal)?;
-        if let Some(order) = store::by_request(&mut conn, &request_id)
-            .await
-            .map_err(internal)?
-        {
-            return replayed(order, &wanted, key);
+    // A key used before is answered with its order: the writer's insert
+    // finds it. It is looked up here only when the checkout cannot be
+    // priced now (a product deleted since, catalog unreachable), as the
+    // order it made is still the answer.
+    let (cmd, total) = match priced(&s, &headers, &body, &wanted, caller).await {
+        Ok(priced) => priced,
+        Err(problem) => {
+            let Some(key) = &key else {
+                return Err(problem);
+            };
+            let mut conn = s.db.read.acquire().await.map_err(internal)?;
+            return match store::by_request(&mut conn, &request_id)
+                .await
+                .map_err(internal)?
+            {
+                Some(order) => replayed(order, &wanted, key),
+                None => Err(problem),
+            };
         }
-    }
-    let products = price(&s, &headers, &body).await?;
-    let currency = products
-        .values()
-        .next()
-        .map(|p| p.currency.clone())
-        .unwrap_or_default();
-    if products.values().any(|p| p.currency != currency) {
-        return Err(Problem::invalid(
-            "items",
-            "all products of one order must share a currency",
-        ));
-    }
-    // One item per product (the lines merged), in first-seen order.
-    let items = wanted
-        .iter()
-        .map(|(id, quantity)| {
-            let p = products
-                .get(*id)
-                .ok_or_else(|| Problem::invalid("items", "a product could not be priced"))?;
-            Ok(OrderItem {
-                product_id: p.id.clone(),
-                name: p.name.clone(),
-                unit_price: p.price,
-                quantity: *quantity,
-            })
-        })
-        .collect::<Result<Vec<_>, Problem>>()?;
-    let cmd = CreateOrder {
-        user_id: caller.id,
-        user_email: caller.email,
-        currency,
-        items,
     };
-    let total = domain::total(&cmd).map_err(|e| Problem::invalid("items", e.to_string()))?;
     let (order, created) = s
         .writer
         .create(NewOrder {
@@ -336,6 +313,51 @@ fn replayed(
             format!("the key {key:?} was already used for a checkout with other items"),
         ))
     }
+}
+
+/// The order `caller` checks out, priced, and its total.
+async fn priced(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: &Checkout,
+    wanted: &[(&str, i64)],
+    caller: AuthUser,
+) -> Result<(CreateOrder, i64), Problem> {
+    let products = price(s, headers, body).await?;
+    let currency = products
+        .values()
+        .next()
+        .map(|p| p.currency.clone())
+        .unwrap_or_default();
+    if products.values().any(|p| p.currency != currency) {
+        return Err(Problem::invalid(
+            "items",
+            "all products of one order must share a currency",
+        ));
+    }
+    // One item per product (the lines merged), in first-seen order.
+    let items = wanted
+        .iter()
+        .map(|(id, quantity)| {
+            let p = products
+                .get(*id)
+                .ok_or_else(|| Problem::invalid("items", "a product could not be priced"))?;
+            Ok(OrderItem {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                unit_price: p.price,
+                quantity: *quantity,
+            })
+        })
+        .collect::<Result<Vec<_>, Problem>>()?;
+    let cmd = CreateOrder {
+        user_id: caller.id,
+        user_email: caller.email,
+        currency,
+        items,
+    };
+    let total = domain::total(&cmd).map_err(|e| Problem::invalid("items", e.to_string()))?;
+    Ok((cmd, total))
 }
 
 /// The products of a checkout, from catalog; 422 naming unknown ids.
