@@ -20,6 +20,9 @@ RATE=${RATE:-200}
 LOAD_SECONDS=${LOAD_SECONDS:-10}
 SAMPLE=${SAMPLE:-100}
 source bench/lib.sh
+# The traces of orders from the whole run must still be there at its end:
+# as many spans as the 4 MiB per process hold.
+export BAZAAR_TRACE_KEEP_SPANS=${BAZAAR_TRACE_KEEP_SPANS:-20000}
 serve_system
 "$BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" --stock 100000000 \
   --ids "$WORK/ids" 2>/dev/null | grep '^load:'

@@ -236,6 +236,12 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
             .and_then(|()| bazaar_chassis::telemetry::log_to_file(&logs.join("supervisor.log")))
             .with_context(|| format!("cannot write logs to {}", logs.display()))?;
     }
+    // One service's process keeps fewer spans than the whole system's
+    // (20 000): they were most of what a busy service's memory grew by
+    // under load.
+    if config.trace_keep_spans == 0 && matches!(cli.command, Command::Serve { .. }) {
+        config.trace_keep_spans = 2_000;
+    }
     // Tools record no spans; the system does.
     let traces = (!tool && !matches!(cli.command, Command::Load { .. })).then(|| config.traces());
     bazaar_chassis::telemetry::init(config.log_format.as_deref(), level, traces.as_ref());

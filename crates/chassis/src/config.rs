@@ -82,7 +82,9 @@ pub struct Config {
     /// to itself and needs more than one.
     pub worker_threads: usize,
     /// Ended spans each process keeps in memory for the dashboard (and
-    /// at most 4 MiB of them, whatever their fields). Default 20 000.
+    /// at most 4 MiB of them, whatever their fields). 0 (the default):
+    /// 2 000 for a `bazaar serve` process, 20 000 for `bazaar up` (one
+    /// process, every service).
     pub trace_keep_spans: usize,
     /// Largest request body accepted, in bytes. Default 1 MiB.
     pub body_limit: usize,
@@ -273,7 +275,7 @@ impl Default for Config {
             otlp_endpoint: None,
             trace_sample_ratio: 1.0,
             worker_threads: 0,
-            trace_keep_spans: 20_000,
+            trace_keep_spans: 0,
             body_limit: 1024 * 1024,
             admin_email: None,
             admin_password: None,
@@ -374,7 +376,10 @@ impl Config {
         crate::traces::Settings {
             otlp_endpoint: self.otlp_endpoint.clone().filter(|u| !u.is_empty()),
             sample_ratio: self.trace_sample_ratio,
-            keep_spans: self.trace_keep_spans,
+            keep_spans: match self.trace_keep_spans {
+                0 => 20_000,
+                n => n,
+            },
         }
     }
 
