@@ -254,6 +254,9 @@ impl CallsConfig {
     }
 }
 
+/// Most worker threads a process may be given (`worker_threads`).
+pub const MAX_WORKER_THREADS: usize = 256;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -357,6 +360,12 @@ impl Config {
             return Err(format!(
                 "trace_sample_ratio must be between 0 and 1, not {}",
                 self.trace_sample_ratio
+            ));
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(format!(
+                "worker_threads must be at most {MAX_WORKER_THREADS} (0: chosen by the command), not {}",
+                self.worker_threads
             ));
         }
         // No TLS in the binary: a collector on the node or in the pod
@@ -537,6 +546,17 @@ mod tests {
         assert_eq!(c.advertised_url(bound), "http://[fd00::5]:7001");
         c.advertise_host = Some("catalog-0.catalog".into());
         assert_eq!(c.advertised_url(bound), "http://catalog-0.catalog:7001");
+    }
+
+    #[test]
+    fn worker_threads_are_bounded() {
+        let mut c = Config::default();
+        for ok in [0, 1, 8, super::MAX_WORKER_THREADS] {
+            c.worker_threads = ok;
+            assert_eq!(c.validate(), Ok(()), "{ok}");
+        }
+        c.worker_threads = super::MAX_WORKER_THREADS + 1;
+        assert!(c.validate().is_err());
     }
 
     #[test]
