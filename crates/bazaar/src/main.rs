@@ -189,25 +189,29 @@ fn main() -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
-    let config =
+    let mut config =
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // One service per process shares the machine's cores with the other
     // services and the servers: one worker thread does its work with
-    // fewer wake-ups between threads (15% less CPU per order, measured).
+    // fewer wake-ups between threads (15% less CPU per order, measured),
+    // and it keeps fewer spans than the whole system's process (20 000):
+    // they were most of what a busy service's memory grew by under load.
     // Everything else (the embedded system, the load tool) takes a
     // thread per core.
-    match (config.worker_threads, &cli.command) {
-        (0, Command::Serve { .. }) => {
-            runtime.worker_threads(1);
+    if matches!(cli.command, Command::Serve { .. }) {
+        if config.worker_threads == 0 {
+            config.worker_threads = 1;
         }
-        (0, _) => {}
-        (n, _) => {
-            runtime.worker_threads(n);
+        if config.trace_keep_spans == 0 {
+            config.trace_keep_spans = 2_000;
         }
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
     }
     runtime.enable_all().build()?.block_on(run(cli, config))
 }
@@ -235,12 +239,6 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(&logs)
             .and_then(|()| bazaar_chassis::telemetry::log_to_file(&logs.join("supervisor.log")))
             .with_context(|| format!("cannot write logs to {}", logs.display()))?;
-    }
-    // One service's process keeps fewer spans than the whole system's
-    // (20 000): they were most of what a busy service's memory grew by
-    // under load.
-    if config.trace_keep_spans == 0 && matches!(cli.command, Command::Serve { .. }) {
-        config.trace_keep_spans = 2_000;
     }
     // Tools record no spans; the system does.
     let traces = (!tool && !matches!(cli.command, Command::Load { .. })).then(|| config.traces());

@@ -290,11 +290,11 @@ impl Outbox {
         let direct = direct.clone();
         tokio::spawn(async move {
             // Rows this process wrote moments ago parse; if not, they stay.
-            let Ok(outcomes) = publish(&direct.bus, &rows).await else {
+            let Ok(outcomes) = publish(&direct.bus, rows).await else {
                 return;
             };
             let mut confirmed = lock(&direct.confirmed);
-            for ((id, ..), outcome) in rows.into_iter().zip(outcomes) {
+            for (id, outcome) in outcomes {
                 // A failed one stays for the relay.
                 if outcome.is_ok() {
                     confirmed.push(id);
@@ -462,12 +462,16 @@ async fn delete(db: &Db, direct: &Direct, moved: &AtomicUsize) {
 /// Publishes outbox rows, each with a producer span in its message's
 /// trace, and waits for the broker's confirms; counts and records those
 /// confirmed. Fails if a row does not parse.
-async fn publish(bus: &Bus, rows: &[OutboxRow]) -> anyhow::Result<Vec<Result<(), BusError>>> {
+/// Returns each row's id with its outcome, in order.
+async fn publish(
+    bus: &Bus,
+    rows: Vec<OutboxRow>,
+) -> anyhow::Result<Vec<(String, Result<(), BusError>)>> {
     let mut sends = Vec::with_capacity(rows.len());
-    let mut heads = Vec::with_capacity(rows.len());
-    for (_, exchange, key, body) in rows {
-        let (mut msg, head) = Outgoing::envelope_json_head(body.clone().into_bytes())?;
-        heads.push(head);
+    let mut sent = Vec::with_capacity(rows.len());
+    for (id, exchange, key, body) in rows {
+        let (mut msg, head) = Outgoing::envelope_json_head(body.into_bytes())?;
+        sent.push((id, key.clone(), head));
         // A producer span in the message's trace, until the broker
         // confirms; consumers continue from it.
         let tp = msg
@@ -507,23 +511,23 @@ async fn publish(bus: &Bus, rows: &[OutboxRow]) -> anyhow::Result<Vec<Result<(),
                 .insert(bazaar_bus::header::SOURCE.into(), bus.service().into());
         }
         sends.push(
-            async move { bus.transport().publish(exchange, key, msg).await }.instrument(span),
+            async move { bus.transport().publish(&exchange, &key, msg).await }.instrument(span),
         );
     }
     let outcomes = futures::future::join_all(sends).await;
     let now = bazaar_bus::timeline::now_us();
     let published = &bus.metrics().published;
-    for (((_, _, key, _), head), outcome) in rows.iter().zip(heads).zip(&outcomes) {
+    let mut ids = Vec::with_capacity(outcomes.len());
+    for ((id, key, head), outcome) in sent.into_iter().zip(outcomes) {
         if outcome.is_ok() {
             bazaar_bus::timeline::published(bus.service(), head, now);
             published
-                .get_or_create(&bazaar_bus::metrics::KeyLabel {
-                    routing_key: key.clone(),
-                })
+                .get_or_create(&bazaar_bus::metrics::KeyLabel { routing_key: key })
                 .inc();
         }
+        ids.push((id, outcome));
     }
-    Ok(outcomes)
+    Ok(ids)
 }
 
 /// Publishes one batch of rows written before `before` (all rows if
@@ -572,9 +576,9 @@ async fn relay_pass(
         ));
     }
     // Written by this code, so it parses; if not, the batch stays put.
-    let outcomes = publish(bus, &taken).await?;
+    let outcomes = publish(bus, taken).await?;
     let mut kept = 0;
-    for ((row, (_, exchange, key, body)), outcome) in rows.iter().zip(&taken).zip(outcomes) {
+    for (row, (_, outcome)) in rows.iter().zip(outcomes) {
         match outcome {
             Ok(()) => {}
             // A command whose service has not declared its queue yet: it
@@ -590,9 +594,9 @@ async fn relay_pass(
                      VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(uuid::Uuid::now_v7().to_string())
-                .bind(exchange)
-                .bind(key)
-                .bind(body)
+                .bind(row.try_get::<String, _>("exchange")?)
+                .bind(row.try_get::<String, _>("routing_key")?)
+                .bind(row.try_get::<String, _>("envelope")?)
                 .bind(row.try_get::<String, _>("created_at")?)
                 .execute(&mut *tx)
                 .await?;
