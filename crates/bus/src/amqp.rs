@@ -59,6 +59,14 @@ struct Inner {
     suspect: Notify,
 }
 
+/// Largest AMQP frame this client asks for, unless the URL sets
+/// `frame_max`. lapin keeps a send and a receive buffer of 32 frames
+/// each, zeroed when the connection opens: at RabbitMQ's default 128 KiB
+/// frames that is 8 MiB a connection, most of an idle service's own
+/// memory. Our messages are a few KiB; a larger one goes out in several
+/// frames.
+const FRAME_MAX: u32 = 16 * 1024;
+
 /// How long one connection attempt (handshake and re-declarations) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one publish waits for the broker's confirm before it is sent
@@ -155,7 +163,12 @@ async fn next_link(rx: &mut watch::Receiver<Option<Link>>) -> Option<Link> {
 /// Opens a connection and publish channel and declares everything known.
 async fn open_link(inner: &Inner, generation: u64) -> Result<Link, BusError> {
     let props = ConnectionProperties::default().with_connection_name("bazaar".into());
-    let conn = Connection::connect(&inner.url, props).await?;
+    let mut uri: lapin::uri::AMQPUri = inner
+        .url
+        .parse()
+        .map_err(|e| BusError::Unavailable(format!("the AMQP URL does not parse: {e}")))?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    let conn = Connection::connect_uri(uri, props).await?;
     let publisher = conn.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())

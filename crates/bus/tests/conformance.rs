@@ -119,6 +119,30 @@ async fn durable_queue_keeps_messages_until_consumed(bus: &Bus) {
     nothing_more(&mut d).await;
 }
 
+/// Messages larger than a frame (the AMQP transport asks for 16 KiB
+/// frames) arrive whole, in order with small ones.
+async fn messages_larger_than_a_frame_arrive_whole(bus: &Bus) {
+    let ex = unique("ex");
+    let spec = test_queue("q.large").bind(&ex, "k");
+    bus.transport().declare_queue(&spec).await.unwrap();
+    let large: String = (0..300_000u32)
+        .map(|i| char::from(b'a' + u8::try_from(i % 26).unwrap()))
+        .collect();
+    for text in [large.as_str(), "small", &large[..16 * 1024]] {
+        bus.publish(&ex, "k", &Envelope::new("t", &text).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut d = bus.subscribe(&spec, 10).await.unwrap();
+    for want in [large.as_str(), "small", &large[..16 * 1024]] {
+        let (got, delivery) = next_payload(&mut d).await;
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "a message changed on its way");
+        delivery.ack().await.unwrap();
+    }
+    nothing_more(&mut d).await;
+}
+
 async fn queue_stats_count_messages_and_consumers(bus: &Bus) {
     let missing = unique("q.missing");
     assert!(
@@ -587,6 +611,7 @@ async fn suite(bus: Bus) {
     retry_dead_letter_and_replay(&bus).await;
     topic_bindings(&bus).await;
     durable_queue_keeps_messages_until_consumed(&bus).await;
+    messages_larger_than_a_frame_arrive_whole(&bus).await;
     queue_stats_count_messages_and_consumers(&bus).await;
     nack_requeues_or_drops(&bus).await;
     dropped_delivery_is_redelivered(&bus).await;
