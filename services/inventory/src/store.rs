@@ -106,18 +106,49 @@ async fn open(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Er
     Ok(done.rows_affected() == 1)
 }
 
-/// Moves a RESERVED reservation to `to`; `false` if it is no longer
-/// RESERVED (another transaction settled it first).
-async fn claim(conn: &mut AnyConnection, order_id: &str, to: Outcome) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE reservations SET status = $2, updated_at = $3 WHERE order_id = $1 AND status = 'RESERVED'",
+/// Moves a RESERVED reservation to `to` and takes its held units out of
+/// `reserved`: back to `available` if `restock`, out of stock for good if
+/// not. `false` if it is no longer RESERVED (another transaction settled
+/// it first). Two statements, however many lines the order has.
+async fn settle(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    to: Outcome,
+    restock: bool,
+) -> Result<bool, sqlx::Error> {
+    let now = bazaar_chassis::now();
+    // Claimed first: of two transactions settling the same order at once
+    // (a command and the expiry sweep, or two replicas), only the one
+    // whose update finds it still RESERVED moves its units.
+    let claimed = sqlx::query(
+        "UPDATE reservations SET status = $2, updated_at = $3 WHERE order_id = $1 AND status = 'RESERVED'
+         RETURNING (SELECT COUNT(*) FROM reservation_lines WHERE order_id = $1) AS lines",
     )
     .bind(order_id)
     .bind(to.as_str())
-    .bind(bazaar_chassis::now())
-    .execute(conn)
+    .bind(&now)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    let Some(claimed) = claimed else {
+        return Ok(false);
+    };
+    let lines: i64 = claimed.try_get("lines")?;
+    let moved = sqlx::query(
+        "UPDATE stock SET available = available + $3 * l.quantity, reserved = reserved - l.quantity, updated_at = $2
+         FROM reservation_lines l
+         WHERE l.order_id = $1 AND stock.product_id = l.product_id AND stock.reserved >= l.quantity",
+    )
+    .bind(order_id)
+    .bind(&now)
+    .bind(i64::from(restock))
+    .execute(&mut *conn)
+    .await?;
+    if i64::try_from(moved.rows_affected()) != Ok(lines) {
+        return Err(sqlx::Error::Protocol(format!(
+            "stock has fewer reserved units than order {order_id} holds"
+        )));
+    }
+    Ok(true)
 }
 
 /// Creates a product's stock row if it has none.
@@ -230,21 +261,6 @@ pub async fn reserve(
     Ok(Outcome::Reserved)
 }
 
-async fn lines(
-    conn: &mut AnyConnection,
-    order_id: &str,
-) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY product_id",
-    )
-    .bind(order_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get("product_id")?, r.try_get("quantity")?)))
-        .collect()
-}
-
 /// Returns an order's held units to `available`. `true` if this call
 /// released something or recorded that nothing may be reserved any more.
 pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
@@ -253,43 +269,20 @@ pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<bool, s
             set_status(conn, order_id, Outcome::Released).await?;
             Ok(true)
         }
-        Some(Outcome::Reserved) => {
-            // Claimed first: of two transactions releasing the same order
-            // at once (a command and the expiry sweep, or two replicas),
-            // only the one whose update finds it still RESERVED returns
-            // its units.
-            if !claim(conn, order_id, Outcome::Released).await? {
-                return Ok(false);
-            }
-            for (product, quantity) in lines(conn, order_id).await? {
-                if !shift(conn, &product, quantity, -quantity).await? {
-                    return Err(sqlx::Error::Protocol(format!(
-                        "stock of {product} has fewer reserved units than order {order_id} holds"
-                    )));
-                }
-            }
-            Ok(true)
-        }
+        Some(Outcome::Reserved) => settle(conn, order_id, Outcome::Released, true).await,
         Some(_) => Ok(false),
     }
 }
 
 /// The order is confirmed: its held units leave `reserved` for good.
 pub async fn commit(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
-    if !claim(conn, order_id, Outcome::Committed).await? {
+    if !settle(conn, order_id, Outcome::Committed, false).await? {
         if status(conn, order_id).await? == Some(Outcome::Released) {
             // Released before the commit came (expired): the order was
             // confirmed without its units held. Loud, not silent.
             tracing::error!(order_id, "commit of a reservation already released");
         }
         return Ok(false);
-    }
-    for (product, quantity) in lines(conn, order_id).await? {
-        if !shift(conn, &product, 0, -quantity).await? {
-            return Err(sqlx::Error::Protocol(format!(
-                "stock of {product} has fewer reserved units than order {order_id} holds"
-            )));
-        }
     }
     Ok(true)
 }
@@ -408,6 +401,43 @@ pub(crate) mod tests {
         );
         let s = get(&mut conn, "p").await.expect("get").expect("row");
         assert_eq!((s.available, s.reserved), (10, 0));
+    }
+
+    #[tokio::test]
+    async fn settling_moves_every_line_once() {
+        let db = db().await;
+        let mut conn = db.write.acquire().await.expect("conn");
+        for p in ["p", "q"] {
+            set_available(&mut conn, p, 10).await.expect("stock");
+        }
+        let both = [line("q", 3), line("p", 2), line("q", 1)];
+        for order in ["kept", "dropped"] {
+            assert_eq!(
+                reserve(&mut conn, order, &both, 100).await.expect("r"),
+                Outcome::Reserved
+            );
+        }
+        let units = |s: Option<Stock>| s.map(|s| (s.available, s.reserved));
+        assert_eq!(units(get(&mut conn, "q").await.expect("q")), Some((2, 8)));
+        assert!(commit(&mut conn, "kept").await.expect("commit"));
+        assert!(!commit(&mut conn, "kept").await.expect("again"));
+        assert!(release(&mut conn, "dropped").await.expect("release"));
+        assert!(!release(&mut conn, "dropped").await.expect("again"));
+        assert_eq!(units(get(&mut conn, "p").await.expect("p")), Some((8, 0)));
+        assert_eq!(units(get(&mut conn, "q").await.expect("q")), Some((6, 0)));
+        // Fewer units reserved than the order holds: an error, not a
+        // stock quietly short of its count.
+        assert_eq!(
+            reserve(&mut conn, "short", &[line("p", 1)], 100)
+                .await
+                .expect("r"),
+            Outcome::Reserved
+        );
+        sqlx::query("UPDATE stock SET reserved = 0 WHERE product_id = 'p'")
+            .execute(&mut *conn)
+            .await
+            .expect("corrupt");
+        assert!(commit(&mut conn, "short").await.is_err());
     }
 
     #[tokio::test]
