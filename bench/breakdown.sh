@@ -13,7 +13,7 @@
 #   total                   the gateway's span start -> the CONFIRMED step's end
 #
 # Env: RATE (default 200), LOAD_SECONDS (default 10), SAMPLE (default 100),
-# PROFILE.
+# PROFILE, BIN, LOAD_BIN (bench/lib.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${RATE:-200}
@@ -24,7 +24,7 @@ source bench/lib.sh
 # as many spans as the 4 MiB per process hold.
 export BAZAAR_TRACE_KEEP_SPANS=${BAZAAR_TRACE_KEEP_SPANS:-20000}
 serve_system
-"$BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" --stock 100000000 \
+"$LOAD_BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" --stock 100000000 \
   --ids "$WORK/ids" 2>/dev/null | grep '^load:'
 python3 - "$GW" "$WORK/ids" "$SAMPLE" <<'PY'
 import json, statistics, sys, urllib.request

@@ -86,7 +86,7 @@ read_products() { # seconds
 if [[ $MODE == distributed ]]; then distributed_system; else serve_system; fi
 
 echo "chaos: ${LOAD_SECONDS}s of checkout load, $RATE orders/s from $SHOPPERS shoppers"
-"$BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" --rate "$RATE" \
+"$LOAD_BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" --rate "$RATE" \
   --stock "$STOCK" --settle 240 --ids "$WORK/ids" >"$WORK/load.out" 2>"$WORK/load.err" &
 LOAD=$!
 EXTRA_PIDS+=("$LOAD")

@@ -20,8 +20,9 @@
 # server binaries (installed with the machine's server).
 #
 # Env: RATE (orders/s, default 200), LOAD_SECONDS (default 20), PROFILE
-# (default release). The machine is shared: compare runs made one after
-# the other, interleaved, and the CPU figures rather than the rates.
+# (default release), BIN and LOAD_BIN (bench/lib.sh). The machine is
+# shared: compare runs made one after the other, interleaved, and the
+# CPU figures rather than the rates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${RATE:-200}
@@ -70,7 +71,7 @@ for s in "${SERVICES[@]}"; do
   IDLE[$s]=$(rss_kib "${PID[$s]}") IDLE_ANON[$s]=$(anon_kib "${PID[$s]}") IDLE_PSS[$s]=$(pss_kib "${PID[$s]}")
 done
 # Warm up: stock set, connections made, statements prepared.
-"$BIN" load --gateway "$GW" --seconds 2 --rate 50 --stock 100000000 >/dev/null 2>&1 || true
+"$LOAD_BIN" load --gateway "$GW" --seconds 2 --rate 50 --stock 100000000 >/dev/null 2>&1 || true
 
 declare -A BEFORE
 for s in "${SERVICES[@]}"; do BEFORE[$s]=$(ticks "${PID[$s]}"); done
@@ -95,7 +96,7 @@ every=$(( LOAD_SECONDS >= 20 ? LOAD_SECONDS / 10 : 2 ))
   done
 ) >"$WORK/memory" &
 SAMPLER=$!
-line=$("$BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null | grep '^load:')
+line=$("$LOAD_BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null | grep '^load:')
 kill "$SAMPLER" 2>/dev/null || true
 
 declare -A AFTER

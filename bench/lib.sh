@@ -17,6 +17,9 @@ if [[ -z ${BIN:-} ]]; then
   if [[ $PROFILE == release ]]; then cargo build --release -q -p bazaar; else cargo build -q -p bazaar; fi
   BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/bazaar
 fi
+# LOAD_BIN=path: the `bazaar load` to drive the system with (default
+# BIN), so that builds compared are offered the same load.
+LOAD_BIN=${LOAD_BIN:-$BIN}
 
 # CPU time (user + system, clock ticks) the given processes have spent.
 TICK=$(getconf CLK_TCK)

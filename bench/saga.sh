@@ -10,7 +10,8 @@
 # line reports the rate the sagas completed at and the latency from
 # POST /orders to CONFIRMED. Where confirmed_per_s falls below the offered
 # rate (and latency climbs), the system is saturated.
-# Env: LOAD_SECONDS (default 20), SHOPPERS (default 32), PROFILE,
+# Env: LOAD_SECONDS (default 20), SHOPPERS (default 32), PROFILE, BIN,
+# LOAD_BIN (bench/lib.sh),
 # EMBEDDED_RATES (default "50 500 800 1000 1200"), SERVE_RATES (default "50 200 300 350").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ measure() { # label, rates...
   local label=$1; shift
   for rate in "$@"; do
     local line
-    line=$("$BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" \
+    line=$("$LOAD_BIN" load --gateway "$GW" --shoppers "$SHOPPERS" --seconds "$LOAD_SECONDS" \
       --stock 100000000 --rate "$rate" 2>/dev/null | grep '^load:') || true
     printf '%-9s offered %-5s %s\n' "$label" "$rate" "$line"
   done

@@ -56,7 +56,7 @@ round() {
   # Warm up (stock set, connections made), then measure.
   local -a loads=()
   for i in "${!ARMS[@]}"; do
-    "$BIN" load --gateway "http://127.0.0.1:${ports[$i]}" --seconds 2 --rate "$RATE" --stock 100000000 >/dev/null 2>&1 &
+    "$LOAD_BIN" load --gateway "http://127.0.0.1:${ports[$i]}" --seconds 2 --rate "$RATE" --stock 100000000 >/dev/null 2>&1 &
     loads+=($!)
   done
   wait "${loads[@]}" || true
@@ -64,7 +64,7 @@ round() {
   for i in "${!ARMS[@]}"; do before+=("$(ticks "${pids[$i]}")"); done
   loads=()
   for i in "${!ARMS[@]}"; do
-    "$BIN" load --gateway "http://127.0.0.1:${ports[$i]}" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null >"$WORK/load$i.out" &
+    "$LOAD_BIN" load --gateway "http://127.0.0.1:${ports[$i]}" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null >"$WORK/load$i.out" &
     loads+=($!)
   done
   wait "${loads[@]}" || true

@@ -34,6 +34,46 @@ pub struct LoadOptions {
     /// Orders per second in all (spread over the shoppers); `None`: as
     /// fast as the shoppers get answers.
     pub rate: Option<f64>,
+    /// When, at a `rate`, the shoppers buy.
+    pub arrivals: Arrivals,
+}
+
+/// When shoppers buy, at a given rate in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arrivals {
+    /// Each shopper at random moments, independently (exponential gaps,
+    /// so the orders of all shoppers are a Poisson stream): as many
+    /// independent buyers arrive.
+    #[default]
+    Poisson,
+    /// The shoppers take turns, one order every 1/rate seconds: the
+    /// steadiest load, and the least each order waits for another.
+    Even,
+    /// Every shopper at once, each 1/rate × shoppers seconds: bursts, the
+    /// most orders meeting in one batch (how `bazaar load` ran until
+    /// 2026-12-05).
+    Bursts,
+}
+
+impl Arrivals {
+    /// When shopper `i` of `n` first buys, after the start, given the
+    /// mean time between its orders.
+    fn first(self, every: Duration, i: usize, n: usize) -> Duration {
+        match self {
+            Self::Poisson => self.gap(every),
+            Self::Even => every.mul_f64(i as f64 / n.max(1) as f64),
+            Self::Bursts => Duration::ZERO,
+        }
+    }
+
+    /// The time from one order of a shopper to its next.
+    fn gap(self, every: Duration) -> Duration {
+        match self {
+            // -ln(U), U uniform in (0, 1]: exponential with mean 1.
+            Self::Poisson => every.mul_f64(-(1.0 - rand::random::<f64>()).ln()),
+            Self::Even | Self::Bursts => every,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,7 +347,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                 Arc::clone(&retried),
                 Arc::clone(&recent),
             );
-            let retry_for = opts.retry_for;
+            let (retry_for, arrivals) = (opts.retry_for, opts.arrivals);
             // Each shopper's share of the rate, on a fixed schedule (late
             // orders are sent at once, not skipped: coordinated omission
             // would hide slowness).
@@ -318,11 +358,12 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
             tokio::spawn(async move {
                 let mut mine: Vec<(String, f64, f64)> = Vec::new();
                 let mut n = i;
-                let mut next = Instant::now();
+                let mut next = Instant::now()
+                    + every.map_or(Duration::ZERO, |e| arrivals.first(e, i, shoppers_n));
                 while Instant::now() < deadline {
                     if let Some(every) = every {
                         tokio::time::sleep_until(next.into()).await;
-                        next += every;
+                        next += arrivals.gap(every);
                     }
                     n += 1;
                     let product = &products[n % products.len()];
@@ -484,4 +525,38 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
     report.confirm_p50_ms = percentile(&confirm_ms, 0.50);
     report.confirm_p99_ms = percentile(&confirm_ms, 0.99);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Arrivals;
+    use std::time::Duration;
+
+    #[test]
+    fn arrivals_keep_the_rate_and_spread_as_named() {
+        let every = Duration::from_millis(160);
+        // Poisson: exponential gaps, mean `every`, some far shorter than it.
+        let gaps: Vec<f64> = (0..20_000)
+            .map(|_| Arrivals::Poisson.gap(every).as_secs_f64())
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((mean / 0.160 - 1.0).abs() < 0.05, "mean gap {mean}");
+        let short = gaps.iter().filter(|g| **g < 0.016).count() as f64 / gaps.len() as f64;
+        // P(gap < every/10) = 1 - e^-0.1, about 9.5%.
+        assert!(
+            (0.08..0.11).contains(&short),
+            "{short} of gaps under a tenth"
+        );
+        // Even: shoppers take turns across one interval.
+        let firsts: Vec<Duration> = (0..4).map(|i| Arrivals::Even.first(every, i, 4)).collect();
+        assert_eq!(
+            firsts,
+            [0, 40, 80, 120].map(Duration::from_millis),
+            "even turns"
+        );
+        assert_eq!(Arrivals::Even.gap(every), every);
+        // Bursts: all at once, every interval.
+        assert_eq!(Arrivals::Bursts.first(every, 3, 4), Duration::ZERO);
+        assert_eq!(Arrivals::Bursts.gap(every), every);
+    }
 }

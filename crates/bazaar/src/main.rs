@@ -83,6 +83,11 @@ enum Command {
         /// Orders per second in all; default: as fast as answers come.
         #[arg(long)]
         rate: Option<f64>,
+        /// With --rate, when the shoppers buy: at random moments, each on
+        /// its own (poisson: independent buyers), taking turns at even
+        /// intervals (even), or all at once, in bursts (bursts).
+        #[arg(long, value_enum, default_value_t = bazaar::load::Arrivals::Poisson)]
+        arrivals: bazaar::load::Arrivals,
         /// Write a self-contained HTML report (throughput and latency over
         /// time, the latency histogram, the outcomes) to this file.
         #[arg(long, value_name = "FILE.html")]
@@ -254,6 +259,7 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
             settle,
             ids,
             rate,
+            arrivals,
             report: report_file,
         } => {
             let report = bazaar::load::run(bazaar::load::LoadOptions {
@@ -267,6 +273,7 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
                 settle: Duration::from_secs(settle),
                 retry_for: Duration::from_secs(90),
                 rate,
+                arrivals,
             })
             .await?;
             if let Some(path) = ids {
