@@ -20,7 +20,8 @@
 # server binaries (installed with the machine's server).
 #
 # Env: RATE (orders/s, default 200), LOAD_SECONDS (default 20), PROFILE
-# (default release), BIN and LOAD_BIN (bench/lib.sh). The machine is
+# (default release), ARRIVALS (`bazaar load --arrivals`: poisson, the
+# default, even or bursts), BIN and LOAD_BIN (bench/lib.sh). The machine is
 # shared: compare runs made one after the other, interleaved, and the
 # CPU figures rather than the rates.
 set -euo pipefail
@@ -96,7 +97,7 @@ every=$(( LOAD_SECONDS >= 20 ? LOAD_SECONDS / 10 : 2 ))
   done
 ) >"$WORK/memory" &
 SAMPLER=$!
-line=$("$LOAD_BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" 2>/dev/null | grep '^load:')
+line=$("$LOAD_BIN" load --gateway "$GW" --seconds "$LOAD_SECONDS" --rate "$RATE" ${ARRIVALS:+--arrivals "$ARRIVALS"} 2>/dev/null | grep '^load:')
 kill "$SAMPLER" 2>/dev/null || true
 
 declare -A AFTER

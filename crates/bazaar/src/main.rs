@@ -213,6 +213,11 @@ fn main() -> anyhow::Result<()> {
         if config.trace_keep_spans == 0 {
             config.trace_keep_spans = 2_000;
         }
+        // Messages that come one by one wait 4 ms for company: a
+        // transaction and a broker round trip for several (at 200
+        // orders/s, 3.7 ms of CPU per order instead of 5.1; to
+        // CONFIRMED in 21 ms instead of 6).
+        config.consumer_linger_ms.get_or_insert(4);
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {

@@ -79,6 +79,8 @@ pub struct Consumer {
     pub batch: usize,
     pub concurrency: usize,
     pub policy: RetryPolicy,
+    /// How long a batch waits, once its first message is in, for more.
+    pub linger: Duration,
 }
 
 impl Consumer {
@@ -90,6 +92,7 @@ impl Consumer {
             batch: 64,
             concurrency: 4,
             policy: RetryPolicy::default(),
+            linger: Duration::ZERO,
         }
     }
 
@@ -104,6 +107,15 @@ impl Consumer {
         self.prefetch = prefetch.max(1);
         self.batch = batch.max(1);
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Once a batch has its first message, waits up to `linger` for more
+    /// (until the batch is full), so that they are handled together:
+    /// fewer, larger transactions for that much latency. Zero (the
+    /// default): a batch is whatever has arrived.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -122,9 +134,13 @@ impl Consumer {
         let deliveries = self.bus.subscribe(&self.spec, self.prefetch).await?;
         Ok(async move {
             let this = &self;
-            deliveries
-                .take_until(stop)
-                .ready_chunks(self.batch)
+            let deliveries = deliveries.take_until(stop);
+            let chunks = if this.linger.is_zero() {
+                deliveries.ready_chunks(this.batch).boxed()
+            } else {
+                lingering_chunks(deliveries.boxed(), this.batch, this.linger)
+            };
+            chunks
                 .for_each_concurrent(self.concurrency, |chunk| {
                     let handler = Arc::clone(&handler);
                     async move { this.process(&*handler, chunk).await }
@@ -273,6 +289,31 @@ impl Consumer {
 }
 
 /// Acks a delivery once its copy is safely elsewhere; else puts it back.
+/// Batches of up to `max` items: each waits, from its first item, up to
+/// `linger` for the rest, and takes what is ready then.
+fn lingering_chunks<T: Send + 'static>(
+    items: futures::stream::BoxStream<'static, T>,
+    max: usize,
+    linger: Duration,
+) -> futures::stream::BoxStream<'static, Vec<T>> {
+    // (Fused: a batch cut short by the end of the stream is handed out
+    // first, and the stream is asked again after it ended.)
+    futures::stream::unfold(items.fuse(), move |mut items| async move {
+        let first = items.next().await?;
+        let mut chunk = vec![first];
+        let until = tokio::time::Instant::now() + linger;
+        while chunk.len() < max {
+            // (Past `until`, what is ready is still taken.)
+            match tokio::time::timeout_at(until, items.next()).await {
+                Ok(Some(item)) => chunk.push(item),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Some((chunk, items))
+    })
+    .boxed()
+}
+
 async fn settle_after(delivery: Delivery, sent: Result<(), BusError>) {
     let settled = match sent {
         Ok(()) => delivery.ack().await,
@@ -289,6 +330,47 @@ async fn settle_after(delivery: Delivery, sent: Result<(), BusError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_lingering_batch_waits_for_more_but_not_past_its_linger_or_size() {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let items =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+                .boxed();
+        let mut chunks = super::lingering_chunks(items, 3, Duration::from_millis(150));
+        let sender = tokio::spawn(async move {
+            tx.send(1).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(2).unwrap();
+            // Past the first batch's linger: a batch of its own.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            tx.send(3).unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            // More than a batch at once: full batches go without waiting.
+            for i in 4..=8 {
+                tx.send(i).unwrap();
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(chunks.next().await, Some(vec![1, 2]));
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "it lingered"
+        );
+        assert_eq!(chunks.next().await, Some(vec![3]));
+        // (By now 4 to 8 are in.)
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let full = tokio::time::Instant::now();
+        assert_eq!(chunks.next().await, Some(vec![4, 5, 6]));
+        assert!(
+            full.elapsed() < Duration::from_millis(140),
+            "a full batch does not wait"
+        );
+        assert_eq!(chunks.next().await, Some(vec![7, 8]));
+        sender.await.unwrap();
+        assert_eq!(chunks.next().await, None, "ends with its stream");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

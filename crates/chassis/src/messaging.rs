@@ -845,6 +845,9 @@ pub async fn spawn_consumer<E: Effects>(
     let run = bazaar_bus::Consumer::new(ctx.bus.clone(), spec)
         .with_policy(ctx.config.retry_policy())
         .with_limits(512, 128, concurrency)
+        .with_linger(Duration::from_millis(
+            ctx.config.consumer_linger_ms.unwrap_or(0),
+        ))
         .start(
             Inbox::new(db.clone(), outbox.clone(), effects, &ctx.bus),
             async move {
