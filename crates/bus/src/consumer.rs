@@ -288,7 +288,6 @@ impl Consumer {
     }
 }
 
-/// Acks a delivery once its copy is safely elsewhere; else puts it back.
 /// Batches of up to `max` items: each waits, from its first item, up to
 /// `linger` for the rest, and takes what is ready then.
 fn lingering_chunks<T: Send + 'static>(
@@ -314,6 +313,7 @@ fn lingering_chunks<T: Send + 'static>(
     .boxed()
 }
 
+/// Acks a delivery once its copy is safely elsewhere; else puts it back.
 async fn settle_after(delivery: Delivery, sent: Result<(), BusError>) {
     let settled = match sent {
         Ok(()) => delivery.ack().await,
