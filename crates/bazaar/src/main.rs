@@ -199,26 +199,7 @@ fn main() -> anyhow::Result<()> {
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    // One service per process shares the machine's cores with the other
-    // services and the servers: one worker thread does its work with
-    // fewer wake-ups between threads (15% less CPU per order, measured),
-    // and it keeps fewer spans than the whole system's process (20 000):
-    // they were most of what a busy service's memory grew by under load.
-    // Everything else (the embedded system, the load tool) takes a
-    // thread per core.
-    if matches!(cli.command, Command::Serve { .. }) {
-        if config.worker_threads == 0 {
-            config.worker_threads = 1;
-        }
-        if config.trace_keep_spans == 0 {
-            config.trace_keep_spans = 2_000;
-        }
-        // Messages that come one by one wait 4 ms for company: a
-        // transaction and a broker round trip for several (at 200
-        // orders/s, 3.7 ms of CPU per order instead of 5.1; to
-        // CONFIRMED in 21 ms instead of 6).
-        config.consumer_linger_ms.get_or_insert(4);
-    }
+    config.fill_command_defaults(matches!(cli.command, Command::Serve { .. }));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         runtime.worker_threads(config.worker_threads);
