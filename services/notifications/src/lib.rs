@@ -197,6 +197,8 @@ async fn recipient(tx: &mut AnyConnection, msg: &Received) -> Result<Recipient, 
 
 #[async_trait]
 impl Effects for Notify {
+    const BACKGROUND: bool = true;
+
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
         let kind = msg.envelope.kind.as_str();
         if kind == USER_PROFILE_UPDATED || kind == USER_PROFILE_DELETED {
