@@ -679,6 +679,18 @@ pub trait Effects: Send + Sync + 'static {
     const BACKGROUND: bool = false;
 
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure>;
+
+    /// Applies several fresh messages at once, in order, with statements
+    /// they share (one lookup, one multi-row insert). `None` (the
+    /// default), having touched nothing: the inbox applies them one by
+    /// one with [`Effects::apply`].
+    async fn apply_many(
+        &self,
+        _tx: &mut AnyConnection,
+        _msgs: &[&Received],
+    ) -> Option<Result<(), Failure>> {
+        None
+    }
 }
 
 /// A [`BatchHandler`] that applies a batch's effects in one transaction,
@@ -740,17 +752,33 @@ impl<E: Effects> Inbox<E> {
         fresh: &mut std::collections::HashSet<String>,
     ) -> Result<u64, Failure> {
         let mut duplicates = 0;
+        let mut first = Vec::with_capacity(batch.len());
         for msg in batch {
             // `remove`: an id twice in one batch is applied once.
-            if !fresh.remove(msg.envelope.id.as_str()) {
-                tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
-                duplicates += 1;
-                let (service, env) = (self.bus.service(), msg.envelope.clone());
-                after_commit(move || {
-                    bazaar_bus::timeline::message(service, "duplicate", &env, None, None, None);
-                });
+            if fresh.remove(msg.envelope.id.as_str()) {
+                first.push(msg);
                 continue;
             }
+            tracing::debug!(id = %msg.envelope.id, "duplicate message skipped");
+            duplicates += 1;
+            let (service, env) = (self.bus.service(), msg.envelope.clone());
+            after_commit(move || {
+                bazaar_bus::timeline::message(service, "duplicate", &env, None, None, None);
+            });
+        }
+        if first.len() > 1 {
+            // Each message's span covers the batch it was applied in.
+            let spans: Vec<_> = first
+                .iter()
+                .map(|m| message_span(self.bus.service(), m))
+                .collect();
+            let applied = self.effects.apply_many(tx, &first).await;
+            drop(spans);
+            if let Some(applied) = applied {
+                return applied.map(|()| duplicates);
+            }
+        }
+        for msg in first {
             self.effects
                 .apply(tx, msg)
                 .instrument(message_span(self.bus.service(), msg))

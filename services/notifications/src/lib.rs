@@ -17,7 +17,7 @@ use bazaar_contracts::topics::{
     USER_PROFILE_DELETED, USER_PROFILE_UPDATED, USER_REGISTERED,
 };
 use bazaar_contracts::{Order, Profile, User};
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use tokio::net::TcpListener;
 
 use channels::{Channels, Outgoing};
@@ -176,23 +176,44 @@ async fn replicate(tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure
     .map_err(retry)
 }
 
-/// The replica's `(name, email)` of the user an order event is about.
-async fn recipient(tx: &mut AnyConnection, msg: &Received) -> Result<Recipient, Failure> {
+/// The order an order event is about.
+fn order_of(msg: &Received) -> Option<Order> {
     let env = &msg.envelope;
     if env.kind != ORDER_CONFIRMED && env.kind != ORDER_CANCELLED {
-        return Ok(None);
+        return None;
     }
-    let Ok(order) = env.payload::<Order>() else {
-        return Ok(None);
-    };
-    let row = sqlx::query("SELECT name, email FROM recipients WHERE user_id = $1 AND deleted = 0")
-        .bind(&order.user_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(retry)?;
-    row.map(|r| Ok::<_, sqlx::Error>((r.try_get("name")?, r.try_get("email")?)))
-        .transpose()
-        .map_err(retry)
+    env.payload::<Order>().ok()
+}
+
+/// The replica's `(name, email)` of each of `users`, by user id.
+async fn recipients(
+    tx: &mut AnyConnection,
+    users: &[&str],
+) -> Result<std::collections::HashMap<String, (String, String)>, Failure> {
+    let mut users = users.to_vec();
+    users.sort_unstable();
+    users.dedup();
+    let mut found = std::collections::HashMap::with_capacity(users.len());
+    for chunk in users.chunks(500) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT user_id, name, email FROM recipients WHERE deleted = 0 AND user_id IN ({})",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for user in chunk {
+            query = query.bind(*user);
+        }
+        for r in query.fetch_all(&mut *tx).await.map_err(retry)? {
+            let user: String = r.try_get("user_id").map_err(retry)?;
+            let to = (
+                r.try_get("name").map_err(retry)?,
+                r.try_get("email").map_err(retry)?,
+            );
+            found.insert(user, to);
+        }
+    }
+    Ok(found)
 }
 
 #[async_trait]
@@ -200,32 +221,196 @@ impl Effects for Notify {
     const BACKGROUND: bool = true;
 
     async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
-        let kind = msg.envelope.kind.as_str();
-        if kind == USER_PROFILE_UPDATED || kind == USER_PROFILE_DELETED {
+        if is_profile(msg) {
             return replicate(tx, msg).await;
         }
-        let to = recipient(tx, msg).await?;
-        let n = compose(msg, to)?;
-        let inserted = sqlx::query(
-            "INSERT INTO notifications (id, user_id, email, kind, subject, body, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&n.id)
-        .bind(&n.user_id)
-        .bind(&n.email)
-        .bind(&n.kind)
-        .bind(&n.subject)
-        .bind(&n.body)
-        .bind(bazaar_chassis::now())
-        .execute(&mut *tx)
-        .await
-        .map_err(retry)?;
-        if inserted.rows_affected() == 0 {
-            tracing::debug!(id = %n.id, "already notified");
-            return Ok(());
+        self.apply_all(tx, &[msg]).await
+    }
+
+    /// One lookup of recipients and one insert for the batch. A batch
+    /// with a profile event in it goes one by one, so that a notification
+    /// after it greets by the new name.
+    async fn apply_many(
+        &self,
+        tx: &mut AnyConnection,
+        msgs: &[&Received],
+    ) -> Option<Result<(), Failure>> {
+        if msgs.iter().any(|m| is_profile(m)) {
+            return None;
         }
-        // Sent before the commit: if sending fails the row is rolled back and
-        // the whole notification retried.
-        self.channels.send(&n).await.map_err(Failure::Retry)
+        Some(self.apply_all(tx, msgs).await)
+    }
+}
+
+fn is_profile(msg: &Received) -> bool {
+    let kind = msg.envelope.kind.as_str();
+    kind == USER_PROFILE_UPDATED || kind == USER_PROFILE_DELETED
+}
+
+impl Notify {
+    async fn apply_all(&self, tx: &mut AnyConnection, msgs: &[&Received]) -> Result<(), Failure> {
+        // The buyer of each order event.
+        let buyers: Vec<Option<String>> = msgs
+            .iter()
+            .map(|m| order_of(m).map(|o| o.user_id))
+            .collect();
+        let users: Vec<&str> = buyers.iter().flatten().map(String::as_str).collect();
+        let recipients = recipients(tx, &users).await?;
+        let mut outgoing = Vec::with_capacity(msgs.len());
+        for (msg, buyer) in msgs.iter().zip(&buyers) {
+            let to = buyer.as_ref().and_then(|b| recipients.get(b).cloned());
+            outgoing.push(compose(msg, to)?);
+        }
+        self.write(tx, outgoing).await
+    }
+
+    /// Records notifications not recorded before, and sends those.
+    async fn write(&self, tx: &mut AnyConnection, outgoing: Vec<Outgoing>) -> Result<(), Failure> {
+        let now = bazaar_chassis::now();
+        let mut inserted = std::collections::HashSet::new();
+        // 7 parameters a row: well under either database's limit.
+        for chunk in outgoing.chunks(500) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=7).map(|k| format!("${}", 7 * i + k)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO notifications (id, user_id, email, kind, subject, body, created_at)
+                 VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for n in chunk {
+                query = query
+                    .bind(&n.id)
+                    .bind(&n.user_id)
+                    .bind(&n.email)
+                    .bind(&n.kind)
+                    .bind(&n.subject)
+                    .bind(&n.body)
+                    .bind(&now);
+            }
+            for row in query.fetch_all(&mut *tx).await.map_err(retry)? {
+                inserted.insert(row.try_get::<String, _>("id").map_err(retry)?);
+            }
+        }
+        for n in &outgoing {
+            // `remove`: the same notification twice in a batch is sent once.
+            if !inserted.remove(&n.id) {
+                tracing::debug!(id = %n.id, "already notified");
+                continue;
+            }
+            // Sent before the commit: if sending fails the rows are rolled
+            // back and the notifications retried.
+            self.channels.send(n).await.map_err(Failure::Retry)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bazaar_bus::{Envelope, Failure, Received};
+    use bazaar_chassis::messaging::Effects;
+    use bazaar_contracts::topics::{ORDER_CANCELLED, ORDER_CONFIRMED, USER_PROFILE_UPDATED};
+    use bazaar_contracts::{Order, OrderItem};
+    use sqlx::Row;
+
+    fn received(kind: &str, payload: &impl serde::Serialize) -> Received {
+        Received {
+            envelope: Envelope::new(kind, payload).unwrap(),
+            correlation_id: None,
+            reply_to: None,
+            headers: Default::default(),
+            attempt: 1,
+        }
+    }
+
+    fn order(id: &str, user: &str) -> Order {
+        Order {
+            id: id.into(),
+            user_id: user.into(),
+            user_email: format!("{user}@order.example"),
+            user_name: None,
+            items: vec![OrderItem {
+                product_id: "p".into(),
+                name: "Lamp".into(),
+                unit_price: 250,
+                quantity: 2,
+            }],
+            total: 500,
+            currency: "USD".into(),
+            status: "CONFIRMED".into(),
+            cancel_reason: None,
+            created_at: "2026-12-05T00:00:00Z".into(),
+            updated_at: "2026-12-05T00:00:00Z".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_looks_its_recipients_up_once_and_writes_each_notification_once() {
+        let dir = std::env::temp_dir().join(format!("bazaar-notify-{}", uuid::Uuid::now_v7()));
+        let config = bazaar_chassis::Config {
+            data_dir: dir,
+            ..Default::default()
+        };
+        let db = bazaar_chassis::db::connect(&config, "notifications", &crate::MIGRATOR)
+            .await
+            .unwrap();
+        let notify = super::Notify {
+            channels: super::Channels::from_config(&config).unwrap(),
+        };
+        let mut tx = db.write.begin().await.unwrap();
+        sqlx::query("INSERT INTO recipients (user_id, email, name, updated_at) VALUES ('u1', 'ann@now.example', 'Ann', 'x')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let confirmed = received(ORDER_CONFIRMED, &order("o1", "u1"));
+        // The same event again, under another message id.
+        let again = received(ORDER_CONFIRMED, &order("o1", "u1"));
+        let cancelled = received(ORDER_CANCELLED, &order("o2", "u2"));
+        let batch = [&confirmed, &again, &cancelled];
+        assert_eq!(notify.apply_many(&mut tx, &batch).await, Some(Ok(())));
+        let rows = sqlx::query("SELECT id, email, body FROM notifications ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        let rows: Vec<(String, String, String)> = rows
+            .iter()
+            .map(|r| (r.get("id"), r.get("email"), r.get("body")))
+            .collect();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        // The replica's address and name where it has the user, else the order's.
+        assert_eq!(rows[0].0, "order.cancelled:o2");
+        assert_eq!(rows[0].1, "u2@order.example");
+        assert_eq!(rows[1].0, "order.confirmed:o1");
+        assert_eq!(rows[1].1, "ann@now.example");
+        assert!(
+            rows[1].2.starts_with("Hello Ann, your order"),
+            "{}",
+            rows[1].2
+        );
+        // One by one, an event already notified writes nothing.
+        notify.apply(&mut tx, &confirmed).await.unwrap();
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM notifications")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap()
+            .get("n");
+        assert_eq!(n, 2);
+        // A profile event in the batch: one by one, in order.
+        let profile = received(USER_PROFILE_UPDATED, &serde_json::json!({"id": "u1"}));
+        assert_eq!(
+            notify.apply_many(&mut tx, &[&profile, &confirmed]).await,
+            None
+        );
+        // A bad payload fails the batch, which the inbox then takes apart.
+        let bad = received(ORDER_CONFIRMED, &serde_json::json!({"id": 7}));
+        assert!(matches!(
+            notify.apply_many(&mut tx, &[&confirmed, &bad]).await,
+            Some(Err(Failure::Reject(_)))
+        ));
     }
 }
