@@ -14,7 +14,8 @@
 #   audit: orders=N confirmed=C cancelled=X pending=0 lost=0 duplicate_charges=0 stock_mismatch=0
 #
 # and the script fails unless pending, lost, duplicate_charges and
-# stock_mismatch are all 0.
+# stock_mismatch are all 0, and every final order's outcome has its one
+# notification (misnotified=0 on the detail line before it).
 #
 # Env: MODE, LOAD_SECONDS (default 60), SHOPPERS (default 16), RATE
 # (orders/s, default 150), PROFILE (release or debug; default release),
@@ -169,10 +170,19 @@ stock_mismatch=$(psql_db -c "
   WHERE s.available + s.reserved + coalesce(c.units, 0) <> $STOCK
      OR s.reserved <> 0 OR coalesce(h.units, 0) <> 0
      OR coalesce(c.units, 0) <> coalesce(d.units, 0)")
+# Every order's outcome notified, as that outcome, however often its
+# event was delivered (notifications are keyed by outcome and order).
+N="\"${PREFIX}notifications\""
+misnotified=$(psql_db -c "
+  SELECT (SELECT count(*) FROM $O.orders o WHERE o.status <> 'PENDING' AND NOT EXISTS (
+            SELECT 1 FROM $N.notifications n WHERE n.id = 'order.' || lower(o.status) || ':' || o.id))
+       + (SELECT count(*) FROM $N.notifications n JOIN $O.orders o
+          ON n.id IN ('order.confirmed:' || o.id, 'order.cancelled:' || o.id)
+          WHERE n.id <> 'order.' || lower(o.status) || ':' || o.id)")
 charged=$(psql_db -c "SELECT count(*) FROM $P.payments WHERE status = 'CHARGED'")
 reasons=$(psql_db -F '=' -c "SELECT cancel_reason, count(*) FROM $O.orders WHERE status = 'CANCELLED' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')
 dead=$("$BIN" dlq list 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' || echo "?")
-echo "audit detail: charged=$charged cancelled_by_reason: ${reasons:-none} dead_letters=$dead"
+echo "audit detail: charged=$charged cancelled_by_reason: ${reasons:-none} dead_letters=$dead misnotified=$misnotified"
 echo "audit: orders=$orders confirmed=$confirmed cancelled=$cancelled pending=$pending lost=$lost duplicate_charges=$duplicate_charges stock_mismatch=$stock_mismatch"
 if [[ $MODE == distributed ]]; then
   # The supervisor killed outright: its children stop too (they asked the
@@ -193,4 +203,5 @@ if [[ $MODE == distributed && ( $reads_ok == 0 || $reads_failed != 0 ) ]]; then
   echo "chaos: product reads failed while a catalog replica was down" >&2
   exit 1
 fi
+[[ $misnotified == 0 ]] || { echo "chaos: $misnotified order outcomes not notified, or notified as the other outcome" >&2; exit 1; }
 [[ $orders -gt 0 && $pending == 0 && $lost == 0 && $duplicate_charges == 0 && $stock_mismatch == 0 ]]
