@@ -43,6 +43,49 @@ impl Effects for Record {
     }
 }
 
+/// Applies a batch with one statement: one `effects` row, its payloads
+/// joined by `+`. A batch with `"alone"` in it is left to `apply`, one
+/// by one; `"bad"` is rejected, alone or in a batch.
+struct Together;
+
+impl Together {
+    async fn insert(tx: &mut AnyConnection, payload: String) -> Result<(), Failure> {
+        sqlx::query("INSERT INTO effects (id, payload) VALUES ($1, $2)")
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(payload)
+            .execute(tx)
+            .await
+            .map_err(retry)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Effects for Together {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Received) -> Result<(), Failure> {
+        let text: String = msg.envelope.payload().unwrap();
+        if text.ends_with("bad") {
+            return Err(Failure::Reject("bad".into()));
+        }
+        Self::insert(tx, text).await
+    }
+
+    async fn apply_many(
+        &self,
+        tx: &mut AnyConnection,
+        msgs: &[&Received],
+    ) -> Option<Result<(), Failure>> {
+        let texts: Vec<String> = msgs.iter().map(|m| m.envelope.payload().unwrap()).collect();
+        if texts.iter().any(|t| t.ends_with("alone")) {
+            return None;
+        }
+        if texts.iter().any(|t| t.ends_with("bad")) {
+            return Some(Err(Failure::Reject("bad".into())));
+        }
+        Some(Self::insert(tx, texts.join("+")).await)
+    }
+}
+
 async fn count(db: &Db, sql: &str) -> i64 {
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(&db.read)
@@ -344,7 +387,56 @@ async fn outbox_sends_at_commit_and_relays_what_was_left(bus: &Bus, db: &Db) {
     shutdown.trigger();
 }
 
+/// The inbox hands a batch's fresh messages to `apply_many` together (a
+/// duplicate left out), applies them one by one where it declines, and
+/// takes a failed batch apart so that the bad message fails alone.
+async fn inbox_applies_a_batch_together_where_the_effects_can(bus: &Bus, db: &Db) {
+    let bus = &bus.instrumented("test");
+    let shutdown = Shutdown::default();
+    let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
+    let inbox = Inbox::new(db.clone(), outbox, Together, bus);
+    let tag = unique();
+    let msg = |text: &str| Received {
+        envelope: Envelope::new("t", &format!("{tag}-{text}")).unwrap(),
+        correlation_id: None,
+        reply_to: None,
+        headers: Default::default(),
+        attempt: 1,
+    };
+    let rows = async || -> Vec<String> {
+        let mut rows: Vec<String> =
+            sqlx::query("SELECT payload FROM effects WHERE payload LIKE $1")
+                .bind(format!("{tag}%"))
+                .fetch_all(&db.read)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    r.get::<String, _>("payload")
+                        .replace(&format!("{tag}-"), "")
+                })
+                .collect();
+        rows.sort();
+        rows
+    };
+    let a = msg("a");
+    let ok = vec![Ok(()); 3];
+    assert_eq!(inbox.handle(&[a.clone(), msg("b"), a]).await, ok);
+    assert_eq!(rows().await, ["a+b"]);
+    assert_eq!(inbox.handle(&[msg("c"), msg("alone")]).await, ok[..2]);
+    assert_eq!(rows().await, ["a+b", "alone", "c"]);
+    let outcomes = inbox.handle(&[msg("d"), msg("bad")]).await;
+    assert_eq!(outcomes[0], Ok(()));
+    assert!(
+        matches!(outcomes[1], Err(Failure::Reject(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(rows().await, ["a+b", "alone", "c", "d"]);
+    shutdown.trigger();
+}
+
 async fn suite(bus: Bus, db: Db) {
+    inbox_applies_a_batch_together_where_the_effects_can(&bus, &db).await;
     outbox_publishes_committed_rows_only(&bus, &db).await;
     outbox_sends_at_commit_and_relays_what_was_left(&bus, &db).await;
     outbox_keeps_a_command_until_its_queue_exists(&bus, &db).await;
