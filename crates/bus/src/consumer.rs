@@ -63,6 +63,20 @@ pub struct Received {
     pub attempt: u32,
 }
 
+impl Received {
+    /// `envelope` at its first delivery, with no properties or headers
+    /// (as a test hands it to a handler).
+    pub fn first(envelope: Envelope) -> Self {
+        Self {
+            envelope,
+            correlation_id: None,
+            reply_to: None,
+            headers: Headers::default(),
+            attempt: 1,
+        }
+    }
+}
+
 /// Handles messages a batch at a time, typically in one database
 /// transaction. Returns one outcome per message, in order.
 #[async_trait]

@@ -33,32 +33,24 @@ impl Effects for Record {
         if text == "poison" {
             return Err(Failure::Reject("poison".into()));
         }
-        sqlx::query("INSERT INTO effects (id, payload) VALUES ($1, $2)")
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(text)
-            .execute(tx)
-            .await
-            .map_err(retry)?;
-        Ok(())
+        insert_effect(tx, text).await
     }
+}
+
+async fn insert_effect(tx: &mut AnyConnection, payload: String) -> Result<(), Failure> {
+    sqlx::query("INSERT INTO effects (id, payload) VALUES ($1, $2)")
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(payload)
+        .execute(tx)
+        .await
+        .map_err(retry)?;
+    Ok(())
 }
 
 /// Applies a batch with one statement: one `effects` row, its payloads
 /// joined by `+`. A batch with `"alone"` in it is left to `apply`, one
 /// by one; `"bad"` is rejected, alone or in a batch.
 struct Together;
-
-impl Together {
-    async fn insert(tx: &mut AnyConnection, payload: String) -> Result<(), Failure> {
-        sqlx::query("INSERT INTO effects (id, payload) VALUES ($1, $2)")
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(payload)
-            .execute(tx)
-            .await
-            .map_err(retry)?;
-        Ok(())
-    }
-}
 
 #[async_trait]
 impl Effects for Together {
@@ -67,7 +59,7 @@ impl Effects for Together {
         if text.ends_with("bad") {
             return Err(Failure::Reject("bad".into()));
         }
-        Self::insert(tx, text).await
+        insert_effect(tx, text).await
     }
 
     async fn apply_many(
@@ -82,7 +74,7 @@ impl Effects for Together {
         if texts.iter().any(|t| t.ends_with("bad")) {
             return Some(Err(Failure::Reject("bad".into())));
         }
-        Some(Self::insert(tx, texts.join("+")).await)
+        Some(insert_effect(tx, texts.join("+")).await)
     }
 }
 
@@ -396,13 +388,7 @@ async fn inbox_applies_a_batch_together_where_the_effects_can(bus: &Bus, db: &Db
     let outbox = Outbox::spawn(db.clone(), bus.clone(), shutdown.clone());
     let inbox = Inbox::new(db.clone(), outbox, Together, bus);
     let tag = unique();
-    let msg = |text: &str| Received {
-        envelope: Envelope::new("t", &format!("{tag}-{text}")).unwrap(),
-        correlation_id: None,
-        reply_to: None,
-        headers: Default::default(),
-        attempt: 1,
-    };
+    let msg = |text: &str| Received::first(Envelope::new("t", &format!("{tag}-{text}")).unwrap());
     let rows = async || -> Vec<String> {
         let mut rows: Vec<String> =
             sqlx::query("SELECT payload FROM effects WHERE payload LIKE $1")

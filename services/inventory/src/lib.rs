@@ -281,13 +281,7 @@ mod tests {
     use sqlx::Row;
 
     fn received(kind: &str, payload: &impl serde::Serialize) -> Received {
-        Received {
-            envelope: Envelope::new(kind, payload).unwrap(),
-            correlation_id: None,
-            reply_to: None,
-            headers: Default::default(),
-            attempt: 1,
-        }
+        Received::first(Envelope::new(kind, payload).unwrap())
     }
 
     fn reserve(order_id: &str, charged: &str) -> ReserveStock {
