@@ -12,8 +12,8 @@
 # per order: statements, transactions committed, rows written, WAL
 # records and syncs, messages published and consumed (the services' own
 # counters); the statements run most, per order; and each process's own
-# memory through the load, to see that it levels off (LOAD_SECONDS=600
-# for the ten-minute run).
+# memory through the load, with the CPU per order of each stretch, to
+# see that both level off (LOAD_SECONDS=600 for the ten-minute run).
 #
 # PostgreSQL is a server of the run's own (bench/lib.sh), with
 # pg_stat_statements loaded to count statements; it needs PostgreSQL's
@@ -85,15 +85,32 @@ read -r st0 tx0 rows0 wal0 sync0 < <(pg_stats)
 read -r pub0 con0 < <(bus_counts)
 
 # Each process's own memory (RssAnon, MiB) through the load, every
-# tenth of it: it should level off, not grow.
+# tenth of it: it should level off, not grow. And the CPU of every
+# process (Bazaar's, PostgreSQL's, RabbitMQ's) per order confirmed in
+# that tenth: it should stay level too.
 every=$(( LOAD_SECONDS >= 20 ? LOAD_SECONDS / 10 : 2 ))
+confirmed_so_far() {
+  curl -sf "http://127.0.0.1:${PORT[orders]}/metrics" | awk '/^saga_confirmed_total/ { n += $NF } END { printf "%d\n", n }' || echo 0
+}
+every_pid() { echo "${PID[@]}"; pg_pids; mq_pids; }
 (
   t=0
+  # shellcheck disable=SC2046
+  ticks_of $(every_pid) >"$WORK/interval.snap"
+  c0=$(confirmed_so_far)
   while sleep "$every"; do
     t=$((t + every))
-    printf '%s' "$t"
-    for s in "${SERVICES[@]}"; do printf ' %s' "$(mib "$(anon_kib "${PID[$s]}")")"; done
-    echo
+    # shellcheck disable=SC2046
+    spent_now=$(spent "$WORK/interval.snap" $(every_pid))
+    # shellcheck disable=SC2046
+    ticks_of $(every_pid) >"$WORK/interval.snap"
+    c1=$(confirmed_so_far)
+    # A row at once: the sampler is stopped at any moment.
+    row=$t
+    for s in "${SERVICES[@]}"; do row+=" $(mib "$(anon_kib "${PID[$s]}")")"; done
+    row+=" $(awk -v t="$spent_now" -v hz="$TICK" -v n=$((c1 - c0)) 'BEGIN { if (n > 0) printf "%.2f", t * 1000 / hz / n; else print "-" }')"
+    echo "$row"
+    c0=$c1
   done
 ) >"$WORK/memory" &
 SAMPLER=$!
@@ -124,8 +141,8 @@ for s in "${SERVICES[@]}"; do
 done
 printf '%-14s %12s\n' "bazaar (all)" "$(per "$bazaar")" postgresql "$(per "$pg")" rabbitmq "$(per "$mq")" \
   total "$(per $((bazaar + pg + mq)))"
-echo "own memory (RssAnon, MiB) during the load, every ${every} s:"
-printf '%14s' s "${SERVICES[@]}"; echo
+echo "own memory (RssAnon, MiB) during the load, every ${every} s, and the CPU of all processes per order confirmed in those ${every} s:"
+printf '%14s' s "${SERVICES[@]}" cpu_ms/order; echo
 awk '{ for (i = 1; i <= NF; i++) printf "%14s", $i; print "" }' "$WORK/memory"
 awk -v n="$n" -v st=$((st1 - st0)) -v tx=$((tx1 - tx0)) -v rows=$((rows1 - rows0)) -v wal=$((wal1 - wal0)) \
   -v sync=$((sync1 - sync0)) -v pub=$((pub1 - pub0)) -v con=$((con1 - con0)) 'BEGIN {
