@@ -265,6 +265,8 @@ impl CallsConfig {
 
 /// Most worker threads a process may be given (`worker_threads`).
 pub const MAX_WORKER_THREADS: usize = 256;
+/// The longest a consumer may linger for a batch (`consumer_linger_ms`).
+pub const MAX_CONSUMER_LINGER_MS: u64 = 1000;
 /// Spans kept by a process that runs every service (`trace_keep_spans`).
 const KEEP_SPANS_ALL_SERVICES: usize = 20_000;
 
@@ -375,9 +377,11 @@ impl Config {
             ));
         }
         if let Some(ms) = self.consumer_linger_ms
-            && ms > 1000
+            && ms > MAX_CONSUMER_LINGER_MS
         {
-            return Err(format!("consumer_linger_ms must be at most 1000, not {ms}"));
+            return Err(format!(
+                "consumer_linger_ms must be at most {MAX_CONSUMER_LINGER_MS}, not {ms}"
+            ));
         }
         if self.worker_threads > MAX_WORKER_THREADS {
             return Err(format!(

@@ -865,23 +865,20 @@ pub fn message_span(service: &'static str, msg: &Received) -> tracing::Span {
 }
 
 /// How many times `consumer_linger_ms` a [`Effects::BACKGROUND`] consumer
-/// lingers (at most [`MAX_LINGER`]): 40 ms for a `bazaar serve` process,
-/// where 200 orders/s fill its batches with about eight messages.
-pub const BACKGROUND_LINGER_TIMES: u32 = 10;
-
-/// The longest a consumer lingers for a batch.
-pub const MAX_LINGER: Duration = Duration::from_secs(1);
+/// lingers (at most [`crate::config::MAX_CONSUMER_LINGER_MS`]): 40 ms for a
+/// `bazaar serve` process, where 200 orders/s fill its batches with about
+/// eight messages.
+pub const BACKGROUND_LINGER_TIMES: u64 = 10;
 
 /// How long a consumer of `E` lingers for a batch, given `consumer_linger_ms`.
 fn linger<E: Effects>(configured_ms: Option<u64>) -> Duration {
-    let configured = Duration::from_millis(configured_ms.unwrap_or(0));
-    if E::BACKGROUND {
-        configured
-            .saturating_mul(BACKGROUND_LINGER_TIMES)
-            .min(MAX_LINGER)
+    let ms = configured_ms.unwrap_or(0);
+    Duration::from_millis(if E::BACKGROUND {
+        ms.saturating_mul(BACKGROUND_LINGER_TIMES)
+            .min(crate::config::MAX_CONSUMER_LINGER_MS)
     } else {
-        configured
-    }
+        ms
+    })
 }
 
 /// Starts a reliable consumer of `spec` whose messages apply `effects`

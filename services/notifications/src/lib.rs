@@ -87,13 +87,22 @@ fn money(amount: i64, currency: &str) -> String {
 /// Who an order notification goes to, from the replica: `(name, email)`.
 type Recipient = Option<(String, String)>;
 
-/// The notification an event deserves.
-fn compose(msg: &Received, recipient: Recipient) -> Result<Outgoing, Failure> {
+/// The notification an event deserves; `order`, its order if it is an
+/// order event and its payload parsed.
+fn compose(
+    msg: &Received,
+    order: Option<Order>,
+    recipient: Recipient,
+) -> Result<Outgoing, Failure> {
     let env = &msg.envelope;
     let bad = |e: serde_json::Error| Failure::Reject(format!("bad {} payload: {e}", env.kind));
     Ok(match env.kind.as_str() {
         ORDER_CONFIRMED | ORDER_CANCELLED => {
-            let order: Order = env.payload().map_err(bad)?;
+            // (Parsed again only to say why it did not parse.)
+            let order: Order = match order {
+                Some(order) => order,
+                None => env.payload().map_err(bad)?,
+            };
             // One notification per order outcome, however often the event comes.
             let id = format!("{}:{}", env.kind, order.id);
             let (subject, body) = if env.kind == ORDER_CONFIRMED {
@@ -249,17 +258,20 @@ fn is_profile(msg: &Received) -> bool {
 
 impl Notify {
     async fn apply_all(&self, tx: &mut AnyConnection, msgs: &[&Received]) -> Result<(), Failure> {
-        // The buyer of each order event.
-        let buyers: Vec<Option<String>> = msgs
+        // The order of each order event, parsed once.
+        let orders: Vec<Option<Order>> = msgs.iter().map(|m| order_of(m)).collect();
+        let users: Vec<&str> = orders
             .iter()
-            .map(|m| order_of(m).map(|o| o.user_id))
+            .flatten()
+            .map(|o| o.user_id.as_str())
             .collect();
-        let users: Vec<&str> = buyers.iter().flatten().map(String::as_str).collect();
         let recipients = recipients(tx, &users).await?;
         let mut outgoing = Vec::with_capacity(msgs.len());
-        for (msg, buyer) in msgs.iter().zip(&buyers) {
-            let to = buyer.as_ref().and_then(|b| recipients.get(b).cloned());
-            outgoing.push(compose(msg, to)?);
+        for (msg, order) in msgs.iter().zip(orders) {
+            let to = order
+                .as_ref()
+                .and_then(|o| recipients.get(&o.user_id).cloned());
+            outgoing.push(compose(msg, order, to)?);
         }
         self.write(tx, outgoing).await
     }
