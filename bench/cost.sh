@@ -13,7 +13,9 @@
 # records and syncs, messages published and consumed (the services' own
 # counters); the statements run most, per order; and each process's own
 # memory through the load, with the CPU per order of each stretch, to
-# see that both level off (LOAD_SECONDS=600 for the ten-minute run).
+# see that both level off (LOAD_SECONDS=600 for the ten-minute run);
+# and whether the binary's code is laid out as crates/bazaar/link-order.txt
+# lists it (the idle RSS depends on it: tools/link-order.sh).
 #
 # PostgreSQL is a server of the run's own (bench/lib.sh), with
 # pg_stat_statements loaded to count statements; it needs PostgreSQL's
@@ -151,3 +153,6 @@ awk -v n="$n" -v st=$((st1 - st0)) -v tx=$((tx1 - tx0)) -v rows=$((rows1 - rows0
 echo "statements run most (per order, and its first 90 characters):"
 psql_db -F ' ' -c "SELECT round(calls::numeric / $n, 2), left(regexp_replace(query, '\s+', ' ', 'g'), 90)
   FROM pg_stat_statements ORDER BY calls DESC LIMIT 15" | sed 's/^/  /'
+# The layout of the binary's code, which its idle RSS depends on.
+bash tools/link-order.sh --check "$BIN"
+

@@ -96,10 +96,10 @@ embedded_system() {
   wait_up "$GW"
 }
 
-start() { # service
+start() { # service; waits START_TIMEOUT seconds (default 15) for it
   "$BIN" serve "$1" --port "${PORT[$1]}" >>"$WORK/$1.log" 2>&1 &
   PID[$1]=$!
-  for _ in $(seq 1 150); do
+  for _ in $(seq 1 $((${START_TIMEOUT:-15} * 10))); do
     curl -sf "http://127.0.0.1:${PORT[$1]}/health" >/dev/null && return 0
     sleep 0.1
   done
