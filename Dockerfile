@@ -10,7 +10,9 @@
 # same runtime stage with podman from a base made from Debian packages and
 # a binary built outside (deploy/Dockerfile.prebuilt).
 
-ARG RUST_IMAGE=rust:1.94-bookworm
+# The toolchain crates/bazaar/link-order.txt was written with (see
+# docs/operations.md, "The binary's memory").
+ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 # --- build: dependencies first, so a source change rebuilds only our crates
