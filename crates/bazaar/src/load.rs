@@ -3,7 +3,9 @@
 //! same key through errors and outages (so a retry can never buy twice),
 //! then waits for every accepted order to reach a final state and reports
 //! throughput, latency from `POST /orders` to CONFIRMED (the orders' own
-//! `created_at` → `updated_at`), and whether any order was lost.
+//! `created_at` → `updated_at`), and whether any order was lost. A
+//! shopper whose access token expires logs in again, so a run may last
+//! longer than a token.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,9 +142,27 @@ impl Report {
     }
 }
 
+/// The password every shopper of a run registers with.
+const SHOPPER_PASSWORD: &str = "load-password";
+
 struct Shopper {
     email: String,
-    token: String,
+    /// Its access token. Tokens expire (15 minutes by default), and a run
+    /// may last longer: [`Shopper::renew`] logs in again.
+    token: std::sync::Mutex<String>,
+}
+
+impl Shopper {
+    fn token(&self) -> String {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Logs in again, for a fresh access token.
+    async fn renew(&self, http: &reqwest::Client, api: &str) -> anyhow::Result<()> {
+        let token = login(http, api, &self.email, SHOPPER_PASSWORD).await?;
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+        Ok(())
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -285,12 +305,15 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
     for i in 0..opts.shoppers.max(1) {
         let email = format!("load-{run_id}-{i}@bazaar.load");
         let (s, body) = json_call(http.post(format!("{api}/auth/register")).json(
-            &json!({"email": email, "password": "load-password", "name": format!("Shopper {i}")}),
+            &json!({"email": email, "password": SHOPPER_PASSWORD, "name": format!("Shopper {i}")}),
         ))
         .await?;
         anyhow::ensure!(s.is_success(), "cannot register a shopper: {s} {body}");
-        let token = login(&http, &api, &email, "load-password").await?;
-        shoppers.push(Arc::new(Shopper { email, token }));
+        let token = login(&http, &api, &email, SHOPPER_PASSWORD).await?;
+        shoppers.push(Arc::new(Shopper {
+            email,
+            token: token.into(),
+        }));
     }
 
     let placed = Arc::new(AtomicU64::new(0));
@@ -371,10 +394,12 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                     let body = json!({"items": [{"product_id": product, "quantity": 1}]});
                     let began = Instant::now();
                     let give_up = began + retry_for;
+                    // Whether this checkout already logged in again.
+                    let mut renewed = false;
                     loop {
                         let res = http
                             .post(format!("{api}/orders"))
-                            .bearer_auth(&shopper.token)
+                            .bearer_auth(shopper.token())
                             .header("Idempotency-Key", &key)
                             .json(&body)
                             .send()
@@ -390,6 +415,21 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                                     placed.fetch_add(1, Ordering::Relaxed);
                                 }
                                 break;
+                            }
+                            // The token expired: log in again, then the same
+                            // order again (the same key: it cannot buy twice).
+                            (_, Some(reqwest::StatusCode::UNAUTHORIZED)) if !renewed => {
+                                match shopper.renew(&http, &api).await {
+                                    Ok(()) => renewed = true,
+                                    Err(_) if Instant::now() > give_up => {
+                                        failed.fetch_add(1, Ordering::Relaxed);
+                                        break;
+                                    }
+                                    Err(_) => {
+                                        retried.fetch_add(1, Ordering::Relaxed);
+                                        tokio::time::sleep(Duration::from_millis(100)).await;
+                                    }
+                                }
                             }
                             // A client error will not get better by retrying.
                             (_, Some(s))
@@ -433,13 +473,26 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
         finals.clear();
         for shopper in &shoppers {
             let mut offset = 0;
+            // Whether this listing already logged in again.
+            let mut renewed = false;
             loop {
                 let url = format!("{api}/orders?limit=200&offset={offset}");
-                let res = http.get(&url).bearer_auth(&shopper.token).send().await;
+                let res = http.get(&url).bearer_auth(shopper.token()).send().await;
                 let page: Value = match res {
                     Ok(r) if r.status().is_success() => r.json().await?,
+                    // The token expired: log in again, once per listing.
+                    Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED && !renewed => {
+                        shopper.renew(&http, &api).await.with_context(|| {
+                            format!(
+                                "{}'s token expired, and logging in again failed",
+                                shopper.email
+                            )
+                        })?;
+                        renewed = true;
+                        continue;
+                    }
                     Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
-                        anyhow::bail!("the token of {} expired during the run", shopper.email)
+                        anyhow::bail!("{} is refused even with a fresh token", shopper.email)
                     }
                     _ => {
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -531,6 +584,123 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
 mod tests {
     use super::Arrivals;
     use std::time::Duration;
+
+    /// A gateway whose tokens expire after three requests each: a run
+    /// must log its shoppers in again and lose nothing, failing no
+    /// checkout and leaving no order unlisted.
+    #[tokio::test]
+    async fn shoppers_log_in_again_when_their_tokens_expire() {
+        use axum::extract::{Json, Query, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::{get, post};
+        use serde_json::{Value, json};
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Default)]
+        struct Fake {
+            logins: usize,
+            /// Token → its shopper and the requests it has made.
+            tokens: HashMap<String, (String, usize)>,
+            /// Shopper → their orders' ids.
+            orders: HashMap<String, Vec<String>>,
+        }
+        type Shared = State<Arc<Mutex<Fake>>>;
+        /// The shopper of a token that has not expired, counting the request.
+        fn shopper(fake: &mut Fake, headers: &HeaderMap) -> Option<String> {
+            let token = headers
+                .get("authorization")?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")?;
+            let (email, used) = fake.tokens.get_mut(token)?;
+            *used += 1;
+            (*used <= 3).then(|| email.clone())
+        }
+        async fn login(State(fake): Shared, Json(body): Json<Value>) -> Json<Value> {
+            let mut fake = fake.lock().unwrap();
+            fake.logins += 1;
+            let token = format!("token-{}", fake.logins);
+            let email = body["email"].as_str().unwrap().to_owned();
+            fake.tokens.insert(token.clone(), (email, 0));
+            Json(json!({"access_token": token}))
+        }
+        async fn checkout(State(fake): Shared, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+            let mut fake = fake.lock().unwrap();
+            let Some(email) = shopper(&mut fake, &headers) else {
+                return (StatusCode::UNAUTHORIZED, Json(json!({})));
+            };
+            let id = uuid::Uuid::now_v7().to_string();
+            fake.orders.entry(email).or_default().push(id.clone());
+            (StatusCode::CREATED, Json(json!({"id": id})))
+        }
+        async fn list(
+            State(fake): Shared,
+            headers: HeaderMap,
+            Query(page): Query<HashMap<String, usize>>,
+        ) -> (StatusCode, Json<Value>) {
+            let mut fake = fake.lock().unwrap();
+            let Some(email) = shopper(&mut fake, &headers) else {
+                return (StatusCode::UNAUTHORIZED, Json(json!({})));
+            };
+            let items: Vec<Value> = fake
+                .orders
+                .get(&email)
+                .into_iter()
+                .flatten()
+                .skip(page["offset"])
+                .take(page["limit"])
+                .map(|id| {
+                    json!({"id": id, "status": "CONFIRMED", "cancel_reason": null,
+                    "created_at": "2026-12-06T00:00:00Z", "updated_at": "2026-12-06T00:00:00.02Z"})
+                })
+                .collect();
+            (StatusCode::OK, Json(json!({"items": items})))
+        }
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let api = axum::Router::new()
+            .route(
+                "/products",
+                get(|| async { Json(json!({"items": [{"id": "p1"}]})) }),
+            )
+            .route("/auth/register", post(|| async { StatusCode::CREATED }))
+            .route("/auth/login", post(login))
+            .route("/orders", post(checkout).get(list))
+            .with_state(Arc::clone(&fake));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().nest("/api/v1", api);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let report = super::run(super::LoadOptions {
+            gateway,
+            shoppers: 2,
+            duration: Duration::from_millis(1500),
+            stock: None,
+            products: 1,
+            admin_email: None,
+            admin_password: None,
+            settle: Duration::from_secs(5),
+            retry_for: Duration::from_secs(5),
+            rate: Some(20.0),
+            arrivals: Arrivals::Even,
+        })
+        .await
+        .unwrap();
+        let placed: usize = fake.lock().unwrap().orders.values().map(Vec::len).sum();
+        assert!(placed >= 20, "{placed} orders placed");
+        assert_eq!(report.placed, placed, "{}", report.summary());
+        assert_eq!(report.confirmed, placed, "{}", report.summary());
+        assert_eq!(
+            (report.failed_checkouts, report.lost),
+            (0, 0),
+            "{}",
+            report.summary()
+        );
+        // Each token made three requests at most: the shoppers logged in again.
+        let logins = fake.lock().unwrap().logins;
+        assert!(logins >= placed / 3, "{logins} logins for {placed} orders");
+    }
 
     #[test]
     fn arrivals_keep_the_rate_and_spread_as_named() {
