@@ -21,7 +21,8 @@
 # pg_stat_statements loaded to count statements; it needs PostgreSQL's
 # server binaries (installed with the machine's server).
 #
-# Env: RATE (orders/s, default 200), LOAD_SECONDS (default 20), PROFILE
+# Env: RATE (orders/s, default 200; an order costs less CPU the higher the
+# rate: README), LOAD_SECONDS (default 20), PROFILE
 # (default release), ARRIVALS (`bazaar load --arrivals`: poisson, the
 # default, even or bursts), BIN and LOAD_BIN (bench/lib.sh). The machine is
 # shared: compare runs made one after the other, interleaved, and the
@@ -155,4 +156,3 @@ psql_db -F ' ' -c "SELECT round(calls::numeric / $n, 2), left(regexp_replace(que
   FROM pg_stat_statements ORDER BY calls DESC LIMIT 15" | sed 's/^/  /'
 # The layout of the binary's code, which its idle RSS depends on.
 bash tools/link-order.sh --check "$BIN"
-

@@ -405,6 +405,14 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                             .send()
                             .await;
                         let status = res.as_ref().map(reqwest::Response::status).ok();
+                        // The token expired: log in again, then the same
+                        // order again (the same key: it cannot buy twice).
+                        // A login that fails is an outage, retried below.
+                        let relogin = status == Some(reqwest::StatusCode::UNAUTHORIZED) && !renewed;
+                        if relogin && shopper.renew(&http, &api).await.is_ok() {
+                            renewed = true;
+                            continue;
+                        }
                         match (res, status) {
                             (Ok(r), Some(s)) if s.is_success() => {
                                 let order: Value = r.json().await.unwrap_or(Value::Null);
@@ -416,24 +424,10 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                                 }
                                 break;
                             }
-                            // The token expired: log in again, then the same
-                            // order again (the same key: it cannot buy twice).
-                            (_, Some(reqwest::StatusCode::UNAUTHORIZED)) if !renewed => {
-                                match shopper.renew(&http, &api).await {
-                                    Ok(()) => renewed = true,
-                                    Err(_) if Instant::now() > give_up => {
-                                        failed.fetch_add(1, Ordering::Relaxed);
-                                        break;
-                                    }
-                                    Err(_) => {
-                                        retried.fetch_add(1, Ordering::Relaxed);
-                                        tokio::time::sleep(Duration::from_millis(100)).await;
-                                    }
-                                }
-                            }
                             // A client error will not get better by retrying.
                             (_, Some(s))
-                                if s.is_client_error()
+                                if !relogin
+                                    && s.is_client_error()
                                     && s != reqwest::StatusCode::TOO_MANY_REQUESTS =>
                             {
                                 failed.fetch_add(1, Ordering::Relaxed);
