@@ -17,9 +17,11 @@
 # log-ins, checkouts through the whole saga); then each process stopped
 # with SIGTERM. Takes about two minutes.
 #
-# Run it again after updating rustc or a dependency, or after moving much
-# code: a function's name carries a hash of the toolchain and of the
-# crate's dependencies, and the linker skips names the binary no longer
+# Run it again after updating rustc or a dependency, after changing the
+# `bazaar` crate, or after moving much code: a function's name carries a
+# hash of the toolchain and of the crate's dependencies (and a generic
+# one built in the `bazaar` crate, of that crate's code: an edit to
+# load.rs renamed 63), and the linker skips names the binary no longer
 # has (the layout then falls back to the compiler's, for those).
 # bench/cost.sh prints how many of the listed names the binary has.
 #
