@@ -15,7 +15,7 @@
 # PostgreSQL (bench/lib.sh), each under valgrind's callgrind, which
 # records every function a process runs; a light `bazaar load` (sign-ups,
 # log-ins, checkouts through the whole saga); then each process stopped
-# with SIGTERM. Takes about two minutes.
+# with SIGTERM. Takes about a minute.
 #
 # Run it again after updating rustc or a dependency, after changing the
 # `bazaar` crate, or after moving much code: a function's name carries a

@@ -157,11 +157,22 @@ impl Shopper {
         self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Logs in again, for a fresh access token.
-    async fn renew(&self, http: &reqwest::Client, api: &str) -> anyhow::Result<()> {
+    /// Sends the request `req` makes with this shopper's token. Refused
+    /// (401: the token expired), the shopper logs in again and sends it
+    /// once more; `Err` if logging in again failed.
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        api: &str,
+        req: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Result<reqwest::Response>> {
+        let res = req(&self.token()).send().await;
+        if !matches!(&res, Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED) {
+            return Ok(res);
+        }
         let token = login(http, api, &self.email, SHOPPER_PASSWORD).await?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
-        Ok(())
+        Ok(req(&self.token()).send().await)
     }
 }
 
@@ -394,27 +405,24 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                     let body = json!({"items": [{"product_id": product, "quantity": 1}]});
                     let began = Instant::now();
                     let give_up = began + retry_for;
-                    // Whether this checkout already logged in again.
-                    let mut renewed = false;
                     loop {
-                        let res = http
-                            .post(format!("{api}/orders"))
-                            .bearer_auth(shopper.token())
-                            .header("Idempotency-Key", &key)
-                            .json(&body)
-                            .send()
+                        // An expired token logs in again and sends the same
+                        // order (the same key: it cannot buy twice); a login
+                        // that fails is an outage (no status), retried below.
+                        let res = shopper
+                            .send(&http, &api, |token| {
+                                http.post(format!("{api}/orders"))
+                                    .bearer_auth(token)
+                                    .header("Idempotency-Key", &key)
+                                    .json(&body)
+                            })
                             .await;
-                        let status = res.as_ref().map(reqwest::Response::status).ok();
-                        // The token expired: log in again, then the same
-                        // order again (the same key: it cannot buy twice).
-                        // A login that fails is an outage, retried below.
-                        let relogin = status == Some(reqwest::StatusCode::UNAUTHORIZED) && !renewed;
-                        if relogin && shopper.renew(&http, &api).await.is_ok() {
-                            renewed = true;
-                            continue;
-                        }
+                        let status = match &res {
+                            Ok(Ok(r)) => Some(r.status()),
+                            _ => None,
+                        };
                         match (res, status) {
-                            (Ok(r), Some(s)) if s.is_success() => {
+                            (Ok(Ok(r)), Some(s)) if s.is_success() => {
                                 let order: Value = r.json().await.unwrap_or(Value::Null);
                                 if let Some(id) = order["id"].as_str() {
                                     let ms = began.elapsed().as_secs_f64() * 1e3;
@@ -426,8 +434,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
                             }
                             // A client error will not get better by retrying.
                             (_, Some(s))
-                                if !relogin
-                                    && s.is_client_error()
+                                if s.is_client_error()
                                     && s != reqwest::StatusCode::TOO_MANY_REQUESTS =>
                             {
                                 failed.fetch_add(1, Ordering::Relaxed);
@@ -467,24 +474,19 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Report> {
         finals.clear();
         for shopper in &shoppers {
             let mut offset = 0;
-            // Whether this listing already logged in again.
-            let mut renewed = false;
             loop {
                 let url = format!("{api}/orders?limit=200&offset={offset}");
-                let res = http.get(&url).bearer_auth(shopper.token()).send().await;
+                let res = shopper
+                    .send(&http, &api, |token| http.get(&url).bearer_auth(token))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{}'s token expired, and logging in again failed",
+                            shopper.email
+                        )
+                    })?;
                 let page: Value = match res {
                     Ok(r) if r.status().is_success() => r.json().await?,
-                    // The token expired: log in again, once per listing.
-                    Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED && !renewed => {
-                        shopper.renew(&http, &api).await.with_context(|| {
-                            format!(
-                                "{}'s token expired, and logging in again failed",
-                                shopper.email
-                            )
-                        })?;
-                        renewed = true;
-                        continue;
-                    }
                     Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
                         anyhow::bail!("{} is refused even with a fresh token", shopper.email)
                     }
